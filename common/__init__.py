@@ -1,0 +1,1 @@
+"""Code shared by the jobs and the server: config, data, chat templates, model loading."""

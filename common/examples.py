@@ -1,0 +1,54 @@
+"""Records → conversations → (input_ids, labels), with statistics for the dry run and the logs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.data import Conversation, record_to_conversation
+from common.templates import IGNORE, Encoded, ExampleTooLong, Template
+
+
+@dataclass
+class EncodedSet:
+    examples: list[Encoded]
+    too_long: list[int] = field(default_factory=list)  # record indices rejected: question over budget
+    dropped_rounds: int = 0
+    truncated_answers: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(e.input_ids) for e in self.examples)
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(sum(1 for x in e.labels if x != IGNORE) for e in self.examples)
+
+
+def encode_records(records: list[dict], tok, template: Template, max_source_length: int,
+                   max_target_length: int, train_on_history: bool = False) -> EncodedSet:
+    out = EncodedSet(examples=[])
+    for i, rec in enumerate(records):
+        conv: Conversation = record_to_conversation(rec)
+        try:
+            enc = template.encode(tok, conv, max_source_length, max_target_length, train_on_history)
+        except ExampleTooLong:
+            out.too_long.append(i)
+            continue
+        out.examples.append(enc)
+        out.dropped_rounds += enc.dropped_rounds
+        out.truncated_answers += int(enc.answer_truncated)
+    return out
+
+
+def percentile(values: list[int], q: float) -> int:
+    if not values:
+        return 0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def length_summary(values: list[int]) -> str:
+    if not values:
+        return "-"
+    return (f"min {min(values)}, median {percentile(values, 0.5)}, p95 {percentile(values, 0.95)}, "
+            f"max {max(values)}")

@@ -1,0 +1,100 @@
+"""A tiny offline ChatGLM2-architecture model for tests and the demo (nothing is downloaded).
+
+`make tiny-model` writes models/tiny-chatglm2: a native transformers `GlmForCausalLM` with the
+ChatGLM2 layout (RMSNorm, SwiGLU, grouped-query attention, rotary on half of each head, q/k/v bias,
+untied output layer) at toy size, with seeded random weights, and a byte-level BPE tokenizer trained
+in-process on data/sample.json. It uses ChatGLM2's special-token names and ids (<unk>=0 pad, </s>=2 eos,
+[gMASK], sop), so the `chatglm2` template applies unchanged. Loads with plain `AutoModelForCausalLM` /
+`AutoTokenizer`, no `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from common.data import load_dataset, record_to_conversation
+from common.errors import run_cli
+from common.metadata import write_model_metadata
+
+# Ordered so the ids match ChatGLM2's: 0 <unk> (also pad), 2 </s> (eos).
+SPECIALS = ["<unk>", "<s>", "</s>", "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+
+# The chatglm2 template as Jinja, so plain `tokenizer.apply_chat_template` gives the same ids.
+CHAT_TEMPLATE = (
+    "[gMASK]sop{% set ns = namespace(i=0) %}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{% set ns.i = ns.i + 1 %}[Round {{ ns.i }}]\n\n问：{{ m['content'] }}\n\n答："
+    "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def _corpus(data_path: str) -> list[str]:
+    texts = []
+    for rec in load_dataset(data_path).records:
+        conv = record_to_conversation(rec)
+        for q, a in conv.history:
+            texts += [q, a]
+        texts += [conv.query, conv.answer or ""]
+    texts += ["[Round 1]\n\n问：", "\n\n答：", "\n\n"] * 20
+    return texts
+
+
+def build_tokenizer(data_path: str, vocab_size: int = 1024):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(data_path), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<unk>",
+                                 padding_side="left", additional_special_tokens=SPECIALS[3:])
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def build_tiny_model(out_dir: str, data_path: str = "data/sample.json", seed: int = 0,
+                     hidden_size: int = 64, num_layers: int = 2) -> Path:
+    """Write the tiny model folder and return its path."""
+    import torch
+    from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(data_path)
+    torch.manual_seed(seed)
+    cfg = GlmConfig(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
+        max_position_embeddings=2048, partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-5,
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
+    )
+    model = GlmForCausalLM(cfg)
+    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                               max_new_tokens=64, do_sample=False)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    write_model_metadata(out, family="chatglm2", template="chatglm2", base_model="glmops/tiny-chatglm2",
+                         extra={"note": "random weights; for tests and the demo only", "seed": seed,
+                                "tokenizer_trained_on": Path(data_path).name})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--output_dir", default="models/tiny-chatglm2")
+    ap.add_argument("--data_path", default="data/sample.json")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    out = build_tiny_model(args.output_dir, args.data_path, args.seed)
+    n = json.loads((out / "config.json").read_text())["vocab_size"]
+    print(f"wrote {out} (GlmForCausalLM, vocab {n}, template chatglm2)")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

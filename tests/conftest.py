@@ -1,0 +1,57 @@
+"""Shared fixtures: the tiny model built once per session, the THUDM reference data when present."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = Path(os.environ.get("GLMOPS_REFERENCE", ROOT.parent / "shared" / "reference"))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from common.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-chatglm2"), str(ROOT / "data/sample.json"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def reference_dir(version: str) -> Path:
+    d = REFERENCE / version
+    if not (d / "cases.json").is_file():
+        pytest.skip(f"THUDM reference data not found at {d}")
+    return d
+
+
+def reference_cases(version: str) -> dict:
+    return json.loads((reference_dir(version) / "cases.json").read_text(encoding="utf-8"))
+
+
+def reference_tokenizer(version: str):
+    from common.tokenization_chatglm import ChatGLM1Tokenizer, ChatGLMTokenizer
+
+    d = reference_dir(version)
+    if version == "chatglm1":
+        return ChatGLM1Tokenizer(str(d / "ice_text.model"))
+    return ChatGLMTokenizer(str(d / "tokenizer.model"), chat_roles=version == "chatglm3")
+
+
+def run_job(*args: str, cwd: Path = ROOT, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a job script the way a user does; returns the finished process (text output)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
