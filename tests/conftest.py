@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("GLMOPS_REFERENCE", ROOT.parent / "shared" / "reference"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Converted THUDM checkpoints are cached; keep the tests' copies out of the user's cache.
+os.environ["GLMOPS_CACHE"] = tempfile.mkdtemp(prefix="glmops-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
