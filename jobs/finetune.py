@@ -9,18 +9,25 @@ checkpoints) → where the best adapter is.
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import sys
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python jobs/finetune.py` from the project root (as `ray job submit` runs it)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.config import FinetuneConfig, format_config, load_config
-from common.data import Dataset, content_hash, load_dataset, split
+from common.data import Dataset, content_hash, load_dataset, record_to_conversation, split
 from common.errors import ModelFilesError, UserError, run_cli
 from common.examples import encode_records, length_summary
 from common.loader import load_tokenizer, open_model_folder
 from common.templates import get_template
+from common.tracking import artifact_root_for, check_reachable, default_tracking_uri
+from common.trainer import train_loop_per_worker
 
 
 def prepare_data(cfg: FinetuneConfig) -> tuple[list[dict], list[dict], Dataset]:
@@ -64,6 +71,60 @@ def print_data_report(cfg: FinetuneConfig, train: list[dict], held: list[dict], 
           + (f" (records {enc.too_long[:10]})" if enc.too_long else ""))
 
 
+def encode_splits(cfg: FinetuneConfig, train: list[dict], held: list[dict]):
+    """Tokenize on the driver: bad templates or budgets show up before any worker starts."""
+    info = open_model_folder(cfg.base_model, revision=cfg.revision, cache_dir=cfg.cache_dir,
+                             local_files_only=cfg.local_files_only)
+    tok = load_tokenizer(info, cfg.trust_remote_code)
+    template = get_template(cfg.template or info.template)
+    args = (tok, template, cfg.max_source_length, cfg.max_target_length, cfg.train_on_history)
+    return info, template, encode_records(train, *args), encode_records(held, *args)
+
+
+def connect_ray(cfg: FinetuneConfig):
+    """The cluster in RAY_ADDRESS (as `ray job submit` sets it), else a local one on loopback."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        need = max(2, math.ceil(cfg.num_workers * cfg.cpus_per_worker))
+        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False,
+                 log_to_driver=True)
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
+    if use_gpu and gpus < cfg.num_workers:
+        raise UserError(f"--num_workers {cfg.num_workers} needs {cfg.num_workers} GPUs; the cluster has {gpus}. "
+                        "Lower --num_workers or add GPU nodes.")
+    cpus = resources.get("CPU", 0)
+    if cfg.num_workers * cfg.cpus_per_worker > cpus:
+        raise UserError(f"--num_workers {cfg.num_workers} x --cpus_per_worker {cfg.cpus_per_worker} needs "
+                        f"{cfg.num_workers * cfg.cpus_per_worker:g} CPUs; the cluster has {cpus:g}. "
+                        "Lower one of them.")
+    return use_gpu
+
+
+def start_mlflow_run(cfg: FinetuneConfig, uri: str, run_name: str, tags: dict, resume_run_id: str | None) -> str:
+    """The run every worker's rank 0 writes to; created (or reopened on resume) by the driver."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if resume_run_id:
+        client.update_run(resume_run_id, status="RUNNING")
+        return resume_run_id
+    exp = client.get_experiment_by_name(cfg.experiment_name)
+    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment_name,
+                                                                    artifact_location=artifact_root_for(uri))
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in asdict(cfg).items()}
+    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    return run.info.run_id
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(FinetuneConfig, argv, prog="finetune.py", description=__doc__.splitlines()[0])
     print("config:\n" + "\n".join("  " + line for line in format_config(cfg).splitlines()))
@@ -72,7 +133,110 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.dry_run:
         print("dry run: config and data are valid; nothing was trained.")
         return 0
-    raise UserError("training on Ray is not built yet (issue: jobs/finetune.py); run with --dry_run for now.")
+
+    info, template, train_enc, eval_enc = encode_splits(cfg, train, held)
+    if not eval_enc.examples:
+        raise UserError("no eval examples: the best checkpoint is chosen by eval loss. Set --eval_ratio > 0 "
+                        "or pass --eval_data_path.")
+    uri = default_tracking_uri(cfg.mlflow_tracking_uri)
+    check_reachable(uri)
+    dataset_hash = content_hash(ds.records)
+    resume_meta = read_checkpoint_metadata(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else {}
+    run_name = cfg.run_name or resume_meta.get("ray_run_name") or time.strftime("finetune-%Y%m%d-%H%M%S")
+    storage = str(Path(cfg.output_dir).resolve())
+    use_gpu = connect_ray(cfg)
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    tags = {"base_model": info.name, "base_revision": str(info.revision), "family": info.family,
+            "template": template.name, "dataset_hash": dataset_hash, "dataset_size": str(len(ds.records)),
+            "ray_run_name": run_name, "glmops.job": "finetune"}
+    run_id = start_mlflow_run(cfg, uri, run_name, tags, resume_meta.get("mlflow_run_id"))
+    cfg_dict = asdict(cfg)
+    metadata = {"base_model": info.name, "revision": info.revision, "family": info.family,
+                "template": template.name, "bits": cfg.bits, "dataset_hash": dataset_hash,
+                "mlflow_run_id": run_id, "ray_run_name": run_name,
+                "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                         "target": cfg.lora_target}}
+    first_eval = held[0] if held else None
+    sample = None
+    if first_eval:
+        conv = record_to_conversation(first_eval)
+        sample = {"history": conv.history, "query": conv.query, "system": conv.system}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg_dict, "train_examples": train_enc.examples, "eval_examples": eval_enc.examples,
+                           "tracking_uri": uri, "mlflow_run_id": run_id, "metadata": metadata,
+                           "sample_conversation": sample,
+                           "resume_from": str(Path(cfg.resume_from_checkpoint).resolve())
+                           if cfg.resume_from_checkpoint else None},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit, checkpoint_score_attribute="eval_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures)),
+    )
+    t0 = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as err:  # noqa: BLE001 - recorded in MLflow, then shown as one message
+        finish_mlflow_run(uri, run_id, "FAILED")
+        raise UserError(f"training failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}\n"
+                        f"Checkpoints so far are in {storage}/{run_name}; continue with --resume_from_checkpoint.")
+    best = result.get_best_checkpoint("eval_loss", "min")
+    summary = result.return_value or {}
+    log_final_artifacts(uri, run_id, best, cfg, summary)
+    finish_mlflow_run(uri, run_id, "FINISHED")
+    print_summary(best, run_id, uri, summary, time.time() - t0)
+    return 0
+
+
+def read_checkpoint_metadata(path: str) -> dict:
+    meta = Path(path) / "adapter" / "glmops.json"
+    if not meta.is_file():
+        raise UserError(f"--resume_from_checkpoint {path}: not a glmops checkpoint (no adapter/glmops.json).")
+    return json.loads(meta.read_text(encoding="utf-8"))
+
+
+def log_final_artifacts(uri: str, run_id: str, best, cfg: FinetuneConfig, summary: dict) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    client.log_text(run_id, format_config(cfg), "config.yaml")
+    if best is None:
+        return
+    with best.as_directory() as d:
+        client.log_artifacts(run_id, str(Path(d) / "adapter"), "adapter")
+        meta = json.loads((Path(d) / "adapter" / "glmops.json").read_text(encoding="utf-8"))
+    client.set_tag(run_id, "best_checkpoint", best.path)
+    client.log_metric(run_id, "best_eval_loss", float(meta["eval_loss"]), step=int(meta["step"]))
+    for key in ("wall_seconds", "peak_memory_gib", "tokens_per_second"):
+        if summary.get(key) is not None:
+            client.log_metric(run_id, f"summary_{key}", float(summary[key]))
+
+
+def finish_mlflow_run(uri: str, run_id: str, status: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
+
+
+def print_summary(best, run_id: str, uri: str, summary: dict, wall: float) -> None:
+    print("\n=== fine-tune finished")
+    if best is not None:
+        print(f"best adapter:    {best.path}/adapter")
+    if summary.get("best_eval_loss") is not None:
+        print(f"best eval loss:  {summary['best_eval_loss']:.4f}")
+    print(f"wall time:       {wall:.0f} s (training loop {summary.get('wall_seconds', 0):.0f} s)")
+    if summary.get("tokens_per_second"):
+        print(f"throughput:      {summary['tokens_per_second']:,.0f} tokens/s")
+    if summary.get("peak_memory_gib"):
+        print(f"peak memory:     {summary['peak_memory_gib']:.2f} GiB per worker")
+    print(f"MLflow run id:   {run_id}   (mlflow ui --backend-store-uri {uri})")
+    print(f"next:            python jobs/merge.py --run_id {run_id}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,352 @@
+"""The fine-tuning worker: model + LoRA → micro-batches → optimizer steps → eval → checkpoints.
+
+`train_loop_per_worker` is what Ray Train runs on every worker; `train_step` is the inner step, kept
+separate so the throughput benchmark runs exactly the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from common.data import Conversation
+from common.packing import Batch, epoch_batches
+from common.templates import IGNORE, Encoded, get_template
+
+LORA_TARGETS = {
+    "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "native": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"],
+}
+
+
+# -- model ---------------------------------------------------------------------------------------------
+
+def compute_dtype(device: torch.device, cfg: dict) -> torch.dtype:
+    """bf16 where the device has it, fp16 only when asked, else fp32 (CPU)."""
+    if device.type == "cuda":
+        if cfg.get("fp16"):
+            return torch.float16
+        if cfg.get("bf16") is False or not torch.cuda.is_bf16_supported():
+            return torch.float32
+        return torch.bfloat16
+    return torch.float32
+
+
+def lora_targets(cfg: dict, family: str) -> list[str] | str:
+    targets = cfg["lora_target"]
+    if targets in (["auto"], "auto"):
+        return LORA_TARGETS["chatglm" if family == "chatglm" else "native"]
+    if targets in (["all-linear"], "all-linear"):
+        return "all-linear"
+    return list(targets)
+
+
+def build_model(cfg: dict, device: torch.device):
+    """Base model through the one loader, then LoRA. Returns (peft model, tokenizer, model info)."""
+    from peft import LoraConfig, get_peft_model
+
+    from common.loader import load_model, load_tokenizer, open_model_folder
+
+    info = open_model_folder(cfg["base_model"], revision=cfg.get("revision"), cache_dir=cfg.get("cache_dir"),
+                             local_files_only=cfg.get("local_files_only", False))
+    dtype = compute_dtype(device, cfg)
+    model = load_model(info, bits=cfg["bits"], dtype=dtype, device=str(device),
+                       trust_remote_code=cfg.get("trust_remote_code", False),
+                       quant_type=cfg.get("quant_type", "nf4"), double_quant=cfg.get("double_quant", True))
+    model.config.use_cache = False
+    if cfg.get("gradient_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                      target_modules=lora_targets(cfg, info.family), task_type="CAUSAL_LM", bias="none")
+    model = get_peft_model(model, lora)
+    if dtype != torch.float32:
+        # Keep the trainable LoRA weights in fp32 for stable AdamW updates; compute runs in `dtype`.
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return model, load_tokenizer(info, cfg.get("trust_remote_code", False)), info
+
+
+# -- one step --------------------------------------------------------------------------------------------
+
+def batch_loss_sum(model, batch: Batch, autocast_dtype: torch.dtype | None) -> torch.Tensor:
+    """Sum of next-token losses over the supervised positions of one micro-batch.
+
+    Only supervised positions get logits (`logits_to_keep`): answers are a fraction of the tokens, and
+    the vocabulary projection is the biggest activation in the model."""
+    kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "use_cache": False}
+    if batch.attention_mask is not None:
+        kwargs["attention_mask"] = batch.attention_mask
+    if batch.input_ids.shape[0] == 1 and batch.attention_mask is None:
+        keep = (batch.targets[0] != IGNORE).nonzero().squeeze(-1)
+        kwargs.update(position_ids=batch.position_ids, logits_to_keep=keep)
+        targets = batch.targets[0, keep]
+    else:
+        targets = batch.targets.reshape(-1)
+    with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        logits = model(**kwargs).logits
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[Batch], global_targets: int, world_size: int,
+               max_grad_norm: float, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """One optimizer step over `micro_batches` (this worker's share).
+
+    The loss is normalised by the supervised tokens of the whole step on all workers, so every token
+    weighs the same whatever the packing, accumulation or worker count (DDP averages gradients, hence
+    the world-size factor)."""
+    model.train()
+    total = 0.0
+    scale = world_size / max(global_targets, 1)
+    for mb in micro_batches:
+        loss_sum = batch_loss_sum(model, mb, autocast_dtype)
+        (loss_sum * scale).backward()
+        total += loss_sum.item()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss_sum": total, "grad_norm": float(grad_norm)}
+
+
+@torch.no_grad()
+def evaluate(model, batches: list[Batch], device, autocast_dtype) -> tuple[float, int]:
+    model.eval()
+    loss, n = 0.0, 0
+    for b in batches:
+        loss += batch_loss_sum(model, b.to(device), autocast_dtype).item()
+        n += b.num_targets
+    return loss, n
+
+
+@torch.no_grad()
+def sample_reply(model, tok, template_name: str, conv: Conversation, device, max_new_tokens: int = 48) -> str:
+    template = get_template(template_name)
+    ids = template.prompt(tok, Conversation(history=conv.history, query=conv.query, system=conv.system))
+    model.eval()
+    out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=template.stop_token_ids(tok),
+                         pad_token_id=tok.pad_token_id, use_cache=True)
+    return template.clean_reply(tok.decode(out[0, len(ids):], skip_special_tokens=True))
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_eval_loss: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, metadata: dict) -> None:
+    model.save_pretrained(folder / "adapter")
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=1))
+    (folder / "adapter" / "glmops.json").write_text(json.dumps(metadata, ensure_ascii=False, indent=2))
+
+
+def load_checkpoint(folder: Path, model, optimizer, scheduler, device) -> TrainState:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "adapter" / "adapter_model.safetensors"), device=str(device))
+    set_peft_model_state_dict(model, weights)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    return TrainState(**json.loads((folder / "trainer_state.json").read_text()))
+
+
+# -- the worker loop -------------------------------------------------------------------------------------
+
+def _peak_memory_gib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _bar(frac: float, width: int = 20) -> str:
+    filled = int(round(frac * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _test_hooks(step: int, rank: int) -> str | None:
+    """Test-only: GLMOPS_TEST_FAIL_AT_STEP='k:marker' kills rank 1 once at step k;
+    GLMOPS_TEST_STOP_AT_STEP=k stops the run cleanly after step k (as if stopped by hand)."""
+    fail = os.environ.get("GLMOPS_TEST_FAIL_AT_STEP")
+    if fail:
+        k, marker = fail.split(":", 1)
+        if step == int(k) and rank == min(1, int(os.environ.get("GLMOPS_WORLD", "1")) - 1) and not os.path.exists(marker):
+            Path(marker).write_text("failed once")
+            os._exit(1)  # a hard crash, as a lost worker looks to Ray
+    stop = os.environ.get("GLMOPS_TEST_STOP_AT_STEP")
+    if stop and step == int(stop):
+        return "stop"
+    return None
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+    from transformers import get_scheduler
+
+    from common.tracking import NullTracker, Tracker
+
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable).*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    cfg = config["cfg"]
+    train_ex: list[Encoded] = config["train_examples"]
+    eval_ex: list[Encoded] = config["eval_examples"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    os.environ["GLMOPS_WORLD"] = str(world)
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.get("cpus_per_worker", 1))))
+    torch.manual_seed(cfg["seed"])
+    tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    model, tok, info = build_model(cfg, device)
+    dtype = compute_dtype(device, cfg)
+    autocast_dtype = dtype if dtype != torch.float32 else None
+    packing = cfg["packing"] and info.family != "chatglm"
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    def batches_for(epoch: int) -> list[Batch]:
+        return epoch_batches(train_ex, epoch=epoch, seed=cfg["seed"], packing=packing,
+                             max_tokens=cfg["max_tokens_per_batch"], batch_size=cfg["per_device_train_batch_size"],
+                             pad_id=pad_id)
+
+    accum = cfg["gradient_accumulation_steps"]
+    per_step = world * accum
+    steps_per_epoch = max(1, len(batches_for(0)) // per_step)
+    total_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else math.ceil(cfg["num_train_epochs"] * steps_per_epoch)
+    eval_batches = epoch_batches(eval_ex, epoch=0, seed=cfg["seed"], packing=packing,
+                                 max_tokens=cfg["max_tokens_per_batch"],
+                                 batch_size=cfg["per_device_train_batch_size"], pad_id=pad_id)[rank::world]
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+    sched_name = {"constant": "constant_with_warmup"}.get(cfg["lr_scheduler_type"], cfg["lr_scheduler_type"])
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=min(cfg["warmup_steps"], total_steps),
+                              num_training_steps=total_steps)
+
+    state = TrainState()
+    restored = ray.train.get_checkpoint()
+    if restored is not None or config.get("resume_from"):
+        if restored is not None:
+            with restored.as_directory() as d:
+                state = load_checkpoint(Path(d), model, optimizer, scheduler, device)
+        else:
+            state = load_checkpoint(Path(config["resume_from"]), model, optimizer, scheduler, device)
+        log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch * per_step})")
+
+    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    unwrapped = model
+    sample_conv = config.get("sample_conversation")
+    metadata = dict(config["metadata"])
+
+    def eval_and_checkpoint(final: bool) -> None:
+        # The unwrapped model: DDP would sync buffers on every forward, and ranks may hold unequal eval shares.
+        loss, n = evaluate(unwrapped, eval_batches, device, autocast_dtype)
+        sums = torch.tensor([loss, n], dtype=torch.float64, device=device)
+        if world > 1:
+            torch.distributed.all_reduce(sums)
+        eval_loss = float(sums[0] / max(sums[1], 1))
+        ppl = math.exp(min(eval_loss, 50))
+        reply = sample_reply(unwrapped, tok, info.template if not cfg.get("template") else cfg["template"],
+                             Conversation(**sample_conv), device) if (rank == 0 and sample_conv) else ""
+        state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
+        state.history.append({"step": state.step, "eval_loss": eval_loss, "sample": reply})
+        log(f"eval   step {state.step}/{total_steps} | eval_loss {eval_loss:.4f} | ppl {ppl:.2f} | "
+            f"sample: {reply[:80]!r}")
+        tracker.log_metrics({"eval_loss": eval_loss, "perplexity": ppl}, state.step)
+        metrics = {"eval_loss": eval_loss, "perplexity": ppl, "step": state.step, "epoch": state.epoch,
+                   "final": final}
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                meta = {**metadata, "step": state.step, "eval_loss": eval_loss}
+                save_checkpoint(Path(tmp), unwrapped, optimizer, scheduler, state, meta)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.step:06d}")
+        tracker.flush()  # only metrics covered by a kept checkpoint are ever written
+
+    t_start = time.time()
+    start_step = state.step
+    tokens_seen = 0
+    window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.time()
+    while state.step < total_steps:
+        batches = batches_for(state.epoch)
+        n_steps = len(batches) // per_step
+        while state.step_in_epoch < n_steps and state.step < total_steps:
+            group = batches[state.step_in_epoch * per_step:(state.step_in_epoch + 1) * per_step]
+            mine = [b.to(device) for b in group[rank::world]]
+            global_targets = sum(b.num_targets for b in group)
+            # Dropout depends only on (seed, step, rank): a resumed run draws exactly the same masks.
+            torch.manual_seed(cfg["seed"] * 100_003 + state.step * 97 + rank)
+            out = train_step(ddp, optimizer, scheduler, mine, global_targets, world, cfg["max_grad_norm"],
+                             autocast_dtype)
+            state.step += 1
+            state.step_in_epoch += 1
+            step_tokens = sum(b.num_tokens for b in group)
+            tokens_seen += step_tokens
+            loss_sum = torch.tensor([out["loss_sum"]], dtype=torch.float64, device=device)
+            if world > 1:
+                torch.distributed.all_reduce(loss_sum)
+            step_loss = float(loss_sum) / max(global_targets, 1)
+            window_loss += float(loss_sum)
+            window_targets += global_targets
+            window_tokens += step_tokens
+            lr = scheduler.get_last_lr()[0]
+            tracker.log_metrics({"loss": step_loss, "learning_rate": lr, "grad_norm": out["grad_norm"]}, state.step)
+            if state.step % cfg["logging_steps"] == 0 or state.step == total_steps:
+                dt = time.time() - window_t0
+                tps = window_tokens / max(dt, 1e-9)
+                eta = (time.time() - t_start) / max(state.step - start_step, 1) * (total_steps - state.step)
+                log(f"train  {_bar(state.step / total_steps)} step {state.step}/{total_steps} | "
+                    f"loss {window_loss / max(window_targets, 1):.4f} | lr {lr:.2e} | "
+                    f"grad {out['grad_norm']:.2f} | {tps:,.0f} tok/s | eta {_fmt_time(eta)}", flush=True)
+                tracker.log_metrics({"tokens_per_second": tps}, state.step)
+                window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.time()
+            hook = _test_hooks(state.step, rank)
+            if state.step % cfg["eval_steps"] == 0 or state.step == total_steps or hook == "stop":
+                eval_and_checkpoint(final=state.step == total_steps)
+            if hook == "stop":
+                log(f"stopped after step {state.step} (test hook)")
+                return {"stopped_at": state.step}
+        if state.step_in_epoch >= n_steps:
+            state.epoch += 1
+            state.step_in_epoch = 0
+    wall = time.time() - t_start
+    summary = {"best_eval_loss": state.best_eval_loss, "wall_seconds": wall,
+               "peak_memory_gib": _peak_memory_gib(device), "tokens_per_second": tokens_seen / max(wall, 1e-9),
+               "steps": state.step, "history": state.history}
+    if rank == 0:
+        tracker.log_table(state.history, "sample_replies.json")
+    return summary
