@@ -119,6 +119,16 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
         return ChatGLMTokenizer(str(vocab), chat_roles=info.family == "chatglm3")
     from transformers import AutoTokenizer
 
+    tcfg_path = info.path / "tokenizer_config.json"
+    tcfg = _read_json(tcfg_path) if tcfg_path.is_file() else {}
+    if tcfg.get("tokenizer_class") in ("ChatGLMTokenizer", "ChatGLM1Tokenizer"):
+        # Our exact tokenizers, whatever AutoTokenizer would pick for the model type.
+        from common.tokenization_chatglm import ChatGLM1Tokenizer, ChatGLMTokenizer
+
+        cls = ChatGLM1Tokenizer if tcfg["tokenizer_class"] == "ChatGLM1Tokenizer" else ChatGLMTokenizer
+        vocab = info.path / next(iter(cls.vocab_files_names.values()))
+        _require(vocab, info.path, "the sentencepiece model")
+        return cls.from_pretrained(info.path)
     try:
         return AutoTokenizer.from_pretrained(info.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

@@ -23,6 +23,9 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+# transformers renamed `past_key_values` to `cache` (5.2x); speak whichever this version does.
+CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 MASK_VALUE = -10000.0
 RESIDUAL_SCALE_LAYERS = 28
 
@@ -200,8 +203,8 @@ class ChatGLM1Model(ChatGLM1PreTrainedModel):
         hidden = self.final_layernorm(hidden)
         if output_hidden_states:
             all_hidden[-1] = hidden  # as the original: the last entry is after the final LayerNorm
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache,
-                                       hidden_states=tuple(all_hidden) if all_hidden else None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=tuple(all_hidden) if all_hidden else None,
+                                       **{CACHE_KEY: cache})
 
 
 def positions_and_mask(input_ids: torch.Tensor, pad_mask: torch.Tensor | None, config: ChatGLM1Config):
@@ -261,14 +264,16 @@ class ChatGLM1ForCausalLM(ChatGLM1PreTrainedModel, GenerationMixin):
                                cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
                                use_cache=use_cache, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
-                                      hidden_states=out.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                      **{CACHE_KEY: getattr(out, CACHE_KEY)})
 
     def prepare_inputs_for_generation(self, input_ids, cache=None, past_key_values=None, attention_mask=None,
                                       **kwargs):
@@ -277,5 +282,5 @@ class ChatGLM1ForCausalLM(ChatGLM1PreTrainedModel, GenerationMixin):
         pos, mask = positions_and_mask(input_ids, pad, self.config)
         past = cache.get_seq_length() if cache is not None else 0
         return {"input_ids": input_ids[:, past:], "position_ids": pos[..., past:],
-                "attention_mask": mask[:, :, past:, :], "cache": cache if cache is not None else DynamicCache(),
+                "attention_mask": mask[:, :, past:, :], CACHE_KEY: cache if cache is not None else DynamicCache(),
                 "use_cache": kwargs.get("use_cache", True), "logits_to_keep": kwargs.get("logits_to_keep", 0)}

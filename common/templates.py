@@ -22,9 +22,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.data import Conversation
+from common.errors import UserError
 
 IGNORE = -100
 TEMPLATES = ("chatglm", "chatglm2", "chatglm3", "glm4", "hf")
+
+
+class TemplateMismatch(UserError):
+    """The tokenizer lacks a token the chosen template needs."""
 
 
 class ExampleTooLong(ValueError):
@@ -47,7 +52,8 @@ def _enc(tok, text: str) -> list[int]:
 def _id(tok, token: str) -> int:
     tid = tok.convert_tokens_to_ids(token)
     if tid is None or tid < 0 or (tid == tok.unk_token_id and token != tok.unk_token):
-        raise ValueError(f"the tokenizer has no token {token!r}; is this the right template for the model?")
+        raise TemplateMismatch(f"the tokenizer has no token {token!r}, which chat template needs; pass the "
+                               "model's own template with --template, or check glmops.json in the model folder.")
     return tid
 
 

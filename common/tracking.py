@@ -53,9 +53,13 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
         self._pending: list[tuple[str, float, int]] = []
+        # Steps already written (an earlier attempt of this run): a restart may replay them; skip them.
+        history = self.client.get_metric_history(run_id, "loss")
+        self.written_upto = max((m.step for m in history), default=0)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._pending += [(k, float(v), step) for k, v in metrics.items()]
+        if step > self.written_upto:
+            self._pending += [(k, float(v), step) for k, v in metrics.items()]
 
     def flush(self) -> None:
         import time
@@ -68,6 +72,7 @@ class Tracker:
         metrics = [Metric(k, v, now, s) for k, v, s in self._pending]
         for i in range(0, len(metrics), 500):
             self.client.log_batch(self.run_id, metrics=metrics[i: i + 500])
+        self.written_upto = max(self.written_upto, max(s for _, _, s in self._pending))
         self._pending.clear()
 
     def drop_pending(self) -> None:

@@ -198,6 +198,7 @@ def _test_hooks(step: int, rank: int) -> str | None:
         k, marker = fail.split(":", 1)
         if step == int(k) and rank == min(1, int(os.environ.get("GLMOPS_WORLD", "1")) - 1) and not os.path.exists(marker):
             Path(marker).write_text("failed once")
+            time.sleep(5)  # let Ray's controller collect the last report first, as with real step times
             os._exit(1)  # a hard crash, as a lost worker looks to Ray
     stop = os.environ.get("GLMOPS_TEST_STOP_AT_STEP")
     if stop and step == int(stop):
@@ -206,15 +207,15 @@ def _test_hooks(step: int, rank: int) -> str | None:
 
 
 def train_loop_per_worker(config: dict) -> dict:
+    import logging
+    import warnings
+
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
     from transformers import get_scheduler
 
     from common.tracking import NullTracker, Tracker
-
-    import logging
-    import warnings
 
     warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable).*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -304,6 +305,9 @@ def train_loop_per_worker(config: dict) -> dict:
     while state.step < total_steps:
         batches = batches_for(state.epoch)
         n_steps = len(batches) // per_step
+        if n_steps == 0:
+            raise ValueError(f"an epoch has {len(batches)} micro-batches, fewer than one optimizer step needs "
+                             f"({per_step} = workers x gradient_accumulation_steps)")
         while state.step_in_epoch < n_steps and state.step < total_steps:
             group = batches[state.step_in_epoch * per_step:(state.step_in_epoch + 1) * per_step]
             mine = [b.to(device) for b in group[rank::world]]

@@ -11,12 +11,15 @@ import time
 
 STEPS = [
     ("validate config and data (dry run)",
-     [sys.executable, "jobs/finetune.py", "--dry_run", "--base_model", "models/tiny-chatglm2",
-      "--data_path", "data/sample.json"]),
+     [sys.executable, "jobs/finetune.py", "--config", "configs/finetune-tiny.yaml", "--dry_run"]),
+    ("fine-tune with QLoRA on a local Ray cluster (2 workers), tracked in ./mlflow.db",
+     [sys.executable, "jobs/finetune.py", "--config", "configs/finetune-tiny.yaml"]),
+    ("merge the best adapter of the demo experiment and register it (alias @champion)",
+     [sys.executable, "jobs/merge.py", "--experiment", "glmops-demo", "--output_dir", "models/tiny-chatglm2-finetune",
+      "--overwrite", "--dtype", "fp32"]),
 ]
 
-NOT_YET = ["fine-tune on Ray (jobs/finetune.py)", "merge and register (jobs/merge.py)",
-           "serve and chat (serving/)"]
+NOT_YET = ["serve and chat (serving/)"]
 
 
 def main() -> int:
@@ -27,6 +30,7 @@ def main() -> int:
             print(f"demo stopped: step '{title}' failed", file=sys.stderr)
             return 1
     print(f"\ndemo finished in {time.time() - t0:.0f} s.")
+    print("look at the run: make mlflow-ui   (then open http://127.0.0.1:5000)")
     print("The demo stops here: these steps are not built yet: " + "; ".join(NOT_YET) + ".")
     return 0
 

@@ -10,7 +10,6 @@ checkpoints) → where the best adapter is.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ from common.data import Dataset, content_hash, load_dataset, record_to_conversat
 from common.errors import ModelFilesError, UserError, run_cli
 from common.examples import encode_records, length_summary
 from common.loader import load_tokenizer, open_model_folder
+from common.packing import epoch_batches
 from common.templates import get_template
 from common.tracking import artifact_root_for, check_reachable, default_tracking_uri
 from common.trainer import train_loop_per_worker
@@ -81,6 +81,20 @@ def encode_splits(cfg: FinetuneConfig, train: list[dict], held: list[dict]):
     return info, template, encode_records(train, *args), encode_records(held, *args)
 
 
+def check_step_size(cfg: FinetuneConfig, info, examples) -> None:
+    """One optimizer step takes workers x accumulation micro-batches; an epoch must hold at least one."""
+    packing = cfg.packing and info.family != "chatglm"
+    n = len(epoch_batches(examples, epoch=0, seed=cfg.seed, packing=packing, max_tokens=cfg.max_tokens_per_batch,
+                          batch_size=cfg.per_device_train_batch_size, pad_id=0))
+    need = cfg.num_workers * cfg.gradient_accumulation_steps
+    if n < need:
+        unit = f"--max_tokens_per_batch {cfg.max_tokens_per_batch}" if packing else \
+            f"--per_device_train_batch_size {cfg.per_device_train_batch_size}"
+        raise UserError(f"the training data makes {n} micro-batches per epoch ({unit}), but one optimizer step "
+                        f"needs {need} (--num_workers {cfg.num_workers} x --gradient_accumulation_steps "
+                        f"{cfg.gradient_accumulation_steps}). Lower --gradient_accumulation_steps or the batch size.")
+
+
 def connect_ray(cfg: FinetuneConfig):
     """The cluster in RAY_ADDRESS (as `ray job submit` sets it), else a local one on loopback."""
     import ray
@@ -90,9 +104,7 @@ def connect_ray(cfg: FinetuneConfig):
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:
-        need = max(2, math.ceil(cfg.num_workers * cfg.cpus_per_worker))
-        ray.init(address="local", num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False,
-                 log_to_driver=True)
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
@@ -138,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if not eval_enc.examples:
         raise UserError("no eval examples: the best checkpoint is chosen by eval loss. Set --eval_ratio > 0 "
                         "or pass --eval_data_path.")
+    check_step_size(cfg, info, train_enc.examples)
     uri = default_tracking_uri(cfg.mlflow_tracking_uri)
     check_reachable(uri)
     dataset_hash = content_hash(ds.records)
@@ -159,11 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                 "mlflow_run_id": run_id, "ray_run_name": run_name,
                 "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                          "target": cfg.lora_target}}
-    first_eval = held[0] if held else None
-    sample = None
-    if first_eval:
-        conv = record_to_conversation(first_eval)
-        sample = {"history": conv.history, "query": conv.query, "system": conv.system}
+    # A few eval prompts travel with every checkpoint: the sample reply, and the merge job's check.
+    prompts = [{"history": c.history, "query": c.query, "system": c.system}
+               for c in map(record_to_conversation, held[:4])]
+    metadata["eval_prompts"] = prompts
+    sample = prompts[0] if prompts else None
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg_dict, "train_examples": train_enc.examples, "eval_examples": eval_enc.examples,
@@ -185,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # noqa: BLE001 - recorded in MLflow, then shown as one message
         finish_mlflow_run(uri, run_id, "FAILED")
         raise UserError(f"training failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}\n"
-                        f"Checkpoints so far are in {storage}/{run_name}; continue with --resume_from_checkpoint.")
+                        f"Checkpoints so far are in {storage}/{run_name}; continue with --resume_from_checkpoint.") from None
     best = result.get_best_checkpoint("eval_loss", "min")
     summary = result.return_value or {}
     log_final_artifacts(uri, run_id, best, cfg, summary)

@@ -1,0 +1,280 @@
+"""Merging an adapter into its base: find the adapter, merge, verify, save, register.
+
+Exactness: the merge is checked in float32 against the unmerged adapter model on the eval prompts that
+travel with the adapter (tolerance MERGE_TOLERANCE on logits). When the adapter was trained on a 4-bit
+base, both merge bases are compared with the model as trained:
+  original       the original 16-bit weights (the usual choice; differs by the base's NF4 rounding)
+  nf4_roundtrip  the base quantized to NF4 and back, as training saw it (closest to the trained model)
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.data import Conversation
+from common.errors import ModelFilesError, UserError
+from common.metadata import METADATA_FILE
+
+MERGE_TOLERANCE = 1e-4  # max |Δlogits| merged vs unmerged, float32
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FALLBACK_PROMPTS = [{"history": [], "query": "你好"}, {"history": [], "query": "Hello, who are you?"}]
+
+
+@dataclass
+class AdapterSource:
+    path: Path
+    metadata: dict[str, Any]
+    training_run_id: str | None
+    origin: str
+
+    def describe(self) -> str:
+        return f"{self.path} ({self.origin})"
+
+
+def _adapter_folder(path: Path) -> Path | None:
+    for p in (path, path / "adapter", path / "adapter_model"):
+        if (p / "adapter_config.json").is_file():
+            return p
+    return None
+
+
+def _read_adapter(folder: Path, origin: str, run_id: str | None) -> AdapterSource:
+    meta_path = folder / METADATA_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    else:  # a plain PEFT adapter (the seed's): the base comes from adapter_config.json
+        acfg = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        if not acfg.get("base_model_name_or_path"):
+            raise UserError(f"{folder}: no glmops.json and no base_model_name_or_path in adapter_config.json; "
+                            "cannot tell which base model this adapter belongs to.")
+        meta = {"base_model": acfg["base_model_name_or_path"], "revision": acfg.get("revision")}
+    return AdapterSource(folder, meta, run_id or meta.get("mlflow_run_id"), origin)
+
+
+def find_adapter(cfg, uri: str) -> AdapterSource:
+    """The adapter chosen by --lora_model, --run_id or --experiment."""
+    if cfg.lora_model:
+        folder = _adapter_folder(Path(cfg.lora_model))
+        if folder is None:
+            raise UserError(f"--lora_model {cfg.lora_model}: no adapter_config.json there (or in adapter/, "
+                            "adapter_model/). Pass the adapter folder of a checkpoint.")
+        return _read_adapter(folder, "adapter folder", None)
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
+    if cfg.experiment:
+        exp = client.get_experiment_by_name(cfg.experiment)
+        if exp is None:
+            raise UserError(f"--experiment {cfg.experiment}: no such MLflow experiment at {uri}.")
+        runs = client.search_runs([exp.experiment_id], filter_string="attributes.status = 'FINISHED'",
+                                  order_by=["metrics.best_eval_loss ASC"], max_results=50)
+        runs = [r for r in runs if "best_eval_loss" in r.data.metrics]
+        if not runs:
+            raise UserError(f"--experiment {cfg.experiment}: no finished fine-tune run with an eval loss.")
+        run_id, origin = runs[0].info.run_id, f"best run of experiment {cfg.experiment}"
+    else:
+        run_id, origin = cfg.run_id, "run"
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"--run_id {run_id}: no such run at {uri}.") from None
+    local = run.data.tags.get("best_checkpoint")
+    if local and _adapter_folder(Path(local)):
+        return _read_adapter(_adapter_folder(Path(local)), f"{origin} {run_id}, best checkpoint", run_id)
+    names = [a.path for a in client.list_artifacts(run_id)]
+    if "adapter" not in names:
+        raise UserError(f"run {run_id} has no adapter artifact (artifacts: {names or 'none'}); it did not finish "
+                        "a checkpoint. Pick another run or pass --lora_model.")
+    import mlflow
+
+    dst = Path(tempfile.mkdtemp(prefix="glmops-adapter-"))
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(dst),
+                                               tracking_uri=uri)
+    return _read_adapter(Path(path), f"{origin} {run_id}, downloaded", run_id)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--output_dir {out} exists and is not empty; pass --overwrite to replace it "
+                            "(registered versions are never touched).")
+        shutil.rmtree(out)
+
+
+def registered_name_for(base_model: str) -> str:
+    return f"{Path(base_model.rstrip('/')).name}-finetune"
+
+
+def _prompt_ids(tok, template, prompts: list[dict]) -> list[list[int]]:
+    return [template.prompt(tok, Conversation(history=[tuple(h) for h in p.get("history") or []],
+                                              query=p["query"], system=p.get("system"))) for p in prompts]
+
+
+@torch.no_grad()
+def _logits(model, prompt_ids: list[list[int]]) -> list[torch.Tensor]:
+    dev = next(model.parameters()).device
+    return [model(input_ids=torch.tensor([ids], device=dev), use_cache=False).logits[0].float().cpu()
+            for ids in prompt_ids]
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def _free(*objs) -> None:
+    del objs
+    gc.collect()
+
+
+def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
+    """Merge, verify and save; returns the report logged with the model."""
+    from peft import PeftModel
+
+    from common.convert import _route_autotokenizer_to_ours
+    from common.loader import load_model, load_tokenizer, open_model_folder
+    from common.metadata import write_model_metadata
+    from common.templates import get_template
+    from common.trainer import sample_reply
+
+    meta = source.metadata
+    try:
+        info = open_model_folder(meta["base_model"], revision=meta.get("revision"),
+                                 local_files_only=cfg.local_files_only)
+    except ModelFilesError as err:
+        raise UserError(f"the adapter's base model cannot be found: {err}") from None
+    meta.setdefault("family", info.family)
+    meta.setdefault("template", info.template)
+    tok = load_tokenizer(info, cfg.trust_remote_code)
+    template = get_template(meta["template"])
+    prompts = meta.get("eval_prompts") or FALLBACK_PROMPTS
+    ids = _prompt_ids(tok, template, prompts)
+    device = cfg.device
+
+    def load(bits: int):
+        return load_model(info, bits=bits, dtype=torch.float32, device=device,
+                          trust_remote_code=cfg.trust_remote_code)
+
+    report: dict[str, Any] = {"verify_prompts": len(ids), "verify_tolerance": MERGE_TOLERANCE,
+                              "merge_base": cfg.merge_base}
+    trained = None
+    if meta.get("bits") in (4, 8):
+        # The model as trained: quantized base + adapter.
+        model = PeftModel.from_pretrained(load(meta["bits"]), source.path).eval()
+        trained = _logits(model, ids)
+        _free(model)
+
+    merged_by_base: dict[str, Any] = {}
+    comparison: dict[str, float] = {}
+    bases = ["original", "nf4_roundtrip"] if trained is not None else ["original"]
+    if cfg.merge_base == "nf4_roundtrip" and "nf4_roundtrip" not in bases:
+        bases.append("nf4_roundtrip")
+    for base_kind in bases:
+        if base_kind == "original":
+            base = load(16)
+        else:
+            base = load(4)
+            base = base.dequantize()  # NF4 → float: the weights exactly as 4-bit training saw them
+            base.config.quantization_config = None
+            if hasattr(base, "is_quantized"):
+                base.is_quantized = False
+            if hasattr(base, "hf_quantizer"):
+                base.hf_quantizer = None
+        peft_model = PeftModel.from_pretrained(base, source.path).eval()
+        unmerged = _logits(peft_model, ids)
+        merged = peft_model.merge_and_unload().eval()
+        merged_logits = _logits(merged, ids)
+        diff = _max_diff(unmerged, merged_logits)
+        if diff > MERGE_TOLERANCE:
+            raise UserError(f"merge check failed: merged logits differ from the adapter model's by {diff:.2e} "
+                            f"(> {MERGE_TOLERANCE:.0e}); nothing was saved or registered.")
+        if base_kind == cfg.merge_base:
+            report["verify_max_abs_diff"] = diff
+        if trained is not None:
+            comparison[base_kind] = _max_diff(merged_logits, trained)
+        if base_kind == cfg.merge_base:
+            merged_by_base[base_kind] = merged
+        else:
+            _free(merged, peft_model, base)
+    report["merge_base_comparison"] = comparison
+    model = merged_by_base[cfg.merge_base]
+    report["sample_reply"] = sample_reply(model, tok, template.name, Conversation(
+        history=[tuple(h) for h in prompts[0].get("history") or []], query=prompts[0]["query"]), device)
+
+    model = model.to(DTYPES[cfg.dtype])
+    model.generation_config.eos_token_id = template.stop_token_ids(tok)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="2GB")
+    tok.save_pretrained(out)
+    if type(tok).__name__ == "ChatGLMTokenizer":
+        _route_autotokenizer_to_ours(out)
+    lineage = {"training_run_id": source.training_run_id, "dataset_hash": meta.get("dataset_hash"),
+               "eval_loss": meta.get("eval_loss"), "adapter": str(source.path), "adapter_origin": source.origin,
+               "merge_base": cfg.merge_base, "dtype": cfg.dtype, "trained_bits": meta.get("bits"),
+               "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_model_metadata(out, family=meta["family"], template=template.name, base_model=meta["base_model"],
+                         revision=meta.get("revision"), extra={"lineage": lineage})
+    report["lineage"] = lineage
+    return report
+
+
+def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, report: dict):
+    """A merge run linked to the training run, the folder as its artifact, a NEW registry version + alias."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    from common.config import to_dict
+    from common.tracking import artifact_root_for
+
+    client = MlflowClient(tracking_uri=uri)
+    meta = source.metadata
+    exp_id = None
+    if source.training_run_id:
+        try:
+            exp_id = client.get_run(source.training_run_id).info.experiment_id
+        except MlflowException:
+            exp_id = None
+    if exp_id is None:
+        exp = client.get_experiment_by_name("glmops-merge")
+        exp_id = exp.experiment_id if exp else client.create_experiment("glmops-merge",
+                                                                        artifact_location=artifact_root_for(uri))
+    tags = {"glmops.job": "merge", "training_run_id": str(source.training_run_id), "base_model": meta["base_model"],
+            "family": meta["family"], "merge_base": cfg.merge_base}
+    run = client.create_run(exp_id, run_name=f"merge-{name}", tags=tags)
+    rid = run.info.run_id
+    try:
+        now = int(time.time() * 1000)
+        metrics = [Metric("verify_max_abs_diff", report["verify_max_abs_diff"], now, 0)]
+        metrics += [Metric(f"diff_to_trained_{k}", v, now, 0) for k, v in report["merge_base_comparison"].items()]
+        client.log_batch(rid, metrics=metrics,
+                         params=[Param(k, str(v)[:6000]) for k, v in to_dict(cfg).items()])
+        client.log_text(rid, json.dumps(report, ensure_ascii=False, indent=1, default=str), "merge_report.json")
+        client.log_artifacts(rid, str(out), "merged")
+        try:
+            client.create_registered_model(name, description=f"{meta['base_model']} fine-tuned with glmops")
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        version_tags = {"training_run_id": str(source.training_run_id), "dataset_hash": str(meta.get("dataset_hash")),
+                        "eval_loss": str(meta.get("eval_loss")), "base_model": meta["base_model"],
+                        "base_revision": str(meta.get("revision")), "family": meta["family"],
+                        "template": meta["template"], "merge_base": cfg.merge_base, "dtype": cfg.dtype}
+        version = client.create_model_version(name, source=f"{run.info.artifact_uri}/merged", run_id=rid,
+                                              tags=version_tags)
+        client.set_registered_model_alias(name, cfg.alias, version.version)
+        client.set_terminated(rid, "FINISHED")
+        return version
+    except Exception:
+        client.set_terminated(rid, "FAILED")
+        raise

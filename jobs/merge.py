@@ -1,0 +1,68 @@
+"""Merge a fine-tuned LoRA adapter into its base model and register the result in MLflow.
+
+    ray job submit --working-dir . -- python jobs/merge.py --run_id <mlflow run id>
+    python jobs/merge.py --experiment glmops-finetune          # the best run by eval loss
+    python jobs/merge.py --lora_model output/.../checkpoint-000400/adapter --output_dir models/x
+
+Recipe: pick the adapter → read its metadata (base, revision, template) → merge into the 16-bit base →
+verify against the unmerged adapter model → save (safetensors) → register a new version + alias.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from common.config import MergeConfig, format_config, load_config
+from common.errors import run_cli
+from common.merging import (
+    AdapterSource,
+    check_output_dir,
+    find_adapter,
+    merge_adapter,
+    register_merged,
+    registered_name_for,
+)
+from common.tracking import check_reachable, default_tracking_uri
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(MergeConfig, argv, prog="merge.py", description=__doc__.splitlines()[0])
+    print("config:\n" + "\n".join("  " + line for line in format_config(cfg).splitlines()))
+    uri = default_tracking_uri(cfg.mlflow_tracking_uri)
+    check_reachable(uri)  # before any work: an unreachable registry must not leave half a result
+
+    source: AdapterSource = find_adapter(cfg, uri)
+    meta = source.metadata
+    print(f"adapter: {source.describe()}")
+    print(f"  base {meta['base_model']} (revision {meta.get('revision')}), family {meta['family']}, "
+          f"template {meta['template']}, trained in {meta.get('bits')}-bit, eval loss {meta.get('eval_loss')}")
+    out = Path(cfg.output_dir or f"models/{Path(meta['base_model']).name}-finetune")
+    check_output_dir(out, cfg.overwrite)
+
+    t0 = time.time()
+    report = merge_adapter(source, cfg, out)
+    print(f"merged into {out} in {time.time() - t0:.1f} s")
+    print(f"  verified: max |logits(merged) - logits(adapter)| = {report['verify_max_abs_diff']:.2e} "
+          f"(tolerance {report['verify_tolerance']:.0e}, {report['verify_prompts']} eval prompts, fp32)")
+    if report.get("merge_base_comparison"):
+        print("  distance to the model as trained (4-bit base + adapter), max |Δlogits| on the eval prompts:")
+        for base, diff in report["merge_base_comparison"].items():
+            print(f"    merge_base={base:<14} {diff:.4f}")
+    print(f"  sample reply: {report['sample_reply'][:120]!r}")
+
+    name = cfg.registered_model or registered_name_for(meta["base_model"])
+    version = register_merged(uri, out, name, cfg, source, report)
+    print("\n=== merge finished")
+    print(f"merged model:     {out}")
+    print(f"registered:       {name} version {version.version}, alias @{cfg.alias}")
+    print(f"serve it:         serve run serving:app model=models:/{name}@{cfg.alias}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,49 @@
+"""The Gradio chat page (mounted at /ui): streams through the model deployment, never a second copy."""
+
+from __future__ import annotations
+
+import hmac
+
+
+def _text(content) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    return str(content)
+
+
+def build_ui(streams, api_key: str | None):
+    import gradio as gr
+
+    async def respond(message, history, max_length, top_p, temperature, key=None):
+        if api_key is not None and not hmac.compare_digest(str(key or ""), api_key):
+            yield "This server needs an API key: enter it in the 'API key' box below the chat."
+            return
+        turns = [(_text(h["content"]), h["role"]) for h in history]
+        pairs, q = [], None
+        for text, role in turns:
+            if role == "user":
+                q = text
+            elif role == "assistant" and q is not None:
+                pairs.append((q, text))
+                q = None
+        conv = {"system": None, "history": pairs, "query": _text(message)}
+        sampling = {"max_tokens": int(max_length), "temperature": float(temperature), "top_p": float(top_p),
+                    "repetition_penalty": 1.0, "stop": ()}
+        reply = ""
+        async for chunk in streams.stream.remote(conv, sampling):
+            if "delta" in chunk:
+                reply += chunk["delta"]
+                yield reply
+
+    inputs = [gr.Slider(1, 2048, value=512, step=1, label="Maximum length"),
+              gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Top P"),
+              gr.Slider(0.0, 1.5, value=0.95, step=0.01, label="Temperature")]
+    if api_key is not None:
+        inputs.append(gr.Textbox(label="API key", type="password"))
+    return gr.ChatInterface(respond, additional_inputs=inputs, title="glmops chat",
+                            additional_inputs_accordion=gr.Accordion("Settings", open=api_key is not None),
+                            api_name="respond")

@@ -1,0 +1,218 @@
+"""jobs/finetune.py end to end on CPU: a real local Ray, 2 workers, a real MLflow server, 4-bit NF4.
+
+Marked slow: each run starts Ray and trains for real (about 30-60 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_job
+from mlflow_server import MlflowServer
+
+pytestmark = pytest.mark.slow
+
+STEPS = 24
+EVAL_EVERY = 6
+
+
+def _records() -> list[dict]:
+    base = [
+        {"instruction": f"计算 {a} 加 {b}", "output": f"{a} 加 {b} 等于 {a + b}。"} for a, b in
+        [(1, 2), (3, 4), (5, 6), (7, 8)]
+    ] + [
+        {"instruction": "Translate into Chinese.", "input": w, "output": z} for w, z in
+        [("cat", "猫"), ("dog", "狗"), ("red", "红色"), ("tea", "茶")]
+    ] + [
+        {"instruction": "中国的首都是哪里？", "output": "北京。", "history": [["你好", "你好！"]]},
+        {"instruction": "List two colors.", "output": "1. red\n2. blue"},
+    ]
+    return base * 4  # a small repeated set: the eval split overlaps training, so eval loss falls too
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("ft")
+    (root / "data.json").write_text(json.dumps(_records(), ensure_ascii=False))
+    server = MlflowServer(root).start()
+    yield {"root": root, "server": server, "model": tiny_model}
+    server.stop()
+
+
+def finetune(env, run_name: str, *extra: str, hooks: dict | None = None, experiment: str = "ft-tests"):
+    args = ["jobs/finetune.py", "--base_model", str(env["model"]), "--data_path", str(env["root"] / "data.json"),
+            "--eval_ratio", "0.25", "--bits", "4", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0",
+            "--learning_rate", "1e-2", "--warmup_steps", "2", "--max_steps", str(STEPS), "--eval_steps",
+            str(EVAL_EVERY), "--logging_steps", "3", "--max_tokens_per_batch", "128", "--gradient_accumulation_steps",
+            "1", "--max_source_length", "64", "--max_target_length", "64", "--save_total_limit", "2",
+            "--num_workers", "2", "--cpus_per_worker", "1", "--gradient_checkpointing", "false",
+            "--output_dir", str(env["root"] / "runs"), "--run_name", run_name,
+            "--mlflow_tracking_uri", env["server"].uri, "--experiment_name", experiment, *extra]
+    return run_job(*args, env={"RAY_ADDRESS": "", **(hooks or {})}, timeout=600)
+
+
+def run_id_of(proc) -> str:
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("MLflow run id:"))
+    return line.split()[3]
+
+
+def history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(env):
+    proc = finetune(env, "plain")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, run_id_of(proc)
+
+
+def test_loss_falls_and_everything_lands_in_mlflow(env, uninterrupted):
+    from mlflow import MlflowClient
+
+    proc, run_id = uninterrupted
+    uri = env["server"].uri
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    losses = [v for _, v in sorted(history(uri, run_id, "loss"))]
+    assert len(losses) == STEPS
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    evals = sorted(history(uri, run_id, "eval_loss"))
+    assert [s for s, _ in evals] == list(range(EVAL_EVERY, STEPS + 1, EVAL_EVERY))
+    assert evals[-1][1] < evals[0][1]
+    assert {"learning_rate", "grad_norm", "tokens_per_second", "perplexity"} <= set(run.data.metrics)
+    assert run.data.params["lora_r"] == "8" and run.data.params["bits"] == "4"
+    for tag in ("base_model", "family", "dataset_hash", "dataset_size", "ray_run_name"):
+        assert run.data.tags[tag]
+    assert "step 24/24" in proc.stdout and "tok/s" in proc.stdout and "fine-tune finished" in proc.stdout
+
+
+def test_the_kept_best_checkpoint_has_the_lowest_eval_loss(env, uninterrupted):
+    from mlflow import MlflowClient
+
+    _, run_id = uninterrupted
+    uri = env["server"].uri
+    best_step, best_loss = min(history(uri, run_id, "eval_loss"), key=lambda sv: sv[1])
+    best_path = Path(MlflowClient(uri).get_run(run_id).data.tags["best_checkpoint"])
+    meta = json.loads((best_path / "adapter" / "glmops.json").read_text())
+    assert meta["step"] == best_step and meta["eval_loss"] == pytest.approx(best_loss)
+    kept = sorted((env["root"] / "runs" / "plain").glob("checkpoint-*"))
+    assert len(kept) == 2 and best_path in kept
+
+
+def test_the_adapter_artifact_downloads_and_loads_with_complete_metadata(env, uninterrupted, tmp_path):
+    import mlflow
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, run_id = uninterrupted
+    path = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter",
+                                                    tracking_uri=env["server"].uri, dst_path=str(tmp_path)))
+    meta = json.loads((path / "glmops.json").read_text())
+    for key in ("base_model", "revision", "family", "template", "lora", "bits", "dataset_hash", "step",
+                "eval_loss", "mlflow_run_id"):
+        assert key in meta, key
+    assert meta["family"] == "chatglm2" and meta["bits"] == 4 and meta["lora"]["r"] == 8
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(env["model"]), path)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_resume_continues_from_step_k_with_the_same_losses(env, uninterrupted):
+    _, plain_id = uninterrupted
+    uri = env["server"].uri
+    stopped = finetune(env, "stopped", hooks={"GLMOPS_TEST_STOP_AT_STEP": "12"})
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-2000:]
+    ckpt = env["root"] / "runs" / "stopped" / "checkpoint-000012"
+    assert ckpt.is_dir()
+    resumed = finetune(env, "resumed", "--resume_from_checkpoint", str(ckpt))
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert "resumed at step 12" in resumed.stdout
+    run_id = run_id_of(resumed)
+    assert run_id == run_id_of(stopped)  # the resumed run continues the same MLflow run
+    steps = [s for s, _ in history(uri, run_id, "loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    plain = dict(history(uri, plain_id, "loss"))
+    again = dict(history(uri, run_id, "loss"))
+    for s in range(13, STEPS + 1):
+        assert again[s] == pytest.approx(plain[s], abs=1e-3), s
+
+
+def test_a_dead_worker_is_restored_from_the_last_checkpoint_and_nothing_is_logged_twice(env, uninterrupted, tmp_path):
+    _, plain_id = uninterrupted
+    uri = env["server"].uri
+    proc = finetune(env, "crash", hooks={"GLMOPS_TEST_FAIL_AT_STEP": f"9:{tmp_path / 'failed-once'}"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert (tmp_path / "failed-once").exists()
+    assert "resumed at step 6" in proc.stdout
+    run_id = run_id_of(proc)
+    for key in ("loss", "eval_loss"):
+        steps = [s for s, _ in history(uri, run_id, key)]
+        assert len(steps) == len(set(steps)), key
+    assert sorted(s for s, _ in history(uri, run_id, "loss")) == list(range(1, STEPS + 1))
+    assert dict(history(uri, run_id, "loss"))[STEPS] == pytest.approx(dict(history(uri, plain_id, "loss"))[STEPS],
+                                                                       abs=1e-3)
+
+
+def test_bad_data_stops_before_any_worker_and_leaves_no_run(env):
+    from mlflow import MlflowClient
+
+    bad = env["root"] / "bad.json"
+    bad.write_text('[{"instruction": "a", "output": ""}]')
+    proc = run_job("jobs/finetune.py", "--base_model", str(env["model"]), "--data_path", str(bad),
+                   "--mlflow_tracking_uri", env["server"].uri, "--experiment_name", "bad-data")
+    assert proc.returncode == 2 and "field 'output'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "Started a local Ray" not in proc.stdout + proc.stderr
+    assert MlflowClient(env["server"].uri).get_experiment_by_name("bad-data") is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mlflow_tracking_uri", "http://127.0.0.1:9"], "is not reachable"),
+    (["--base_model", "/nonexistent/model"], "no such folder"),
+    (["--num_workers", str((os.cpu_count() or 2) + 1)], "CPUs; the cluster has"),
+])
+def test_setup_errors_are_one_line_with_the_fix(env, args, message):
+    base = ["jobs/finetune.py", "--base_model", str(env["model"]), "--data_path", str(env["root"] / "data.json"),
+            "--mlflow_tracking_uri", env["server"].uri, "--output_dir", str(env["root"] / "runs"),
+            "--gradient_accumulation_steps", "1", "--max_tokens_per_batch", "128", "--max_source_length", "64",
+            "--max_target_length", "64"]
+    proc = run_job(*base, *args, env={"RAY_ADDRESS": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ray_job_submit_runs_the_job_and_streams_its_log(env):
+    from ray_cluster import RayHead
+
+    head = RayHead(num_cpus=2).start()
+    try:
+        import subprocess
+        import sys
+        import time
+
+        ray = str(Path(sys.executable).with_name("ray"))
+        runtime_env = {"env_vars": {"PATH": head.env["PATH"], "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                    "HF_HUB_OFFLINE": "1", "GLMOPS_CACHE": os.environ["GLMOPS_CACHE"]}}
+        cmd = [ray, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
+             "--runtime-env-json", json.dumps(runtime_env), "--",
+             "python", "jobs/finetune.py", "--base_model", str(env["model"]), "--data_path",
+             str(env["root"] / "data.json"), "--eval_ratio", "0.25", "--max_steps", "4", "--eval_steps", "2",
+             "--logging_steps", "1", "--max_tokens_per_batch", "128", "--gradient_accumulation_steps", "1",
+             "--num_workers", "2", "--cpus_per_worker", "1",
+             "--max_source_length", "64", "--max_target_length", "64", "--lora_r", "4", "--gradient_checkpointing",
+             "false", "--output_dir", str(env["root"] / "job-runs"), "--mlflow_tracking_uri", env["server"].uri,
+             "--experiment_name", "job-submit"]
+        for _ in range(30):  # the job agent comes up a few seconds after `ray start` returns
+            proc = subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600)
+            out = proc.stdout + proc.stderr
+            if "No available agent to submit job" not in out:
+                break
+            time.sleep(2)
+        assert proc.returncode == 0, out[-4000:]
+        assert "step 4/4" in out and "fine-tune finished" in out and "succeeded" in out
+    finally:
+        head.stop()

@@ -1,0 +1,134 @@
+"""jobs/merge.py: merge the best adapter, verify it, register a new version under an alias (real MLflow server)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_job
+from mlflow_server import MlflowServer
+from test_finetune import _records, finetune, run_id_of
+
+pytestmark = pytest.mark.slow
+
+NAME = "tiny-merge-tests"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("merge")
+    (root / "data.json").write_text(json.dumps(_records(), ensure_ascii=False))
+    server = MlflowServer(root).start()
+    env = {"root": root, "server": server, "model": tiny_model}
+    proc = finetune(env, "to-merge", experiment="merge-tests")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    env["run_id"] = run_id_of(proc)
+    yield env
+    server.stop()
+
+
+def merge(env, *args: str):
+    return run_job("jobs/merge.py", "--mlflow_tracking_uri", env["server"].uri, "--registered_model", NAME,
+                   "--dtype", "fp32", *args, timeout=600)
+
+
+def versions(env) -> list:
+    from mlflow import MlflowClient
+
+    return sorted(MlflowClient(env["server"].uri).search_model_versions(f"name='{NAME}'"), key=lambda v: int(v.version))
+
+
+@pytest.fixture(scope="module")
+def merged_three_ways(trained):
+    root = trained["root"]
+    by_run = merge(trained, "--run_id", trained["run_id"], "--output_dir", str(root / "m-run"))
+    assert by_run.returncode == 0, by_run.stdout[-3000:] + by_run.stderr[-3000:]
+    by_exp = merge(trained, "--experiment", "merge-tests", "--output_dir", str(root / "m-exp"),
+                   "--merge_base", "nf4_roundtrip")
+    assert by_exp.returncode == 0, by_exp.stderr[-3000:]
+    by_path = merge(trained, "--lora_model", str(_best_checkpoint(trained)), "--output_dir", str(root / "m-path"))
+    assert by_path.returncode == 0, by_path.stderr[-3000:]
+    return by_run, by_exp, by_path
+
+
+def _best_checkpoint(env) -> Path:
+    from mlflow import MlflowClient
+
+    return Path(MlflowClient(env["server"].uri).get_run(env["run_id"]).data.tags["best_checkpoint"]) / "adapter"
+
+
+def test_three_ways_to_choose_give_versions_1_to_3_with_the_alias_on_the_newest(trained, merged_three_ways):
+    from mlflow import MlflowClient
+
+    vs = versions(trained)
+    assert [v.version for v in vs] == ["1", "2", "3"]
+    alias = MlflowClient(trained["server"].uri).get_model_version_by_alias(NAME, "champion")
+    assert alias.version == "3"
+    for v in vs:
+        assert v.tags["training_run_id"] == trained["run_id"]
+        for tag in ("dataset_hash", "eval_loss", "base_model", "base_revision", "family", "merge_base"):
+            assert tag in v.tags, tag
+    assert vs[1].tags["merge_base"] == "nf4_roundtrip" and vs[0].tags["merge_base"] == "original"
+
+
+def test_both_merge_bases_are_compared_with_the_trained_model(merged_three_ways):
+    out = merged_three_ways[0].stdout
+    assert "merge_base=original" in out and "merge_base=nf4_roundtrip" in out
+    diffs = {line.split()[0]: float(line.split()[1]) for line in out.splitlines()
+             if line.strip().startswith("merge_base=")}
+    # Merging into the NF4 round-tripped base is closer to what was trained (stack-notes §1.2).
+    assert diffs["merge_base=nf4_roundtrip"] < diffs["merge_base=original"]
+
+
+def test_the_registered_model_loads_with_plain_transformers_and_generates_like_the_adapter(
+        trained, merged_three_ways, tmp_path):
+    import mlflow
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from common.data import Conversation
+    from common.templates import get_template
+
+    mlflow.set_tracking_uri(trained["server"].uri)
+    path = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path)))
+    merged = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    meta = json.loads((path / "glmops.json").read_text())
+    assert meta["template"] == "chatglm2" and meta["lineage"]["training_run_id"] == trained["run_id"]
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained["model"], dtype=torch.float32),
+                                        _best_checkpoint(trained)).eval()
+    ids = torch.tensor([get_template("chatglm2").prompt(tok, Conversation(history=[], query="计算 1 加 2"))])
+    a = merged.generate(ids, max_new_tokens=12, do_sample=False)
+    b = adapter.generate(ids, max_new_tokens=12, do_sample=False)
+    assert a.tolist() == b.tolist()
+
+
+def _unchanged_registry(trained, proc, message: str):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_inputs_are_clear_and_leave_the_registry_unchanged(trained, merged_three_ways, tmp_path):
+    from mlflow import MlflowClient
+
+    before = [v.version for v in versions(trained)]
+    client = MlflowClient(trained["server"].uri)
+    _unchanged_registry(trained, merge(trained, "--run_id", "0123456789abcdef"), "no such run")
+    empty = client.create_run(client.get_experiment_by_name("merge-tests").experiment_id).info.run_id
+    client.set_terminated(empty)
+    _unchanged_registry(trained, merge(trained, "--run_id", empty), "has no adapter artifact")
+    moved = tmp_path / "adapter"
+    shutil.copytree(_best_checkpoint(trained), moved)
+    meta = json.loads((moved / "glmops.json").read_text())
+    meta["base_model"] = str(tmp_path / "gone-base")
+    (moved / "glmops.json").write_text(json.dumps(meta))
+    _unchanged_registry(trained, merge(trained, "--lora_model", str(moved), "--output_dir", str(tmp_path / "o")),
+                        "the adapter's base model cannot be found")
+    _unchanged_registry(trained, merge(trained, "--run_id", trained["run_id"], "--output_dir",
+                                       str(trained["root"] / "m-run")), "exists and is not empty")
+    proc = run_job("jobs/merge.py", "--mlflow_tracking_uri", "http://127.0.0.1:9", "--run_id", trained["run_id"])
+    _unchanged_registry(trained, proc, "is not reachable")
+    assert [v.version for v in versions(trained)] == before

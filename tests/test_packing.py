@@ -1,0 +1,74 @@
+"""Packing puts several examples in one row without any attention across them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from common.data import Conversation
+from common.packing import epoch_batches, pack, packed_batch, padded_batch
+from common.templates import IGNORE, get_template
+
+
+def _examples(tok, n=5):
+    t = get_template("chatglm2")
+    return [t.encode(tok, Conversation(history=[], query=f"问题 {i} " * (i + 1), answer=f"回答 {i}。" * (2 + i)))
+            for i in range(n)]
+
+
+def _token_losses(model, batch) -> torch.Tensor:
+    kwargs = {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False}
+    if batch.attention_mask is not None:
+        kwargs["attention_mask"] = batch.attention_mask
+    with torch.no_grad():
+        logits = model(**kwargs).logits
+    return F.cross_entropy(logits[0], batch.targets[0], ignore_index=IGNORE, reduction="none")
+
+
+def test_per_example_losses_are_the_same_packed_and_alone(tiny_model, tiny_tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    examples = _examples(tiny_tokenizer)
+    row = packed_batch(examples, list(range(len(examples))), max_tokens=4096)
+    packed = _token_losses(model, row)
+    start = 0
+    for i, e in enumerate(examples):
+        alone = _token_losses(model, packed_batch(examples, [i], max_tokens=4096)).sum()
+        together = packed[start: start + len(e.input_ids)].sum()
+        assert torch.allclose(alone, together, atol=1e-5), i
+        start += len(e.input_ids)
+    # The check can fail: with positions that do not restart, examples see each other.
+    leaky = packed_batch(examples, list(range(len(examples))), max_tokens=4096)
+    leaky.position_ids = torch.arange(leaky.input_ids.shape[1])[None]
+    last = len(examples[-1].input_ids)
+    alone = _token_losses(model, packed_batch(examples, [len(examples) - 1], max_tokens=4096)).sum()
+    assert not torch.allclose(_token_losses(model, leaky)[-last:].sum(), alone, atol=1e-3)
+
+
+def test_no_example_predicts_the_next_ones_first_token(tiny_tokenizer):
+    examples = _examples(tiny_tokenizer, 3)
+    row = packed_batch(examples, [0, 1, 2], max_tokens=4096)
+    ends = torch.tensor([len(e.input_ids) for e in examples]).cumsum(0) - 1
+    assert (row.targets[0, ends] == IGNORE).all()
+
+
+def test_packing_respects_the_token_budget_and_keeps_every_example(tiny_tokenizer):
+    examples = _examples(tiny_tokenizer, 5) * 6
+    rows = pack(examples, list(range(len(examples))), max_tokens=120)
+    assert sorted(i for r in rows for i in r) == list(range(len(examples)))
+    assert all(sum(len(examples[i].input_ids) for i in r) <= 120 for r in rows)
+
+
+def test_padded_batches_mask_their_pads(tiny_tokenizer):
+    examples = _examples(tiny_tokenizer, 3)
+    b = padded_batch(examples, [0, 2], pad_id=0)
+    assert b.attention_mask.sum().item() == b.num_tokens == len(examples[0].input_ids) + len(examples[2].input_ids)
+    assert (b.targets[b.attention_mask == 0] == IGNORE).all()
+
+
+def test_epoch_order_is_deterministic_and_changes_between_epochs(tiny_tokenizer):
+    examples = _examples(tiny_tokenizer, 5) * 4
+    kw = {"seed": 3, "packing": True, "max_tokens": 100, "batch_size": 1, "pad_id": 0}
+    a0, b0, a1 = (epoch_batches(examples, epoch=e, **kw) for e in (0, 0, 1))
+    assert [x.input_ids.tolist() for x in a0] == [x.input_ids.tolist() for x in b0]
+    assert [x.input_ids.tolist() for x in a0] != [x.input_ids.tolist() for x in a1]

@@ -1,0 +1,170 @@
+"""The real Serve app on the tiny model: OpenAI API (streamed and not), Gradio page, terminal client,
+concurrency, disconnects and bad requests. Marked slow: it starts `serve run` once for the module."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import httpx
+import pytest
+from serve_app import ServeApp
+
+pytestmark = pytest.mark.slow
+
+KEY = "test-key-123"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model):
+    app = ServeApp(tmp_path_factory.mktemp("serve"), model=str(tiny_model), api_key=KEY,
+                   max_concurrent_requests="40").start()
+    yield app
+    app.stop()
+
+
+@pytest.fixture
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=KEY)
+
+
+def test_openai_client_non_streamed(client):
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}], max_tokens=8,
+                                       temperature=0)
+    assert r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_client_streams_chunks_before_generation_ends(client):
+    t0 = time.time()
+    first, chunks, text = None, 0, ""
+    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "List two colors."}],
+                                            max_tokens=300, extra_body={"min_tokens": 300}, stream=True,
+                                            temperature=0.8)
+    for chunk in stream:
+        delta = chunk.choices[0].delta.content if chunk.choices else None
+        if delta:
+            first = first or time.time() - t0
+            chunks += 1
+            text += delta
+    total = time.time() - t0
+    assert chunks > 10 and first is not None
+    assert first < total / 2, (first, total)
+    assert "\ufffd" not in text[-1:]  # never ends on half a character
+
+
+def test_models_and_health(server):
+    h = httpx.get(server.url + "/health").json()
+    assert h["status"] == "ok"
+    r = httpx.get(server.url + "/v1/models", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert r["data"][0]["object"] == "model"
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ("{not json", 400, "not valid JSON"),
+    ({}, 400, "messages"),
+    ({"messages": []}, 400, "at least one message"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400,
+     "messages[1].role: expected 'assistant'"),
+    ({"messages": [{"role": "user", "content": "很长的问题" * 1200}], "max_tokens": 10}, 400, "exceeds the model's context"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens: must be > 0"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens: at most"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+])
+def test_bad_requests_are_4xx_naming_the_field(server, body, status, fragment):
+    data = body if isinstance(body, str) else json.dumps(body)
+    r = httpx.post(server.url + "/v1/chat/completions", content=data,
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert fragment in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").status_code == 200  # still serving
+
+
+def test_a_wrong_api_key_is_refused(server):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                   headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+
+
+def test_32_concurrent_streams_all_complete(server):
+    async def one(i: int, client: httpx.AsyncClient) -> str:
+        body = {"messages": [{"role": "user", "content": f"计算 {i} 加 2"}], "max_tokens": 24, "stream": True}
+        done = False
+        async with client.stream("POST", server.url + "/v1/chat/completions", json=body,
+                                 headers={"Authorization": f"Bearer {KEY}"}) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+        return done
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(one(i, client) for i in range(32)))
+
+    assert all(asyncio.run(main()))
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000, "min_tokens": 4000, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as r:
+        for line in r.iter_lines():
+            if '"content": "' in line and '"content": ""' not in line:
+                break
+        assert httpx.get(server.url + "/health").json()["active_streams"] >= 1
+    deadline = time.time() + 20
+    while time.time() < deadline and httpx.get(server.url + "/health").json()["active_streams"] > 0:
+        time.sleep(0.2)
+    assert httpx.get(server.url + "/health").json()["active_streams"] == 0
+
+
+def test_gradio_page_streams_through_the_deployment_and_needs_the_key(server):
+    from gradio_client import Client
+
+    c = Client(server.url + "/ui/", verbose=False)
+    refused = c.predict("你好", 32, 0.7, 0.95, "wrong", api_name="/respond")
+    assert "API key" in refused
+    job = c.submit("你好", 32, 0.7, 0.95, KEY, api_name="/respond")
+    outputs = [o for o in job]  # the partial replies as they grew
+    assert job.outputs() and isinstance(job.outputs()[-1], str)
+    assert len(outputs) >= 1
+
+
+def test_terminal_client_two_turns_clear_and_stop(server):
+    import pexpect
+
+    child = pexpect.spawn(sys.executable, ["-m", "serving.client", "--url", server.url, "--api_key", KEY,
+                                           "--max_tokens", "8"], encoding="utf-8", timeout=60)
+    child.expect("you\\): ")
+    child.sendline("你好")
+    child.expect("ChatGLM: ")
+    child.expect("you\\): ")
+    child.sendline("中国的首都是哪里？")
+    child.expect("ChatGLM: ")
+    child.expect("you\\): ")
+    child.sendline("clear")
+    child.expect("'clear' resets the conversation")
+    child.expect("you\\): ")
+    child.sendline("stop")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_terminal_client_one_shot_and_unreachable_server(server):
+    import subprocess
+
+    ok = subprocess.run([sys.executable, "-m", "serving.client", "--url", server.url, "--api_key", KEY, "--prompt",
+                         "hi", "--max_tokens", "4"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    down = subprocess.run([sys.executable, "-m", "serving.client", "--url", "http://127.0.0.1:9", "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=120)
+    assert down.returncode == 2 and "cannot reach the server" in down.stderr and "Traceback" not in down.stderr
