@@ -71,7 +71,8 @@ def serve_and_chat() -> int:
             print(f"the server did not come up in 180 s; see {log.name}", file=sys.stderr)
             return 1
         print(f"serving at {url} (web chat: {url}/ui/) after {time.time() - t0:.0f} s")
-        chat = [PY, "-m", "serving.client", "--url", url, "--prompt", QUESTION, "--max_tokens", "48"]
+        chat = [PY, "-m", "serving.client", "--url", url, "--prompt", QUESTION, "--max_tokens", "48",
+                "--temperature", "0"]
         print(f"\n=== ask it one question through the terminal client\n$ {_show(chat)}")
         print(f"用户 (you): {QUESTION}\nChatGLM: ", end="", flush=True)
         return subprocess.run(chat, cwd=ROOT).returncode

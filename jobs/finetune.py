@@ -162,12 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    tags = {"base_model": info.name, "base_revision": str(info.revision), "family": info.family,
+    tags = {"base_model": str(Path(info.name).resolve()) if Path(info.name).is_dir() else info.name, "base_revision": str(info.revision), "family": info.family,
             "template": template.name, "dataset_hash": dataset_hash, "dataset_size": str(len(ds.records)),
             "ray_run_name": run_name, "glmops.job": "finetune"}
     run_id = start_mlflow_run(cfg, uri, run_name, tags, resume_meta.get("mlflow_run_id"))
     cfg_dict = asdict(cfg)
-    metadata = {"base_model": info.name, "revision": info.revision, "family": info.family,
+    if Path(cfg.base_model).expanduser().is_dir():
+        # Workers run in Ray's session folders, and the merge job anywhere: pass local paths absolute.
+        cfg_dict["base_model"] = base_name = str(Path(cfg.base_model).expanduser().resolve())
+    else:
+        base_name = info.name
+    metadata = {"base_model": base_name, "revision": info.revision, "family": info.family,
                 "template": template.name, "bits": cfg.bits, "dataset_hash": dataset_hash,
                 "mlflow_run_id": run_id, "ray_run_name": run_name,
                 "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
