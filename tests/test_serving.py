@@ -170,3 +170,41 @@ def test_terminal_client_one_shot_and_unreachable_server(server):
     down = subprocess.run([sys.executable, "-m", "serving.client", "--url", "http://127.0.0.1:9", "--prompt", "hi"],
                           capture_output=True, text=True, timeout=120)
     assert down.returncode == 2 and "cannot reach the server" in down.stderr and "Traceback" not in down.stderr
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update"]
+
+
+def test_a_real_browser_sees_the_reply_grow(server):
+    import os
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (.ci/run installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(server.url + "/ui/", wait_until="load")
+            page.locator("textarea").first.wait_for(timeout=60_000)
+            page.get_by_label("API key").fill(KEY)
+            box = page.locator("textarea").first
+            box.fill("List two colors.")
+            box.press("Enter")
+            bot = page.locator('[data-testid="bot"]').last
+            bot.wait_for(timeout=60_000)
+            lengths = []
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                lengths.append(len(bot.inner_text()))
+                if len(lengths) > 5 and lengths[-1] == lengths[-5] and lengths[-1] > 0:
+                    break  # stopped growing: the reply is complete
+                time.sleep(0.05)
+            grown = sorted(set(lengths))
+            assert len(grown) >= 3, lengths  # seen at several lengths: it streamed
+            assert "API key" not in bot.inner_text()
+        finally:
+            browser.close()
