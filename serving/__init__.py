@@ -29,6 +29,7 @@ class AppArgs(BaseModel):
     api_key: str | None = os.environ.get("GLMOPS_API_KEY")
     template: str | None = None
     tracking_uri: str | None = None
+    ui: bool = True  # the Gradio page at /ui
 
 
 def app(args: AppArgs):
@@ -45,7 +46,7 @@ def app(args: AppArgs):
     model = deployment(args.replicas, args.max_concurrent_requests, gpus).bind(
         args.model, bits=args.bits, dtype=args.dtype, device=args.device, template=args.template,
         tracking_uri=args.tracking_uri)
-    return Ingress.bind(model, api_key=args.api_key, model_name=args.model)
+    return Ingress.bind(model, api_key=args.api_key, model_name=args.model, ui=args.ui)
 
 
 def _has_gpu() -> bool:

@@ -115,12 +115,14 @@ def validate_sampling(req: ChatRequest) -> dict:
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, model: DeploymentHandle, api_key: str | None = None, model_name: str = "glmops"):
+    def __init__(self, model: DeploymentHandle, api_key: str | None = None, model_name: str = "glmops",
+                 ui: bool = True):
         self.model = model
         self.streams = model.options(stream=True)
         self.api_key = api_key or None
         self.model_name = model_name
-        self._mount_ui()
+        if ui:
+            self._mount_ui()
 
     def _check_key(self, request: Request) -> None:
         if self.api_key is None:
