@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python jobs/finetune.py` from the project root (as `ray job submit` runs it)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.config import FinetuneConfig, format_config, load_config
+from common.config import FinetuneConfig, format_config, load_config, save_config
 from common.data import Dataset, content_hash, load_dataset, record_to_conversation, split
 from common.errors import ModelFilesError, UserError, run_cli
 from common.examples import encode_records, length_summary
@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
+    save_config(cfg, Path(storage) / run_name / "config.yaml")  # next to the checkpoints
     t0 = time.time()
     try:
         result = trainer.fit()

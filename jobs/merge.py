@@ -17,7 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.config import MergeConfig, format_config, load_config
+from common.config import MergeConfig, format_config, load_config, save_config
 from common.errors import run_cli
 from common.merging import (
     AdapterSource,
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.time()
     report = merge_adapter(source, cfg, out)
+    save_config(cfg, out / "merge_config.yaml")
     print(f"merged into {out} in {time.time() - t0:.1f} s")
     print(f"  verified: max |logits(merged) - logits(adapter)| = {report['verify_max_abs_diff']:.2e} "
           f"(tolerance {report['verify_tolerance']:.0e}, {report['verify_prompts']} eval prompts, fp32)")

@@ -18,8 +18,9 @@ def free_port() -> int:
 
 
 class MlflowServer:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, backend_uri: str | None = None):
         self.root = root
+        self.backend_uri = backend_uri or f"sqlite:///{root / 'mlflow.db'}"
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -29,7 +30,7 @@ class MlflowServer:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.log = open(self.root / "mlflow-server.log", "w")
         self.proc = subprocess.Popen(
-            [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            [str(mlflow), "server", "--backend-store-uri", self.backend_uri,
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -90,6 +90,7 @@ def test_loss_falls_and_everything_lands_in_mlflow(env, uninterrupted):
     for tag in ("base_model", "family", "dataset_hash", "dataset_size", "ray_run_name"):
         assert run.data.tags[tag]
     assert "step 24/24" in proc.stdout and "tok/s" in proc.stdout and "fine-tune finished" in proc.stdout
+    assert "lora_r: 8" in (env["root"] / "runs" / "plain" / "config.yaml").read_text()  # saved with the checkpoints
 
 
 def test_the_kept_best_checkpoint_has_the_lowest_eval_loss(env, uninterrupted):

@@ -2,7 +2,7 @@
 # A team MLflow tracking server + model registry: PostgreSQL for runs and registry, S3-compatible (or a
 # shared filesystem) for artifacts, served through the server (clients need no bucket credentials).
 #
-#   MLFLOW_DB=postgresql://mlflow:PASSWORD@db.internal:5432/mlflow \
+#   MLFLOW_DB=postgresql+psycopg2://mlflow:PASSWORD@db.internal:5432/mlflow   (pip install psycopg2-binary) \
 #   MLFLOW_ARTIFACTS=s3://my-bucket/mlflow          # or /shared/mlflow-artifacts
 #   infra/mlflow/start-server.sh
 #
