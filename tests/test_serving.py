@@ -191,20 +191,28 @@ def test_a_real_browser_sees_the_reply_grow(server):
             page.goto(server.url + "/ui/", wait_until="load")
             page.locator("textarea").first.wait_for(timeout=60_000)
             page.get_by_label("API key").fill(KEY)
+            # Record every length the reply text takes, as the page renders it (polling could miss them).
+            page.evaluate("""() => {
+                window.__lens = [];
+                new MutationObserver(() => {
+                    const bots = document.querySelectorAll('[data-testid="bot"]');
+                    if (bots.length) window.__lens.push(bots[bots.length - 1].innerText.length);
+                }).observe(document.body, {subtree: true, childList: true, characterData: true});
+            }""")
             box = page.locator("textarea").first
             box.fill("List two colors.")
             box.press("Enter")
             bot = page.locator('[data-testid="bot"]').last
             bot.wait_for(timeout=60_000)
-            lengths = []
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                lengths.append(len(bot.inner_text()))
-                if len(lengths) > 5 and lengths[-1] == lengths[-5] and lengths[-1] > 0:
-                    break  # stopped growing: the reply is complete
-                time.sleep(0.05)
-            grown = sorted(set(lengths))
-            assert len(grown) >= 3, lengths  # seen at several lengths: it streamed
+            last, stable_since = -1, time.time()
+            deadline = time.time() + 90
+            while time.time() < deadline and time.time() - stable_since < 2:
+                n = len(bot.inner_text())
+                if n != last:
+                    last, stable_since = n, time.time()
+                time.sleep(0.1)
+            grown = sorted(set(page.evaluate("() => window.__lens")))
+            assert len(grown) >= 3 and grown[-1] > 0, grown  # seen at several lengths: it streamed
             assert "API key" not in bot.inner_text()
         finally:
             browser.close()
