@@ -118,10 +118,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             if i in plain or i < 0:
                 continue
             if i in self.special_by_id:
-                # v2 drops its specials in decode; v3 writes them literally (as the originals do).
-                if self.chat_roles and not skip_special_tokens:
-                    pieces.append(self.special_by_id[i])
-                elif self.chat_roles:
+                # v2 drops its specials in decode; v3 writes them literally, even when asked to skip
+                # special tokens (as the originals do).
+                if self.chat_roles:
                     pieces.append(self.special_by_id[i])
                 continue
             if i < self.sp.vocab_size():
@@ -235,7 +234,7 @@ class ChatGLM1Tokenizer(PreTrainedTokenizer):
             if self._SPLIT.fullmatch(part):
                 out.append(part)
             else:
-                out.extend(self._tokenize(part.strip() if False else part))
+                out.extend(self._tokenize(part))
         return out
 
     def _convert_token_to_id(self, token: str) -> int:

@@ -45,7 +45,9 @@ def compute_dtype(device: torch.device, cfg: dict) -> torch.dtype:
 def lora_targets(cfg: dict, family: str) -> list[str] | str:
     targets = cfg["lora_target"]
     if targets in (["auto"], "auto"):
-        return LORA_TARGETS["chatglm" if family == "chatglm" else "native"]
+        if family == "chatglm":
+            return LORA_TARGETS["chatglm"]
+        return LORA_TARGETS["native"] if family in ("chatglm2", "chatglm3", "glm4") else "all-linear"
     if targets in (["all-linear"], "all-linear"):
         return "all-linear"
     return list(targets)
