@@ -1,6 +1,7 @@
-"""Serving throughput on a GPU: the real Serve app on a random-weight ChatGLM2-6B, bf16 and NF4.
+"""Serving throughput: the real Serve app, by default on a random-weight ChatGLM2-6B on a GPU, bf16 and NF4.
 
     python bench/gpu_serve.py --tokenizers DIR [--streams 1,8] [--tokens 128]
+    python bench/gpu_serve.py --model models/tiny-chatglm2-finetune --device cpu --bits 16   # the CPU demo model
 
 Starts a local Ray, deploys `serving:app` (the API only; no Gradio on the GPU host), and sends 1 and 8
 concurrent streamed requests of exactly --tokens new tokens each. Prints time to first token, per-stream
@@ -54,7 +55,10 @@ async def measure(url: str, streams: int, tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokenizers", required=True)
+    ap.add_argument("--tokenizers", help="with no --model: folder with tokenizer.model for the random model")
+    ap.add_argument("--model", help="serve this folder instead of building a random ChatGLM2-6B")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--bits", default="16,4")
     ap.add_argument("--workdir", default="/tmp/glmops-gpu")
     ap.add_argument("--streams", default="1,8")
     ap.add_argument("--tokens", type=int, default=128)
@@ -67,16 +71,16 @@ def main() -> None:
     from bench.gpu_models import build
     from serving import AppArgs, app
 
-    folder = Path(args.workdir) / "chatglm2"
+    folder = Path(args.model) if args.model else Path(args.workdir) / "chatglm2"
     if not (folder / "config.json").is_file():
         build("chatglm2", folder, Path(args.tokenizers))
     ray.init(address="local", include_dashboard=False, log_to_driver=False)
     rows = []
-    for bits in (16, 4):
+    for bits in map(int, args.bits.split(",")):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        serve.run(app(AppArgs(model=str(folder), bits=bits, device="cuda", port=port, ui=False)),
+        serve.run(app(AppArgs(model=str(folder.resolve()), bits=bits, device=args.device, port=port, ui=False)),
                   name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         for n in map(int, args.streams.split(",")):
