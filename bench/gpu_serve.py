@@ -84,7 +84,8 @@ def main() -> None:
                   name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         for n in map(int, args.streams.split(",")):
-            row = {"weights": "bf16" if bits == 16 else "NF4", **asyncio.run(measure(url, n, args.tokens))}
+            label = {4: "NF4", 8: "int8"}.get(bits, "bf16" if args.device == "cuda" else "fp32")
+            row = {"weights": label, **asyncio.run(measure(url, n, args.tokens))}
             rows.append(row)
             print(json.dumps(row), flush=True)
         serve.shutdown()
