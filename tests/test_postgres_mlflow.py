@@ -19,11 +19,15 @@ def pg_server(tmp_path_factory, tiny_model):
         pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
     root = tmp_path_factory.mktemp("pg")
     pg = Postgres().start()
-    server = MlflowServer(root, backend_uri=pg.uri).start()
-    (root / "data.json").write_text(json.dumps(_records(), ensure_ascii=False))
-    yield {"root": root, "server": server, "model": tiny_model, "pg": pg}
-    server.stop()
-    pg.stop()
+    try:
+        server = MlflowServer(root, backend_uri=pg.uri).start()
+        try:
+            (root / "data.json").write_text(json.dumps(_records(), ensure_ascii=False))
+            yield {"root": root, "server": server, "model": tiny_model, "pg": pg}
+        finally:
+            server.stop()
+    finally:
+        pg.stop()  # never leave a database server behind, even when setup fails
 
 
 def test_finetune_and_merge_register_through_a_postgres_backed_server(pg_server):
