@@ -131,11 +131,6 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def _free(*objs) -> None:
-    del objs
-    gc.collect()
-
-
 def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
     """Merge, verify and save; returns the report logged with the model."""
     from peft import PeftModel
@@ -171,9 +166,10 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
         # The model as trained: quantized base + adapter.
         model = PeftModel.from_pretrained(load(meta["bits"]), source.path).eval()
         trained = _logits(model, ids)
-        _free(model)
+        del model  # drop the caller's reference too: only then can a 6B copy be freed
+        gc.collect()
 
-    merged_by_base: dict[str, Any] = {}
+    chosen = None
     comparison: dict[str, float] = {}
     bases = ["original", "nf4_roundtrip"] if trained is not None else ["original"]
     if cfg.merge_base == "nf4_roundtrip" and "nf4_roundtrip" not in bases:
@@ -202,11 +198,12 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
         if trained is not None:
             comparison[base_kind] = _max_diff(merged_logits, trained)
         if base_kind == cfg.merge_base:
-            merged_by_base[base_kind] = merged
+            chosen = merged
         else:
-            _free(merged, peft_model, base)
+            del merged, peft_model, base
+            gc.collect()
     report["merge_base_comparison"] = comparison
-    model = merged_by_base[cfg.merge_base]
+    model = chosen
     report["sample_reply"] = sample_reply(model, tok, template.name, Conversation(
         history=[tuple(h) for h in prompts[0].get("history") or []], query=prompts[0]["query"]), device)
 

@@ -282,7 +282,7 @@ def train_loop_per_worker(config: dict) -> dict:
             torch.distributed.all_reduce(sums)
         eval_loss = float(sums[0] / max(sums[1], 1))
         ppl = math.exp(min(eval_loss, 50))
-        reply = sample_reply(unwrapped, tok, info.template if not cfg.get("template") else cfg["template"],
+        reply = sample_reply(unwrapped, tok, cfg.get("template") or info.template,
                              Conversation(**sample_conv), device) if (rank == 0 and sample_conv) else ""
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
         state.history.append({"step": state.step, "eval_loss": eval_loss, "sample": reply})
