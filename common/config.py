@@ -151,6 +151,10 @@ def load_config(cls, argv: list[str] | None, prog: str, description: str):
             problems.append(f"{f.name}: {err}")
             continue
         choices = f.metadata.get("choices")
+        if choices and "true" in choices and isinstance(kwargs[f.name], str):
+            # switches with more than two states still take the seed's `--flag True` spellings
+            low = kwargs[f.name].strip().lower()
+            kwargs[f.name] = "true" if low in _TRUE else "false" if low in _FALSE else low
         if choices and kwargs[f.name] is not None and kwargs[f.name] not in choices:
             problems.append(f"{f.name}: must be one of {', '.join(map(str, choices))}, found {kwargs[f.name]!r}")
     cfg = cls(**kwargs)
@@ -242,8 +246,8 @@ class FinetuneConfig:
     num_train_epochs: float = opt(3.0, "passes over the training data")
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
     per_device_train_batch_size: int = opt(1, "examples per worker per micro-batch (pad-to-longest mode)")
-    gradient_accumulation_steps: int = opt(16, "micro-batches per optimizer step")
-    max_tokens_per_batch: int = opt(4096, "token budget of one packed micro-batch per worker (packing mode)")
+    gradient_accumulation_steps: int = opt(8, "micro-batches per optimizer step")
+    max_tokens_per_batch: int = opt(8192, "token budget of one packed micro-batch per worker (packing mode)")
     packing: bool = opt(True, "pack several examples into one row without attention across them")
     learning_rate: float = opt(5e-4, "peak learning rate")
     lr_scheduler_type: str = opt("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
@@ -257,7 +261,11 @@ class FinetuneConfig:
     double_quant: bool = opt(True, "quantize the 4-bit quantization constants too")
     bf16: bool | None = opt(None, "bf16 compute (default: on where the device supports it)")
     fp16: bool = opt(False, "fp16 compute (unstable with 4-bit weights; only where bf16 is unavailable)")
-    gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory")
+    gradient_checkpointing: str = opt("auto", "recompute activations in backward to save memory: auto (only as many "
+                                      "layers as the GPU memory needs), true (all layers) or false",
+                                      choices=("auto", "true", "false"))
+    gpu_memory_gib: float | None = opt(None, "GPU memory a worker may use (default: the whole card); "
+                                       "auto checkpointing plans for it and it is enforced")
     # LoRA
     lora_r: int = opt(64, "LoRA rank")
     lora_alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r)")
@@ -295,6 +303,8 @@ class FinetuneConfig:
         _check(p, self.max_tokens_per_batch >= self.max_source_length + self.max_target_length or not self.packing,
                f"max_tokens_per_batch: must hold one full example (max_source_length + max_target_length = "
                f"{self.max_source_length + self.max_target_length}), found {self.max_tokens_per_batch}")
+        _check(p, self.gpu_memory_gib is None or self.gpu_memory_gib > 0,
+               f"gpu_memory_gib: must be > 0, found {self.gpu_memory_gib}")
         _check(p, self.learning_rate > 0, f"learning_rate: must be > 0, found {self.learning_rate}")
         _check(p, self.warmup_steps >= 0, f"warmup_steps: must be >= 0, found {self.warmup_steps}")
         _check(p, self.weight_decay >= 0, f"weight_decay: must be >= 0, found {self.weight_decay}")

@@ -1,8 +1,10 @@
 """Micro-batches for training: padding-free packing under a token budget, or pad-to-longest.
 
-Packed rows hold several examples back to back with position ids restarting at 0 for each; with no
-attention mask, transformers' mask builder turns restarting positions into a block-diagonal causal mask,
-so no example attends to another (tests/test_packing.py checks per-example losses are unchanged).
+Packed rows hold several examples back to back with position ids restarting at 0 for each, and carry
+the example boundaries (`cu_seqlens`): on CUDA, attention runs per example through varlen attention
+(common/attention.py); elsewhere transformers' mask builder turns the restarting positions into a
+block-diagonal causal mask. Either way no example attends to another (tests/test_packing.py checks
+per-example losses are unchanged).
 Labels are shifted per example before packing (`targets[t]` is what logits[t] must predict), so no
 example is ever asked to predict the next one's first token.
 """
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.attention import cu_seqlens
 from common.templates import IGNORE, Encoded
 
 
@@ -25,11 +28,15 @@ class Batch:
     attention_mask: torch.Tensor | None  # [rows, length] for padded batches; None when packed
     num_tokens: int               # real tokens (pads excluded)
     num_targets: int              # supervised tokens
+    cu_seqlens: torch.Tensor | None = None  # packed rows: example boundaries [0, l0, l0+l1, ...] (int32)
+    max_seqlen: int = 0                      # packed rows: the longest example
 
     def to(self, device) -> Batch:
-        mask = self.attention_mask.to(device) if self.attention_mask is not None else None
-        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device), mask,
-                     self.num_tokens, self.num_targets)
+        def move(x):
+            return x.to(device) if x is not None else None
+        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
+                     move(self.attention_mask), self.num_tokens, self.num_targets, move(self.cu_seqlens),
+                     self.max_seqlen)
 
 
 def shifted_targets(labels: list[int]) -> list[int]:
@@ -57,14 +64,17 @@ def packed_batch(examples: list[Encoded], row: list[int], max_tokens: int) -> Ba
     ids: list[int] = []
     pos: list[int] = []
     tgt: list[int] = []
+    lengths: list[int] = []
     for i in row:
         e = examples[i]
         n = min(len(e.input_ids), max_tokens)
         ids += e.input_ids[:n]
         pos += list(range(n))
         tgt += shifted_targets(e.labels)[:n]
+        lengths.append(n)
     t = torch.tensor
-    return Batch(t([ids]), t([pos]), t([tgt]), None, len(ids), sum(1 for x in tgt if x != IGNORE))
+    return Batch(t([ids]), t([pos]), t([tgt]), None, len(ids), sum(1 for x in tgt if x != IGNORE),
+                 cu_seqlens(lengths), max(lengths))
 
 
 def padded_batch(examples: list[Encoded], group: list[int], pad_id: int) -> Batch:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from common.attention import use_varlen, varlen_available
 from common.data import Conversation
 from common.packing import Batch, epoch_batches
 from common.templates import IGNORE, Encoded, get_template
@@ -53,11 +54,24 @@ def lora_targets(cfg: dict, family: str) -> list[str] | str:
     return list(targets)
 
 
+def tokens_per_micro_batch(cfg: dict) -> int:
+    if cfg["packing"]:
+        return cfg["max_tokens_per_batch"]
+    return cfg["per_device_train_batch_size"] * (cfg["max_source_length"] + cfg["max_target_length"])
+
+
 def build_model(cfg: dict, device: torch.device):
-    """Base model through the one loader, then LoRA. Returns (peft model, tokenizer, model info)."""
+    """Base model through the one loader, then LoRA. Returns (peft model, tokenizer, model info);
+    `model.checkpointing_plan` says which layers recompute their activations and why."""
     from peft import LoraConfig, get_peft_model
 
     from common.loader import load_model, load_tokenizer, open_model_folder
+    from common.memory import apply_checkpointing, budget_bytes, plan_checkpointing
+
+    if device.type == "cuda" and cfg.get("gpu_memory_gib"):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.set_per_process_memory_fraction(
+            budget_bytes(device, cfg["gpu_memory_gib"]) / torch.cuda.get_device_properties(index).total_memory, index)
 
     info = open_model_folder(cfg["base_model"], revision=cfg.get("revision"), cache_dir=cfg.get("cache_dir"),
                              local_files_only=cfg.get("local_files_only", False))
@@ -66,8 +80,9 @@ def build_model(cfg: dict, device: torch.device):
                        trust_remote_code=cfg.get("trust_remote_code", False),
                        quant_type=cfg.get("quant_type", "nf4"), double_quant=cfg.get("double_quant", True))
     model.config.use_cache = False
-    if cfg.get("gradient_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_ckpt, plan = plan_checkpointing(str(cfg.get("gradient_checkpointing", "auto")), model.config, device,
+                                      tokens_per_micro_batch(cfg), cfg.get("gpu_memory_gib"), LOSS_CHUNK)
+    apply_checkpointing(model, n_ckpt)
     lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                       target_modules=lora_targets(cfg, info.family), task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lora)
@@ -76,59 +91,111 @@ def build_model(cfg: dict, device: torch.device):
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.float()
+    model.checkpointing_plan = plan
     return model, load_tokenizer(info, cfg.get("trust_remote_code", False)), info
 
 
 # -- one step --------------------------------------------------------------------------------------------
 
-def batch_loss_sum(model, batch: Batch, autocast_dtype: torch.dtype | None) -> torch.Tensor:
-    """Sum of next-token losses over the supervised positions of one micro-batch.
-
-    Only supervised positions get logits (`logits_to_keep`): answers are a fraction of the tokens, and
-    the vocabulary projection is the biggest activation in the model."""
-    kwargs: dict[str, Any] = {"input_ids": batch.input_ids, "use_cache": False}
-    if batch.attention_mask is not None:
-        kwargs["attention_mask"] = batch.attention_mask
-    if batch.input_ids.shape[0] == 1 and batch.attention_mask is None:
-        keep = (batch.targets[0] != IGNORE).nonzero().squeeze(-1)
-        kwargs.update(position_ids=batch.position_ids, logits_to_keep=keep)
-        targets = batch.targets[0, keep]
-    else:
-        targets = batch.targets.reshape(-1)
-    with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        logits = model(**kwargs).logits
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+LOSS_CHUNK = 2048  # supervised positions per slice of the vocabulary projection
 
 
-def train_step(model, optimizer, scheduler, micro_batches: list[Batch], global_targets: int, world_size: int,
-               max_grad_norm: float, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+                              chunk: int = LOSS_CHUNK) -> torch.Tensor:
+    """Sum of cross-entropies of `head(hidden)` against `targets`, a slice of positions at a time.
+
+    Each slice's logits are recomputed in backward instead of kept: the vocabulary is 65k wide, so fp32
+    logits for a whole packed batch would be the largest tensor of the step (8k supervised tokens: 2 GiB,
+    twice with their gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        h, t = hidden[i:i + chunk], targets[i:i + chunk]
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(head, h, t)
+    return total
+
+
+class CausalLMLoss(torch.nn.Module):
+    """The training objective as a module: summed next-token loss of a micro-batch.
+
+    It runs the decoder, keeps only supervised positions, and applies the vocabulary projection slice
+    by slice. Being a module lets DDP wrap it (DDP only syncs gradients for work done through its own
+    forward)."""
+
+    def __init__(self, model, autocast_dtype: torch.dtype | None, *, varlen: bool = True,
+                 loss_chunk: int = LOSS_CHUNK):
+        super().__init__()
+        self.model = model
+        self.autocast_dtype = autocast_dtype
+        self.loss_chunk = loss_chunk  # 0: the whole batch's logits at once (the benchmark's lever)
+        # varlen=False: packed rows use SDPA with a block-diagonal mask (the benchmark's lever)
+        self.varlen = varlen and varlen_available(next(model.parameters()).device, autocast_dtype)
+        if self.varlen:
+            use_varlen(model)
+
+    def forward(self, input_ids, targets, position_ids=None, attention_mask=None, cu_seqlens=None,
+                max_seqlen: int = 0) -> torch.Tensor:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        else:
+            kwargs["position_ids"] = position_ids
+        if self.varlen and cu_seqlens is not None and attention_mask is None:
+            kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
+                          max_length_k=max_seqlen)
+        device = input_ids.device
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            hidden = base.get_decoder()(**kwargs).last_hidden_state
+            keep = targets != IGNORE
+            head, hidden, targets = base.get_output_embeddings(), hidden[keep], targets[keep]
+            if self.loss_chunk <= 0:
+                return _chunk_loss(head, hidden, targets)
+            return chunked_cross_entropy_sum(head, hidden, targets, self.loss_chunk)
+
+
+def batch_loss_sum(loss_fn: CausalLMLoss | torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Sum of next-token losses over the supervised positions of one micro-batch."""
+    return loss_fn(batch.input_ids, batch.targets, position_ids=batch.position_ids,
+                   attention_mask=batch.attention_mask, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen)
+
+
+def train_step(loss_fn, optimizer, scheduler, micro_batches: list[Batch], global_targets: int, world_size: int,
+               max_grad_norm: float) -> dict[str, float]:
     """One optimizer step over `micro_batches` (this worker's share).
 
     The loss is normalised by the supervised tokens of the whole step on all workers, so every token
     weighs the same whatever the packing, accumulation or worker count (DDP averages gradients, hence
     the world-size factor)."""
-    model.train()
-    total = 0.0
+    loss_fn.train()
+    total = torch.zeros((), dtype=torch.float64, device=micro_batches[0].input_ids.device)
     scale = world_size / max(global_targets, 1)
     for mb in micro_batches:
-        loss_sum = batch_loss_sum(model, mb, autocast_dtype)
+        loss_sum = batch_loss_sum(loss_fn, mb)
         (loss_sum * scale).backward()
-        total += loss_sum.item()
-    params = [p for p in model.parameters() if p.requires_grad]
+        total += loss_sum.detach()
+    params = [p for p in loss_fn.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss_sum": total, "grad_norm": float(grad_norm)}
+    return {"loss_sum": float(total), "grad_norm": float(grad_norm)}
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[Batch], device, autocast_dtype) -> tuple[float, int]:
-    model.eval()
+def evaluate(loss_fn: CausalLMLoss, batches: list[Batch], device) -> tuple[float, int]:
+    loss_fn.eval()
     loss, n = 0.0, 0
     for b in batches:
-        loss += batch_loss_sum(model, b.to(device), autocast_dtype).item()
+        loss += batch_loss_sum(loss_fn, b.to(device)).item()
         n += b.num_targets
     return loss, n
 
@@ -235,6 +302,7 @@ def train_loop_per_worker(config: dict) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
 
     model, tok, info = build_model(cfg, device)
+    log(f"gradient checkpointing: {model.checkpointing_plan}")
     dtype = compute_dtype(device, cfg)
     autocast_dtype = dtype if dtype != torch.float32 else None
     packing = cfg["packing"] and info.family != "chatglm"
@@ -269,14 +337,15 @@ def train_loop_per_worker(config: dict) -> dict:
             state = load_checkpoint(Path(config["resume_from"]), model, optimizer, scheduler, device)
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch * per_step})")
 
-    ddp = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    loss_fn = CausalLMLoss(model, autocast_dtype)
+    ddp = ray.train.torch.prepare_model(loss_fn, move_to_device=False) if world > 1 else loss_fn
     unwrapped = model
     sample_conv = config.get("sample_conversation")
     metadata = dict(config["metadata"])
 
     def eval_and_checkpoint(final: bool) -> None:
         # The unwrapped model: DDP would sync buffers on every forward, and ranks may hold unequal eval shares.
-        loss, n = evaluate(unwrapped, eval_batches, device, autocast_dtype)
+        loss, n = evaluate(loss_fn, eval_batches, device)
         sums = torch.tensor([loss, n], dtype=torch.float64, device=device)
         if world > 1:
             torch.distributed.all_reduce(sums)
@@ -303,6 +372,7 @@ def train_loop_per_worker(config: dict) -> dict:
     t_start = time.time()
     start_step = state.step
     tokens_seen = 0
+    steady_tokens, steady_seconds = 0, 0.0  # training steps only, after two warm-up steps: the throughput figure
     window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.time()
     while state.step < total_steps:
         batches = batches_for(state.epoch)
@@ -316,8 +386,8 @@ def train_loop_per_worker(config: dict) -> dict:
             global_targets = sum(b.num_targets for b in group)
             # Dropout depends only on (seed, step, rank): a resumed run draws exactly the same masks.
             torch.manual_seed(cfg["seed"] * 100_003 + state.step * 97 + rank)
-            out = train_step(ddp, optimizer, scheduler, mine, global_targets, world, cfg["max_grad_norm"],
-                             autocast_dtype)
+            t_step = time.time()
+            out = train_step(ddp, optimizer, scheduler, mine, global_targets, world, cfg["max_grad_norm"])
             state.step += 1
             state.step_in_epoch += 1
             step_tokens = sum(b.num_tokens for b in group)
@@ -326,6 +396,9 @@ def train_loop_per_worker(config: dict) -> dict:
             if world > 1:
                 torch.distributed.all_reduce(loss_sum)
             step_loss = float(loss_sum) / max(global_targets, 1)
+            if state.step - start_step > 2:
+                steady_tokens += step_tokens
+                steady_seconds += time.time() - t_step
             window_loss += float(loss_sum)
             window_targets += global_targets
             window_tokens += step_tokens
@@ -352,6 +425,7 @@ def train_loop_per_worker(config: dict) -> dict:
     wall = time.time() - t_start
     summary = {"best_eval_loss": state.best_eval_loss, "wall_seconds": wall,
                "peak_memory_gib": _peak_memory_gib(device), "tokens_per_second": tokens_seen / max(wall, 1e-9),
+               "train_tokens_per_second": steady_tokens / steady_seconds if steady_seconds else None,
                "steps": state.step, "history": state.history}
     if rank == 0:
         tracker.log_table(state.history, "sample_replies.json")

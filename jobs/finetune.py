@@ -232,7 +232,7 @@ def log_final_artifacts(uri: str, run_id: str, best, cfg: FinetuneConfig, summar
         meta = json.loads((Path(d) / "adapter" / "glmops.json").read_text(encoding="utf-8"))
     client.set_tag(run_id, "best_checkpoint", best.path)
     client.log_metric(run_id, "best_eval_loss", float(meta["eval_loss"]), step=int(meta["step"]))
-    for key in ("wall_seconds", "peak_memory_gib", "tokens_per_second"):
+    for key in ("wall_seconds", "peak_memory_gib", "tokens_per_second", "train_tokens_per_second"):
         if summary.get(key) is not None:
             client.log_metric(run_id, f"summary_{key}", float(summary[key]))
 
@@ -251,7 +251,9 @@ def print_summary(best, run_id: str, uri: str, summary: dict, wall: float) -> No
         print(f"best eval loss:  {summary['best_eval_loss']:.4f}")
     print(f"wall time:       {wall:.0f} s (training loop {summary.get('wall_seconds', 0):.0f} s)")
     if summary.get("tokens_per_second"):
-        print(f"throughput:      {summary['tokens_per_second']:,.0f} tokens/s")
+        print(f"throughput:      {summary['tokens_per_second']:,.0f} tokens/s over the loop (evals included)")
+    if summary.get("train_tokens_per_second"):
+        print(f"training steps:  {summary['train_tokens_per_second']:,.0f} tokens/s (all workers, after warm-up)")
     if summary.get("peak_memory_gib"):
         print(f"peak memory:     {summary['peak_memory_gib']:.2f} GiB per worker")
     print(f"MLflow run id:   {run_id}   (mlflow ui --backend-store-uri {uri})")

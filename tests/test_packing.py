@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
@@ -72,3 +73,48 @@ def test_epoch_order_is_deterministic_and_changes_between_epochs(tiny_tokenizer)
     a0, b0, a1 = (epoch_batches(examples, epoch=e, **kw) for e in (0, 0, 1))
     assert [x.input_ids.tolist() for x in a0] == [x.input_ids.tolist() for x in b0]
     assert [x.input_ids.tolist() for x in a0] != [x.input_ids.tolist() for x in a1]
+
+
+def test_a_model_switched_to_varlen_attention_keeps_sdpa_results_without_boundaries(tiny_model, tiny_tokenizer):
+    """Generation and padded batches carry no example boundaries: they must get plain SDPA with masks."""
+    from common.attention import NAME, use_varlen
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    batch = padded_batch(_examples(tiny_tokenizer, 3), [0, 1, 2], pad_id=0)
+    with torch.no_grad():
+        before = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        greedy = model.generate(batch.input_ids[:1, :8], max_new_tokens=6, do_sample=False)
+        use_varlen(model)
+        assert model.config._attn_implementation == NAME
+        after = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        assert torch.equal(model.generate(batch.input_ids[:1, :8], max_new_tokens=6, do_sample=False), greedy)
+    real = batch.attention_mask.bool()
+    assert torch.allclose(before[real], after[real], atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen attention needs CUDA")
+def test_varlen_attention_keeps_every_example_to_itself_on_gpu(tiny_model, tiny_tokenizer):
+    from common.attention import varlen_available
+    from common.trainer import CausalLMLoss
+
+    if not varlen_available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("this PyTorch has no varlen_attn")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).cuda().eval()
+    loss = CausalLMLoss(model, torch.bfloat16)
+    assert loss.varlen
+    examples = _examples(tiny_tokenizer)
+
+    def run(b):
+        b = b.to("cuda")
+        with torch.no_grad():
+            return float(loss(b.input_ids, b.targets, b.position_ids, None, b.cu_seqlens, b.max_seqlen))
+
+    packed = run(packed_batch(examples, list(range(len(examples))), max_tokens=4096))
+    alone = sum(run(packed_batch(examples, [i], max_tokens=4096)) for i in range(len(examples)))
+    assert abs(packed - alone) / alone < 1e-3
+    # The check can fail: one boundary list for the whole row lets examples see each other.
+    leaky = packed_batch(examples, list(range(len(examples))), max_tokens=4096)
+    leaky.cu_seqlens = torch.tensor([0, leaky.input_ids.shape[1]], dtype=torch.int32)
+    leaky.max_seqlen = leaky.input_ids.shape[1]
+    assert abs(run(leaky) - alone) / alone > 1e-3

@@ -13,7 +13,7 @@ from common.data import load_dataset
 from common.examples import encode_records
 from common.packing import epoch_batches
 from common.templates import get_template
-from common.trainer import build_model, evaluate, train_step
+from common.trainer import CausalLMLoss, build_model, evaluate, train_step
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
@@ -32,10 +32,48 @@ def test_a_few_steps_lower_the_loss_and_survive_an_eval(bits, tiny_model):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     sched = get_scheduler("constant", opt)
     n = sum(b.num_targets for b in batches)
+    loss_fn = CausalLMLoss(model, None)
     losses = []
     for step in range(6):
-        out = train_step(model, opt, sched, batches, n, 1, 1.0)
+        out = train_step(loss_fn, opt, sched, batches, n, 1, 1.0)
         losses.append(out["loss_sum"] / n)
         if step == 2:  # an eval pass in between must not break the next training step (stack-notes §1.3)
-            evaluate(model, batches[:1], torch.device("cpu"), None)
+            evaluate(loss_fn, batches[:1], torch.device("cpu"))
     assert losses[-1] < losses[0]
+
+
+def test_the_chunked_loss_equals_plain_cross_entropy_in_value_and_gradient():
+    from common.trainer import chunked_cross_entropy_sum
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    plain = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    (g_plain,) = torch.autograd.grad(plain, hidden)
+    chunked = chunked_cross_entropy_sum(head, hidden, targets, chunk=8)  # 5 slices, the last one short
+    (g_chunked,) = torch.autograd.grad(chunked, hidden)
+    assert torch.allclose(chunked, plain, rtol=1e-5)
+    assert torch.allclose(g_chunked, g_plain, atol=1e-6)
+
+
+def test_the_training_loss_equals_cross_entropy_over_the_full_logits(tiny_model):
+    """CausalLMLoss (decoder, supervised positions only, head slice by slice) changes cost, not the value."""
+    cfg = asdict(load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--bits", "16", "--lora_r", "4",
+                                              "--lora_dropout", "0"], "t", "t"))
+    model, tok, info = build_model(cfg, torch.device("cpu"))
+    records = load_dataset(str(ROOT / "data/sample.json")).records[:6]
+    examples = encode_records(records, tok, get_template(info.template), 128, 128).examples
+    for packing in (False, True):
+        batch = epoch_batches(examples, epoch=0, seed=0, packing=packing, max_tokens=1024, batch_size=6,
+                              pad_id=0)[0]
+        with torch.no_grad():
+            ours = CausalLMLoss(model, None)(batch.input_ids, batch.targets, position_ids=batch.position_ids,
+                                             attention_mask=batch.attention_mask, cu_seqlens=batch.cu_seqlens,
+                                             max_seqlen=batch.max_seqlen)
+            kwargs = {"attention_mask": batch.attention_mask} if not packing else {"position_ids": batch.position_ids}
+            logits = model(input_ids=batch.input_ids, **kwargs).logits
+            full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
+                                                     ignore_index=-100, reduction="sum")
+        assert batch.num_targets > 50
+        assert torch.allclose(ours, full, rtol=1e-5), (packing, ours, full)

@@ -1,0 +1,418 @@
+"""QLoRA training throughput: the seed's way against our worker's step, side by side on the same data.
+
+    python3 bench/train_throughput.py --tokenizer .gpuassets/tokenizer.model --out $OUT/train_throughput.json
+    python3 bench/train_throughput.py --levers ...   # also each lever of our path on its own (bench/NOTES.md)
+    python3 bench/train_throughput.py --smoke        # the script itself on CPU with the tiny model
+
+Model: a random-weight ChatGLM2-6B (6.24 B parameters) saved once, loaded in 4-bit NF4 with double
+quantization and bf16 compute. Data: instruction records whose lengths follow the seed benchmark's mix
+(lognormal, median 180 tokens, clipped to 16-1024, seed 0), tokenized with the ChatGLM2 tokenizer and
+template (real ids, prompt tokens masked from the loss). Every path sees the same examples in the same
+order, `--examples_per_step` per optimizer step, with the same LoRA (r=8 on q/k/v, alpha 32, dropout
+0.05, identical initial weights), AdamW (lr 1e-3, no decay) and clipping at 1.0.
+
+  baseline    the seed's way: HF model + peft + bitsandbytes, prepare_model_for_kbit_training (fp32 for
+              the non-quantized weights, gradient checkpointing on every layer), micro-batches of 8
+              padded to the longest, HF's loss (fp32 logits of the whole micro-batch) normalised over
+              the step's supervised tokens
+  ours        `common.trainer.train_step`, the function the Ray worker runs, with the worker's defaults
+  ours_small  the same within `gpu_memory_gib: 16` (auto checkpointing plans for it; the cap is enforced)
+
+Each path runs in its own process (clean peak memory). Reported: real tokens/s (pads excluded) over
+the steps after the warm-up, peak GiB allocated, MFU at 4N FLOP per token (frozen base: forward 2N plus
+input gradients 2N) against the measured 790 TFLOP/s bf16 of an H200, and the per-step losses, which
+must match the baseline's (the same objective).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PEAK_FLOPS = 790e12  # bf16 dense, measured on the H200 (issue #8)
+QKV = ["q_proj", "k_proj", "v_proj"]
+LORA = {"r": 8, "alpha": 32.0, "dropout": 0.05}
+LR = 1e-3
+SEED_MICRO_BATCH = 8
+
+# Our path's settings per named run; `--levers` adds the one-at-a-time variants.
+PATHS = {
+    "ours": {},
+    "ours_small": {"gpu_memory_gib": 16},
+    "ours_small_4096": {"gpu_memory_gib": 16, "max_tokens_per_batch": 4096},
+}
+LEVERS = {
+    "ours: checkpoint every layer": {"gradient_checkpointing": "true"},
+    "ours: dense block mask (SDPA) instead of varlen": {"varlen": False},
+    "ours: full logits instead of chunked loss": {"loss_chunk": 0},
+    "ours: fp32 non-quantized weights": {"fp32_rest": True},
+    "ours: pad-to-longest, micro-batch 8": {"packing": False},
+    "ours: token budget 2048": {"max_tokens_per_batch": 2048},
+}
+
+
+# -- data --------------------------------------------------------------------------------------------------
+
+CHARS = ("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年动同工也能下过子说产种面"
+         "而方后多定行学法所民得经十三之进着等部度家电力里如水化高自二理起小物现实加量都两体制机当使点从业本去把性"
+         "好应开它合还因由其些然前外天政四日那社义事平形相全表间样与关各重新线内数正心反你明看原又么利比或但质气第")
+
+
+def lengths(n: int, seed: int = 0) -> list[int]:
+    """The seed benchmark's instruction-length mix: lognormal, median 180 tokens, clipped to [16, 1024]."""
+    r = random.Random(seed)
+    return [max(16, min(1024, int(math.exp(r.gauss(math.log(180), 0.8))))) for _ in range(n)]
+
+
+def make_records(n: int, overhead: int = 12) -> list[dict]:
+    """Instruction records of the mixed lengths (about one token per character, `overhead` for the template)."""
+    r = random.Random(1)
+    records = []
+    for total in lengths(n):
+        q = max(2, int(total * r.uniform(0.2, 0.5)))
+        a = max(2, total - q - overhead)
+        records.append({"instruction": "".join(r.choice(CHARS) for _ in range(q)), "input": "",
+                        "output": "".join(r.choice(CHARS) for _ in range(a))})
+    return records
+
+
+def make_examples(tok, n: int):
+    """The records encoded with the chatglm2 template (prompt tokens masked from the loss)."""
+    from common.examples import encode_records
+    from common.templates import get_template
+
+    return encode_records(make_records(n), tok, get_template("chatglm2"), 1024, 1024).examples
+
+
+# -- model -------------------------------------------------------------------------------------------------
+
+def build_checkpoint(folder: Path, tokenizer: str, smoke: bool) -> None:
+    if (folder / "config.json").exists():
+        return
+    t0 = time.time()
+    if smoke:
+        from common.tiny_model import build_tiny_model
+
+        build_tiny_model(str(folder), str(ROOT / "data/sample.json"))
+    else:
+        from bench.gpu_models import build
+
+        tok_dir = folder.parent / "tokenizer"
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        link = tok_dir / "tokenizer.model"
+        if not link.exists():
+            link.symlink_to(Path(tokenizer).resolve())
+        build("chatglm2", folder, tok_dir)
+    print(f"model saved to {folder} in {time.time() - t0:.0f} s", flush=True)
+
+
+def param_count(folder: Path) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return sum(p.numel() for p in model.parameters())
+
+
+def reinit_lora(model, seed: int = 0) -> None:
+    """Identical starting adapters in every path, whatever RNG the loaders consumed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if not p.requires_grad:
+            continue
+        if "lora_A" in name:
+            bound = 1 / math.sqrt(p.shape[1])
+            p.data.copy_(torch.empty(p.shape).uniform_(-bound, bound, generator=g))
+        elif "lora_B" in name:
+            p.data.zero_()
+
+
+def seed_model(folder: Path, device):
+    """The seed's model: HF + bitsandbytes NF4, prepare_model_for_kbit_training, peft LoRA on q/k/v."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": device})
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    return get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                            target_modules=QKV, task_type="CAUSAL_LM"))
+
+
+def our_cfg(folder: Path, settings: dict) -> dict:
+    """The worker's config: the job's defaults, the benchmark's LoRA, and the run's settings."""
+    from dataclasses import asdict
+
+    from common.config import FinetuneConfig
+
+    cfg = asdict(FinetuneConfig())
+    cfg.update(base_model=str(folder), local_files_only=True, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
+               lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024, max_target_length=1024,
+               per_device_train_batch_size=SEED_MICRO_BATCH)
+    cfg.update({k: v for k, v in settings.items() if k in cfg})
+    return cfg
+
+
+# -- one path, in its own process ------------------------------------------------------------------------
+
+def run_path(name: str, settings: dict, args) -> dict:
+    import torch
+
+    from common.loader import load_tokenizer, open_model_folder
+    from common.packing import pack, packed_batch, padded_batch
+    from common.templates import IGNORE
+    from common.trainer import CausalLMLoss, build_model, compute_dtype, train_step
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    folder = Path(args.workdir) / "model"
+    tok = load_tokenizer(open_model_folder(str(folder), local_files_only=True))
+    E = args.examples_per_step
+    examples = make_examples(tok, E * args.steps)
+    steps = [list(range(s * E, (s + 1) * E)) for s in range(args.steps)]
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    if name == "baseline":
+        model = seed_model(folder, device)
+        reinit_lora(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step(idx: list[int]) -> tuple[float, int]:
+            model.train()
+            groups = [idx[i:i + SEED_MICRO_BATCH] for i in range(0, len(idx), SEED_MICRO_BATCH)]
+            batches = [padded_batch(examples, g, tok.pad_token_id or 0).to(device) for g in groups]
+            n_targets = sum(b.num_targets for b in batches)
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for b in batches:
+                # HF's own loss: labels unshifted (the model shifts), fp32 logits of the whole micro-batch
+                labels = torch.cat([torch.full_like(b.targets[:, :1], IGNORE), b.targets[:, :-1]], dim=1)
+                out = model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=labels,
+                            num_items_in_batch=n_targets)
+                out.loss.backward()
+                total += out.loss.detach() * n_targets
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(total) / n_targets, sum(b.num_tokens for b in batches), max(b.input_ids.numel() for b in batches)
+    else:
+        cfg = our_cfg(folder, settings)
+        model, _, _ = build_model(cfg, device)
+        if settings.get("fp32_rest"):
+            for p in model.parameters():
+                if not p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+                    p.data = p.data.float()
+        reinit_lora(model)
+        dtype = compute_dtype(device, cfg)
+        loss_fn = CausalLMLoss(model, dtype if dtype != torch.float32 else None,
+                               varlen=settings.get("varlen", True), **({"loss_chunk": settings["loss_chunk"]}
+                                                                       if "loss_chunk" in settings else {}))
+        params = [p for p in model.parameters() if p.requires_grad]
+        sched = None
+
+        def step(idx: list[int]) -> tuple[float, int]:
+            if cfg["packing"]:
+                batches = [packed_batch(examples, row, cfg["max_tokens_per_batch"])
+                           for row in pack(examples, idx, cfg["max_tokens_per_batch"])]
+            else:
+                batches = [padded_batch(examples, idx[i:i + SEED_MICRO_BATCH], tok.pad_token_id or 0)
+                           for i in range(0, len(idx), SEED_MICRO_BATCH)]
+            batches = [b.to(device) for b in batches]
+            n_targets = sum(b.num_targets for b in batches)
+            out = train_step(loss_fn, opt, sched, batches, n_targets, 1, 1.0)
+            return out["loss_sum"] / n_targets, sum(b.num_tokens for b in batches), max(b.input_ids.numel() for b in batches)
+
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    if name != "baseline":
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    plan = getattr(model, "checkpointing_plan", "all layers (prepare_model_for_kbit_training)")
+    if name == "baseline":
+        attention = "sdpa, padding mask"
+    elif settings.get("packing", True) is False:
+        attention = "sdpa, padding mask"
+    else:
+        from common.attention import varlen_available
+
+        use = settings.get("varlen", True) and varlen_available(device, torch.bfloat16)
+        attention = "varlen (per example)" if use else "sdpa, block-diagonal mask"
+    losses, tokens, t0 = [], 0, None
+    biggest = 0
+    for k, idx in enumerate(steps):
+        if k == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0, tokens = time.time(), 0
+        loss, n, widest = step(idx)
+        biggest = max(biggest, widest)
+        losses.append(round(loss, 5))
+        tokens += n
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    tps = tokens / seconds
+    n_params = param_count(folder)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return {"name": name, "settings": settings, "tokens_per_s": round(tps), "peak_gib": round(peak, 2),
+            "mfu": round(tps * 4 * n_params / PEAK_FLOPS, 4), "step_s": round(seconds / (len(steps) - args.warmup), 3),
+            "timed_steps": len(steps) - args.warmup, "timed_tokens": tokens, "checkpointing": plan,
+            "largest_micro_batch_tokens": biggest, "attention": attention,
+            "params": n_params, "losses": losses}
+
+
+def varlen_check(args) -> dict:
+    """Packed rows through varlen attention give each example the loss it has alone (no cross-attention)."""
+    import torch
+
+    from common.loader import load_tokenizer, open_model_folder
+    from common.packing import packed_batch
+    from common.trainer import CausalLMLoss, build_model
+
+    folder = Path(args.workdir) / "model"
+    tok = load_tokenizer(open_model_folder(str(folder), local_files_only=True))
+    examples = make_examples(tok, 12)
+    model, _, _ = build_model(our_cfg(folder, {"lora_dropout": 0.0}), torch.device("cuda"))
+    loss_fn = CausalLMLoss(model, torch.bfloat16).eval()
+    with torch.no_grad():
+        packed = loss_fn(*_args(packed_batch(examples, list(range(12)), 16384).to("cuda")))
+        alone = sum(loss_fn(*_args(packed_batch(examples, [i], 16384).to("cuda"))) for i in range(12))
+    return {"packed_loss_sum": float(packed), "sum_of_alone": float(alone),
+            "rel_diff": abs(float(packed) - float(alone)) / abs(float(alone))}
+
+
+def _args(b):
+    return b.input_ids, b.targets, b.position_ids, b.attention_mask, b.cu_seqlens, b.max_seqlen
+
+
+# -- the driver ----------------------------------------------------------------------------------------------
+
+def spawn(name: str, settings: dict, args) -> dict:
+    cmd = [sys.executable, __file__, "--_path", name, "--_settings", json.dumps(settings),
+           "--workdir", args.workdir, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--examples_per_step", str(args.examples_per_step)] + (["--smoke"] if args.smoke else [])
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    return {"name": name, "settings": settings, "error": tail}
+
+
+def loss_match(base: list[float], ours: list[float]) -> dict:
+    diffs = [abs(a - b) for a, b in zip(base, ours)]
+    return {"max_abs": round(max(diffs), 4), "mean_abs": round(sum(diffs) / len(diffs), 4),
+            "first": [base[0], ours[0]], "last": [base[-1], ours[-1]]}
+
+
+def table(rows: list[dict], base_tps: float) -> str:
+    out = ["| path | tokens/s | x seed | peak GiB | MFU (4N) | checkpointing | loss first → last | loss vs seed (max abs) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['name']} | failed: {r['error'].strip().splitlines()[-1][:120]} |||||||")
+            continue
+        match = r.get("loss_vs_seed", {})
+        out.append(f"| {r['name']} | {r['tokens_per_s']:,} | {r['tokens_per_s'] / base_tps:.2f} | {r['peak_gib']} | "
+                   f"{100 * r['mfu']:.1f} % | {r['checkpointing']} | {r['losses'][0]:.3f} → {r['losses'][-1]:.3f} | "
+                   f"{match.get('max_abs', '-')} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/glmops-bench")
+    ap.add_argument("--tokenizer", help="ChatGLM2 tokenizer.model (e.g. from ../shared/reference)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
+    ap.add_argument("--examples_per_step", type=int, default=32)
+    ap.add_argument("--paths", default="baseline,ours,ours_small,ours_small_4096")
+    ap.add_argument("--levers", action="store_true", help="also run each lever of our path on its own")
+    ap.add_argument("--lever_steps", type=int, default=15)
+    ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
+    ap.add_argument("--out", default=None, help="write the results JSON here")
+    ap.add_argument("--_path", help=argparse.SUPPRESS)
+    ap.add_argument("--_settings", default="{}", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args._path:
+        result = varlen_check(args) if args._path == "varlen_check" else run_path(args._path, json.loads(args._settings), args)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    import torch
+    import transformers
+
+    if args.smoke:
+        args.steps, args.warmup, args.examples_per_step, args.lever_steps = 4, 1, 4, 3
+    elif not args.tokenizer:
+        ap.error("--tokenizer is needed (the ChatGLM2 tokenizer.model)")
+    build_checkpoint(Path(args.workdir) / "model", args.tokenizer, args.smoke)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(f"device: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+
+    rows = []
+    for name in args.paths.split(","):
+        settings = {} if name == "baseline" else PATHS[name]
+        rows.append(spawn(name, settings, args))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+    if args.levers:
+        full_steps = args.steps
+        args.steps = args.lever_steps
+        for name, settings in LEVERS.items():
+            rows.append(spawn(name, settings, args))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+        args.steps = full_steps
+    check = spawn("varlen_check", {}, args) if torch.cuda.is_available() and not args.smoke else None
+
+    by = {r["name"]: r for r in rows}
+    base = by.get("baseline")
+    for r in rows:
+        if base and "error" not in base and "error" not in r and r is not base:
+            n = min(len(base["losses"]), len(r["losses"]))
+            r["loss_vs_seed"] = loss_match(base["losses"][:n], r["losses"][:n])
+    base_tps = base["tokens_per_s"] if base and "error" not in base else float("nan")
+    print()
+    print(table(rows, base_tps))
+    if check:
+        print(f"\nvarlen check: loss of 12 packed examples {check.get('packed_loss_sum')} vs alone "
+              f"{check.get('sum_of_alone')} (relative difference {check.get('rel_diff')})")
+
+    def get(name, *keys):
+        r = by.get(name, {})
+        return {k: r.get(k) for k in keys}
+
+    summary = {
+        "baseline": get("baseline", "tokens_per_s", "peak_gib", "mfu"),
+        "ours": get("ours", "tokens_per_s", "peak_gib", "mfu"),
+        "ours_small": get("ours_small", "tokens_per_s", "peak_gib", "mfu"),
+        "ratio": round(by["ours"]["tokens_per_s"] / base_tps, 2) if "ours" in by and "error" not in by["ours"] else None,
+        "command": "python3 " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "gpu": gpu, "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+        "steps": args.steps, "warmup": args.warmup, "examples_per_step": args.examples_per_step,
+        "varlen_check": check, "runs": rows,
+    }
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1))
+        print(f"\nwrote {args.out}")
+    gc.collect()
+
+
+if __name__ == "__main__":
+    main()

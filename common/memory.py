@@ -1,0 +1,86 @@
+"""Gradient checkpointing only where memory needs it.
+
+Recomputing a layer's activations costs about a third of its training time, so checkpointing every
+layer (the seed's default) is paid even on cards with room to spare. `gradient_checkpointing: auto`
+estimates the activation memory of one micro-batch and checkpoints the fewest layers that make it
+fit the card (or `gpu_memory_gib`); `true` checkpoints all layers, `false` none.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Activation bytes one token keeps per decoder layer for backward, without checkpointing, in units of
+# (hidden + intermediate) size: measured on an H200 with a 4-bit ChatGLM2-6B and LoRA (bench/NOTES.md).
+ACTIVATION_BYTES_PER_UNIT = 12.0
+HEADROOM = 0.90  # share of the budget the plan may fill (allocator fragmentation, optimizer, eval)
+
+
+def model_dims(config) -> tuple[int, int, int]:
+    """(layers, hidden, intermediate) for native and ChatGLM-6B configs."""
+    layers = getattr(config, "num_hidden_layers", None) or config.num_layers
+    hidden = config.hidden_size
+    inter = (getattr(config, "intermediate_size", None) or getattr(config, "inner_hidden_size", None)
+             or 4 * hidden)
+    return layers, hidden, inter
+
+
+def activation_bytes(config, tokens: int, checkpointed: int) -> float:
+    """Estimated activation memory of one micro-batch of `tokens` with `checkpointed` layers recomputed."""
+    layers, hidden, inter = model_dims(config)
+    full = tokens * ACTIVATION_BYTES_PER_UNIT * (hidden + inter)
+    kept = tokens * hidden * 2  # a checkpointed layer keeps only its bf16 input
+    recompute = full if checkpointed else 0  # one layer's activations exist again while it is recomputed
+    return (layers - checkpointed) * full + checkpointed * kept + recompute
+
+
+def loss_bytes(config, chunk: int) -> float:
+    # one slice of the vocabulary projection: bf16 logits, their fp32 copy and its gradient
+    return chunk * config.vocab_size * (2 + 4 + 4)
+
+
+def budget_bytes(device: torch.device, gpu_memory_gib: float | None) -> int:
+    total = torch.cuda.get_device_properties(device).total_memory
+    return min(total, int(gpu_memory_gib * 2**30)) if gpu_memory_gib else total
+
+
+def plan_checkpointing(mode: str, config, device: torch.device, tokens: int, gpu_memory_gib: float | None,
+                       loss_chunk: int) -> tuple[int, str]:
+    """How many decoder layers to checkpoint, and why (one line for the log)."""
+    layers, _, _ = model_dims(config)
+    if mode == "true":
+        return layers, "all layers (gradient_checkpointing: true)"
+    if mode == "false":
+        return 0, "off (gradient_checkpointing: false)"
+    if device.type != "cuda":
+        return 0, "off (auto: not on a GPU)"
+    budget = budget_bytes(device, gpu_memory_gib)
+    free = HEADROOM * budget - torch.cuda.memory_allocated(device) - loss_bytes(config, loss_chunk)
+    n = layers_to_checkpoint(config, tokens, free)
+    if n is None:
+        return layers, (f"all {layers} layers (auto), and {tokens} tokens per micro-batch may still not fit "
+                        f"{budget / 2**30:.1f} GiB: lower max_tokens_per_batch if it runs out of memory")
+    return n, f"{n} of {layers} layers (auto: {tokens} tokens per micro-batch, {budget / 2**30:.1f} GiB budget)"
+
+
+def layers_to_checkpoint(config, tokens: int, free_bytes: float) -> int | None:
+    """The fewest layers to checkpoint so one micro-batch's activations fit `free_bytes` (None: none fits)."""
+    layers, _, _ = model_dims(config)
+    return next((n for n in range(layers + 1) if activation_bytes(config, tokens, n) <= free_bytes), None)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList | None:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder()
+    return getattr(decoder, "layers", None)
+
+
+def apply_checkpointing(model, n: int) -> None:
+    """Checkpoint the first `n` decoder layers (all of them where a model only has one switch)."""
+    if n <= 0:
+        return
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    if layers is not None and all(hasattr(layer, "gradient_checkpointing") for layer in layers):
+        for layer in list(layers)[n:]:
+            layer.gradient_checkpointing = False

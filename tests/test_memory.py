@@ -1,0 +1,71 @@
+"""Gradient checkpointing only where memory needs it: the plan, the partial switch, the config spellings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GlmConfig
+
+from common.config import FinetuneConfig, load_config
+from common.memory import activation_bytes, apply_checkpointing, layers_to_checkpoint, plan_checkpointing
+
+GLM2_6B = GlmConfig(vocab_size=65024, hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
+                    num_attention_heads=32, num_key_value_heads=2, head_dim=128)
+
+
+def test_more_memory_means_fewer_checkpointed_layers():
+    weights_and_loss = 5.3 * 2**30
+    plans = [layers_to_checkpoint(GLM2_6B, 8192, 0.9 * gib * 2**30 - weights_and_loss) for gib in (16, 24, 48, 80)]
+    assert plans == sorted(plans, reverse=True) and len(set(plans)) == 4
+    assert plans[-1] == 0  # an 80 GiB card needs none at 8k tokens (measured: 44.8 GiB peak without)
+    assert 20 <= plans[0] < 28  # 16 GiB: most layers, not all (measured: 25 of 28, 11.4 GiB peak)
+
+
+def test_the_plan_always_fits_and_says_so_when_nothing_does():
+    for tokens in (1024, 4096, 16384):
+        for free in (3e9, 10e9, 40e9):
+            n = layers_to_checkpoint(GLM2_6B, tokens, free)
+            if n is not None:
+                assert activation_bytes(GLM2_6B, tokens, n) <= free
+                assert n == 0 or activation_bytes(GLM2_6B, tokens, n - 1) > free
+    assert layers_to_checkpoint(GLM2_6B, 65536, 1e9) is None
+
+
+def test_explicit_switches_and_cpu_need_no_plan():
+    dev = torch.device("cpu")
+    assert plan_checkpointing("true", GLM2_6B, dev, 4096, None, 2048)[0] == 28
+    assert plan_checkpointing("false", GLM2_6B, dev, 4096, None, 2048)[0] == 0
+    assert plan_checkpointing("auto", GLM2_6B, dev, 4096, None, 2048) == (0, "off (auto: not on a GPU)")
+
+
+def test_checkpointing_some_layers_recomputes_only_those_and_keeps_the_gradients(tiny_model):
+    def grads(n_ckpt):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+        model.train()
+        apply_checkpointing(model, n_ckpt)
+        flags = [layer.gradient_checkpointing for layer in model.model.layers]
+        ids = torch.arange(5, 45)[None]
+        model(input_ids=ids, labels=ids).loss.backward()
+        return flags, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    none_flags, none = grads(0)
+    some_flags, some = grads(1)
+    assert none_flags == [False] * len(none_flags)
+    assert some_flags == [True] + [False] * (len(some_flags) - 1)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(none, some))
+
+
+@pytest.mark.parametrize("flag,expected", [("True", "true"), ("false", "false"), ("auto", "auto"), ("1", "true")])
+def test_the_seed_spellings_of_the_switch_still_work(flag, expected):
+    cfg = load_config(FinetuneConfig, ["--gradient_checkpointing", flag], "t", "t")
+    assert cfg.gradient_checkpointing == expected
+
+
+def test_a_bad_switch_or_budget_is_reported_by_name():
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_config(FinetuneConfig, ["--gradient_checkpointing", "sometimes", "--gpu_memory_gib", "0"], "t", "t")
+    text = str(err.value)
+    assert "gradient_checkpointing: must be one of auto, true, false" in text and "gpu_memory_gib: must be > 0" in text
