@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import types
@@ -215,6 +216,26 @@ def save_config(cfg, path: str | os.PathLike) -> Path:
     return p
 
 
+def worker_resources(spec: str | None) -> dict[str, float]:
+    """`--resources_per_worker` as a mapping (validated by `FinetuneConfig.validate`)."""
+    return {k: float(v) for k, v in json.loads(spec).items()} if spec else {}
+
+
+def _resource_problem(spec: str | None) -> str | None:
+    if not spec:
+        return None
+    try:
+        value = json.loads(spec)
+    except json.JSONDecodeError as err:
+        return f"not valid JSON ({err.msg} at column {err.colno}), found {spec!r}; write e.g. '{{\"A100\": 1}}'"
+    if not isinstance(value, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                                              for v in value.values()):
+        return f"expected a JSON object of resource names to positive amounts, found {spec!r}"
+    if {"CPU", "GPU"} & set(value):
+        return "CPU and GPU are set by --cpus_per_worker and --use_gpu; name only custom resources here"
+    return None
+
+
 def _check(problems: list[str], ok: bool, message: str) -> None:
     if not ok:
         problems.append(message)
@@ -282,6 +303,8 @@ class FinetuneConfig:
     num_workers: int = opt(1, "Ray Train workers (one per GPU)")
     use_gpu: bool | None = opt(None, "train on GPUs (default: if the cluster has any)")
     cpus_per_worker: float = opt(1.0, "CPUs reserved per worker")
+    resources_per_worker: str | None = opt(None, 'more Ray resources each worker needs, as JSON, e.g. '
+                                           '\'{"A100": 1}\': workers then only run on nodes that offer them')
     max_failures: int = opt(2, "how many worker failures to recover from by restoring the last checkpoint")
     # tracking
     mlflow_tracking_uri: str | None = opt(None, "MLflow server or store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -303,6 +326,8 @@ class FinetuneConfig:
         _check(p, self.max_tokens_per_batch >= self.max_source_length + self.max_target_length or not self.packing,
                f"max_tokens_per_batch: must hold one full example (max_source_length + max_target_length = "
                f"{self.max_source_length + self.max_target_length}), found {self.max_tokens_per_batch}")
+        _check(p, _resource_problem(self.resources_per_worker) is None,
+               f"resources_per_worker: {_resource_problem(self.resources_per_worker)}")
         _check(p, self.gpu_memory_gib is None or self.gpu_memory_gib > 0,
                f"gpu_memory_gib: must be > 0, found {self.gpu_memory_gib}")
         _check(p, self.learning_rate > 0, f"learning_rate: must be > 0, found {self.learning_rate}")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import resource
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -279,6 +280,7 @@ def train_loop_per_worker(config: dict) -> dict:
     import logging
     import warnings
 
+    import ray
     import ray.train
     import ray.train.torch
     from ray.train import Checkpoint
@@ -295,6 +297,9 @@ def train_loop_per_worker(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ["GLMOPS_WORLD"] = str(world)
     device = ray.train.torch.get_device()
+    # Every rank says where it runs: on a cluster, which node got which worker is the first thing to check.
+    print(f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]} "
+          f"({socket.gethostname()}, {device})", flush=True)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.get("cpus_per_worker", 1))))
     torch.manual_seed(cfg["seed"])

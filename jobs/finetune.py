@@ -19,7 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python jobs/finetune.py` from the project root (as `ray job submit` runs it)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.config import FinetuneConfig, format_config, load_config, save_config
+from common.config import FinetuneConfig, format_config, load_config, save_config, worker_resources
 from common.data import Dataset, content_hash, load_dataset, record_to_conversation, split
 from common.errors import ModelFilesError, UserError, run_cli
 from common.examples import encode_records, length_summary
@@ -111,6 +111,11 @@ def connect_ray(cfg: FinetuneConfig):
     if use_gpu and gpus < cfg.num_workers:
         raise UserError(f"--num_workers {cfg.num_workers} needs {cfg.num_workers} GPUs; the cluster has {gpus}. "
                         "Lower --num_workers or add GPU nodes.")
+    for name, amount in worker_resources(cfg.resources_per_worker).items():
+        if cfg.num_workers * amount > resources.get(name, 0):
+            raise UserError(f"--resources_per_worker asks {amount:g} {name!r} per worker for {cfg.num_workers} workers; "
+                            f"the cluster has {resources.get(name, 0):g}. Start nodes with "
+                            f"`ray start --resources '{{\"{name}\": ...}}'` or change the flag.")
     cpus = resources.get("CPU", 0)
     if cfg.num_workers * cfg.cpus_per_worker > cpus:
         raise UserError(f"--num_workers {cfg.num_workers} x --cpus_per_worker {cfg.cpus_per_worker} needs "
@@ -190,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                            "resume_from": str(Path(cfg.resume_from_checkpoint).resolve())
                            if cfg.resume_from_checkpoint else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}),
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+                                                             **worker_resources(cfg.resources_per_worker)}),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit, checkpoint_score_attribute="eval_loss",

@@ -16,6 +16,25 @@ RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+def descendants(roots: list[int]) -> list[int]:
+    """The processes in `roots` and all their children, grandchildren, ... (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    found, stack = list(roots), list(roots)
+    while stack:
+        for c in children.get(stack.pop(), []):
+            if c not in found:
+                found.append(c)
+                stack.append(c)
+    return found
+
+
 class RayHead:
     def __init__(self, num_cpus: int = 2):
         # Short path: Ray's unix sockets live under it (107-byte limit).
@@ -52,20 +71,7 @@ class RayHead:
                     f"127.0.0.1:{self.port}" in cmd and "ray" in cmd:
                 out.append(int(d.name))
         # Agents rename themselves (ray::DashboardAgent): take every descendant of a matched process too.
-        children: dict[int, list[int]] = {}
-        for d in Path("/proc").iterdir():
-            if d.name.isdigit():
-                try:
-                    ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    continue
-                children.setdefault(ppid, []).append(int(d.name))
-        found, stack = set(out), list(out)
-        while stack:
-            for c in children.get(stack.pop(), []):
-                if c not in found:
-                    found.add(c)
-                    stack.append(c)
+        found = descendants(out)
         return [p for p in found if p != os.getpid()]
 
     def stop(self) -> None:

@@ -63,3 +63,14 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 def test_every_shipped_config_file_loads(path: Path):
     cls = {"finetune": FinetuneConfig, "merge": MergeConfig, "serve": ServeConfig}[path.stem.split("-")[0]]
     load_config(cls, ["--config", str(path)], "t", "t")
+
+
+@pytest.mark.parametrize("value,message", [
+    ("A100", "resources_per_worker: not valid JSON"),
+    ('{"A100": 0}', "resources_per_worker: expected a JSON object of resource names to positive amounts"),
+    ('{"GPU": 1}', "resources_per_worker: CPU and GPU are set by --cpus_per_worker and --use_gpu"),
+])
+def test_custom_worker_resources_are_checked_before_anything_starts(value, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(FinetuneConfig, ["--resources_per_worker", value], "t", "t")
+    assert message in str(err.value)

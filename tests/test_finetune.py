@@ -175,6 +175,7 @@ def test_bad_data_stops_before_any_worker_and_leaves_no_run(env):
     (["--mlflow_tracking_uri", "http://127.0.0.1:9"], "is not reachable"),
     (["--base_model", "/nonexistent/model"], "no such folder"),
     (["--num_workers", str((os.cpu_count() or 2) + 1)], "CPUs; the cluster has"),
+    (["--resources_per_worker", '{"A100": 1}'], "asks 1 'A100' per worker for 1 workers; the cluster has 0"),
 ])
 def test_setup_errors_are_one_line_with_the_fix(env, args, message):
     base = ["jobs/finetune.py", "--base_model", str(env["model"]), "--data_path", str(env["root"] / "data.json"),
