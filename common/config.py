@@ -326,8 +326,8 @@ class FinetuneConfig:
         _check(p, self.max_tokens_per_batch >= self.max_source_length + self.max_target_length or not self.packing,
                f"max_tokens_per_batch: must hold one full example (max_source_length + max_target_length = "
                f"{self.max_source_length + self.max_target_length}), found {self.max_tokens_per_batch}")
-        _check(p, _resource_problem(self.resources_per_worker) is None,
-               f"resources_per_worker: {_resource_problem(self.resources_per_worker)}")
+        resource_problem = _resource_problem(self.resources_per_worker)
+        _check(p, resource_problem is None, f"resources_per_worker: {resource_problem}")
         _check(p, self.gpu_memory_gib is None or self.gpu_memory_gib > 0,
                f"gpu_memory_gib: must be > 0, found {self.gpu_memory_gib}")
         _check(p, self.learning_rate > 0, f"learning_rate: must be > 0, found {self.learning_rate}")

@@ -44,6 +44,15 @@ def budget_bytes(device: torch.device, gpu_memory_gib: float | None) -> int:
     return min(total, int(gpu_memory_gib * 2**30)) if gpu_memory_gib else total
 
 
+def cap_memory(device: torch.device, gpu_memory_gib: float | None) -> None:
+    """Make `gpu_memory_gib` a hard limit of this process's allocator (no-op without a cap or a GPU)."""
+    if device.type != "cuda" or not gpu_memory_gib:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(budget_bytes(device, gpu_memory_gib) / total, index)
+
+
 def plan_checkpointing(mode: str, config, device: torch.device, tokens: int, gpu_memory_gib: float | None,
                        loss_chunk: int) -> tuple[int, str]:
     """How many decoder layers to checkpoint, and why (one line for the log)."""

@@ -55,8 +55,13 @@ def lora_targets(cfg: dict, family: str) -> list[str] | str:
     return list(targets)
 
 
-def tokens_per_micro_batch(cfg: dict) -> int:
-    if cfg["packing"]:
+def uses_packing(cfg: dict, family: str) -> bool:
+    # ChatGLM-6B builds its 2D positions and prefix mask per row, from one prompt: one example per row
+    return cfg["packing"] and family != "chatglm"
+
+
+def tokens_per_micro_batch(cfg: dict, family: str) -> int:
+    if uses_packing(cfg, family):
         return cfg["max_tokens_per_batch"]
     return cfg["per_device_train_batch_size"] * (cfg["max_source_length"] + cfg["max_target_length"])
 
@@ -67,12 +72,9 @@ def build_model(cfg: dict, device: torch.device):
     from peft import LoraConfig, get_peft_model
 
     from common.loader import load_model, load_tokenizer, open_model_folder
-    from common.memory import apply_checkpointing, budget_bytes, plan_checkpointing
+    from common.memory import apply_checkpointing, cap_memory, plan_checkpointing
 
-    if device.type == "cuda" and cfg.get("gpu_memory_gib"):
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        torch.cuda.set_per_process_memory_fraction(
-            budget_bytes(device, cfg["gpu_memory_gib"]) / torch.cuda.get_device_properties(index).total_memory, index)
+    cap_memory(device, cfg.get("gpu_memory_gib"))
 
     info = open_model_folder(cfg["base_model"], revision=cfg.get("revision"), cache_dir=cfg.get("cache_dir"),
                              local_files_only=cfg.get("local_files_only", False))
@@ -82,7 +84,7 @@ def build_model(cfg: dict, device: torch.device):
                        quant_type=cfg.get("quant_type", "nf4"), double_quant=cfg.get("double_quant", True))
     model.config.use_cache = False
     n_ckpt, plan = plan_checkpointing(str(cfg.get("gradient_checkpointing", "auto")), model.config, device,
-                                      tokens_per_micro_batch(cfg), cfg.get("gpu_memory_gib"), LOSS_CHUNK)
+                                      tokens_per_micro_batch(cfg, info.family), cfg.get("gpu_memory_gib"), LOSS_CHUNK)
     apply_checkpointing(model, n_ckpt)
     lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
                       target_modules=lora_targets(cfg, info.family), task_type="CAUSAL_LM", bias="none")
@@ -310,7 +312,7 @@ def train_loop_per_worker(config: dict) -> dict:
     log(f"gradient checkpointing: {model.checkpointing_plan}")
     dtype = compute_dtype(device, cfg)
     autocast_dtype = dtype if dtype != torch.float32 else None
-    packing = cfg["packing"] and info.family != "chatglm"
+    packing = uses_packing(cfg, info.family)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def batches_for(epoch: int) -> list[Batch]:

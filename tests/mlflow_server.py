@@ -17,6 +17,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float, what: str,
+                       poll: float = 0.5) -> None:
+    """Poll `url` until it answers; fail early, with the log's tail, if the server process exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2).read()
+            return
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what} exited:\n" + log.read_text()[-3000:]) from None
+            time.sleep(poll)
+    raise RuntimeError(f"{what} did not become healthy:\n" + log.read_text()[-3000:])
+
+
 class MlflowServer:
     def __init__(self, root: Path, backend_uri: str | None = None):
         self.root = root
@@ -34,16 +49,8 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
              "--port", str(self.port), "--workers", "1"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.uri + "/health", timeout=2).read()
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError((self.root / "mlflow-server.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
-        raise RuntimeError("mlflow server did not become healthy")
+        wait_until_healthy(self.uri + "/health", self.proc, self.root / "mlflow-server.log", timeout, "mlflow server")
+        return self
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

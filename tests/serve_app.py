@@ -6,11 +6,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-from mlflow_server import free_port
+from mlflow_server import free_port, wait_until_healthy
 from ray_cluster import RAY_ENV
 
 
@@ -29,16 +27,8 @@ class ServeApp:
         self.proc = subprocess.Popen([serve, "run", "serving:app", *(f"{k}={v}" for k, v in self.args.items())],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                      cwd=Path(__file__).resolve().parent.parent)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/health", timeout=2).read()
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(self.log_path.read_text()[-3000:]) from None
-                time.sleep(1)
-        raise RuntimeError("serve run did not become healthy:\n" + self.log_path.read_text()[-3000:])
+        wait_until_healthy(self.url + "/health", self.proc, self.log_path, timeout, "serve run", poll=1)
+        return self
 
     def stop(self) -> None:
         if self.proc.poll() is None:
