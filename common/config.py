@@ -256,10 +256,14 @@ class FinetuneConfig:
     template: str | None = opt(None, "chat template; default: the one recorded with the model",
                                choices=("chatglm", "chatglm2", "chatglm3", "glm4", "hf"))
     # data
-    data_path: str = opt(DEFAULT_DATA_PATH, "training data: JSON list, JSONL, a saved `datasets` folder or a hub dataset name")
+    data_path: str = opt(DEFAULT_DATA_PATH, "training data: JSON list, JSONL or Parquet (several: comma-separated or a "
+                         "glob), a saved `datasets` folder or a hub dataset name")
     eval_data_path: str | None = opt(None, "separate eval data (same format); default: split --eval_ratio off the training data")
     eval_ratio: float = opt(0.05, "share of records held out for eval when no --eval_data_path is given")
+    max_eval_samples: int = opt(2000, "at most this many held-out examples (eval runs over all of them at every eval)")
     skip_invalid_records: bool = opt(False, "drop malformed records (reported with reasons) instead of stopping")
+    data_cache_dir: str | None = opt(None, "where tokenized data is cached and reused (default: <output_dir>/data_cache); "
+                                     "delete it to clear")
     max_source_length: int = opt(512, "token budget of the prompt (history is dropped oldest-first to fit)")
     max_target_length: int = opt(512, "token budget of the answer (longer answers are cut, without an end token)")
     train_on_history: bool = opt(False, "learn every answer of a multi-turn record, not only the last one")
@@ -309,12 +313,14 @@ class FinetuneConfig:
     # tracking
     mlflow_tracking_uri: str | None = opt(None, "MLflow server or store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     experiment_name: str = opt("glmops-finetune", "MLflow experiment")
-    dry_run: bool = opt(False, "validate config and data, print statistics, and exit (no Ray, no MLflow)")
+    dry_run: bool = opt(False, "validate config and data, tokenize (into the data cache), print statistics and exit "
+                        "(no training, no MLflow)")
 
     def validate(self) -> list[str]:
         p: list[str] = []
         _check(p, bool(self.base_model.strip()), "base_model: must not be empty")
         _check(p, 0.0 <= self.eval_ratio < 1.0, f"eval_ratio: must be in [0, 1), found {self.eval_ratio}")
+        _check(p, self.max_eval_samples >= 1, f"max_eval_samples: must be >= 1, found {self.max_eval_samples}")
         _check(p, self.max_source_length >= 8, f"max_source_length: must be >= 8, found {self.max_source_length}")
         _check(p, self.max_target_length >= 1, f"max_target_length: must be >= 1, found {self.max_target_length}")
         _check(p, self.num_train_epochs > 0, f"num_train_epochs: must be > 0, found {self.num_train_epochs}")
@@ -388,7 +394,17 @@ class ServeConfig:
     fp16: bool = opt(False, "seed spelling of --dtype fp16")
     device: str = opt("auto", "cpu, cuda or auto")
     replicas: int = opt(1, "model replicas")
-    max_concurrent_requests: int = opt(32, "streams one replica serves at once")
+    engine: str = opt("batch", "batch (continuous batching) or per_request (the old path, for comparison)",
+                      choices=("batch", "per_request"))
+    max_num_seqs: int | None = opt(None, "sequences a replica decodes together (default: 128 on GPU, 16 on CPU)")
+    max_model_len: int | None = opt(None, "prompt + reply tokens per request (default: the model's context, as "
+                                    "GPU memory allows)")
+    max_queued_requests: int = opt(256, "requests waiting per replica; more get 429")
+    prefill_chunk: int | None = opt(None, "prompt tokens prefilled per engine step (default: 2048 GPU, 512 CPU)")
+    stream_interval: float = opt(0.04, "seconds between two chunks of one stream")
+    engine_process: bool | None = opt(None, "run the engine in a child process (default: on GPU)")
+    ingress_replicas: int | None = opt(None, "HTTP front-end replicas (default: 2 on GPU, 1 on CPU)")
+    max_concurrent_requests: int = opt(32, "engine=per_request: streams one replica serves at once")
     host: str = opt("127.0.0.1", "HTTP bind address")
     port: int = opt(8000, "HTTP port")
     api_key: str | None = opt(None, "bearer key the HTTP API and the web page require (default: $GLMOPS_API_KEY)")

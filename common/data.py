@@ -31,15 +31,22 @@ class Conversation:
 
 @dataclass
 class Problem:
-    index: int  # 0-based record index (or line number for JSONL syntax errors)
-    field: str
+    index: int  # 0-based record index within its file
+    field: str  # a field name, "<record>" (the record as a whole) or "<json>" (a JSONL line that does not parse)
     expected: str
     found: str
+    line: int = 0  # JSONL: the 1-based line of the record (0: lines mean nothing for this file)
 
     def describe(self, source: str) -> str:
-        where = f"record {self.index}" if self.field != "<line>" else f"line {self.index}"
-        what = f", field {self.field!r}" if self.field not in ("<record>", "<line>") else ""
+        if self.field == "<json>":
+            return f"{source}: line {self.line} is not valid JSON ({self.found}) (record {self.index})"
+        where = f"record {self.index}" + (f" (line {self.line})" if self.line else "")
+        what = f", field {self.field!r}" if self.field != "<record>" else ""
         return f"{source}: {where}{what}: expected {self.expected}, found {self.found}"
+
+    def reason(self) -> str:
+        """What went wrong, without where: the key of the counts by reason."""
+        return "not valid JSON" if self.field == "<json>" else f"{self.field}: expected {self.expected}"
 
 
 @dataclass

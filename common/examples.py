@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from common.data import Conversation, record_to_conversation
 from common.templates import IGNORE, Encoded, ExampleTooLong, Template
 
@@ -40,15 +42,15 @@ def encode_records(records: list[dict], tok, template: Template, max_source_leng
     return out
 
 
-def percentile(values: list[int], q: float) -> int:
-    if not values:
-        return 0
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+def percentile(values, q: float) -> int:
+    """The value at rank round(q * (n - 1)) of the sorted values (0 for none)."""
+    s = np.sort(np.asarray(values))
+    return int(s[min(len(s) - 1, int(round(q * (len(s) - 1))))]) if len(s) else 0
 
 
-def length_summary(values: list[int]) -> str:
-    if not values:
+def length_summary(values) -> str:
+    values = np.asarray(values)
+    if not len(values):
         return "-"
-    return (f"min {min(values)}, median {percentile(values, 0.5)}, p95 {percentile(values, 0.95)}, "
-            f"max {max(values)}")
+    return (f"min {int(values.min())}, median {percentile(values, 0.5)}, p95 {percentile(values, 0.95)}, "
+            f"max {int(values.max())}")

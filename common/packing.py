@@ -11,9 +11,9 @@ example is ever asked to predict the next one's first token.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from common.attention import cu_seqlens
@@ -39,67 +39,64 @@ class Batch:
                      self.max_seqlen)
 
 
-def shifted_targets(labels: list[int]) -> list[int]:
-    return labels[1:] + [IGNORE]
+def shifted_targets(labels) -> np.ndarray:
+    labels = np.asarray(labels, dtype=np.int64)
+    return np.concatenate([labels[1:], np.full(min(1, len(labels)), IGNORE, dtype=np.int64)])
+
+
+def greedy_rows(lengths: list[int], max_tokens: int) -> list[int]:
+    """Row boundaries of greedy in-order packing: each row at most `max_tokens` tokens."""
+    bounds, used = [0], 0
+    for i, n in enumerate(lengths):
+        if i > bounds[-1] and used + n > max_tokens:
+            bounds.append(i)
+            used = 0
+        used += n
+    bounds.append(len(lengths))
+    return bounds
 
 
 def pack(examples: list[Encoded], order: list[int], max_tokens: int) -> list[list[int]]:
     """Greedy in-order packing: example indices per row, each row at most `max_tokens` tokens."""
-    rows: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for i in order:
-        n = min(len(examples[i].input_ids), max_tokens)
-        if current and used + n > max_tokens:
-            rows.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        rows.append(current)
-    return rows
+    b = greedy_rows([min(len(examples[i].input_ids), max_tokens) for i in order], max_tokens)
+    return [list(order[b[k]:b[k + 1]]) for k in range(len(b) - 1)]
 
 
-def packed_batch(examples: list[Encoded], row: list[int], max_tokens: int) -> Batch:
-    ids: list[int] = []
-    pos: list[int] = []
-    tgt: list[int] = []
-    lengths: list[int] = []
-    for i in row:
-        e = examples[i]
-        n = min(len(e.input_ids), max_tokens)
-        ids += e.input_ids[:n]
-        pos += list(range(n))
-        tgt += shifted_targets(e.labels)[:n]
+Seq = tuple  # (input_ids, labels): lists or 1-D integer arrays
+
+
+def packed_rows(seqs: list[Seq], max_tokens: int) -> Batch:
+    """One packed row of `seqs` (each cut to the budget), positions restarting per example."""
+    ids, pos, tgt, lengths = [], [], [], []
+    for input_ids, labels in seqs:
+        n = min(len(input_ids), max_tokens)
+        ids.append(np.asarray(input_ids[:n], dtype=np.int64))
+        pos.append(np.arange(n, dtype=np.int64))
+        tgt.append(shifted_targets(labels)[:n])
         lengths.append(n)
-    t = torch.tensor
-    return Batch(t([ids]), t([pos]), t([tgt]), None, len(ids), sum(1 for x in tgt if x != IGNORE),
+    t = lambda parts: torch.from_numpy(np.concatenate(parts))[None]  # noqa: E731
+    targets = t(tgt)
+    return Batch(t(ids), t(pos), targets, None, sum(lengths), int((targets != IGNORE).sum()),
                  cu_seqlens(lengths), max(lengths))
 
 
-def padded_batch(examples: list[Encoded], group: list[int], pad_id: int) -> Batch:
+def padded_rows(seqs: list[Seq], pad_id: int) -> Batch:
     """Right-padded rows with an attention mask (the seed's way, and ChatGLM-6B's)."""
-    length = max(len(examples[i].input_ids) for i in group)
-    ids, pos, tgt, mask = [], [], [], []
-    for i in group:
-        e = examples[i]
-        pad = length - len(e.input_ids)
-        ids.append(e.input_ids + [pad_id] * pad)
-        pos.append(list(range(len(e.input_ids))) + [0] * pad)
-        tgt.append(shifted_targets(e.labels) + [IGNORE] * pad)
-        mask.append([1] * len(e.input_ids) + [0] * pad)
-    t = torch.tensor
-    n_tok = sum(sum(m) for m in mask)
-    n_tgt = sum(1 for row in tgt for x in row if x != IGNORE)
-    return Batch(t(ids), t(pos), t(tgt), t(mask), n_tok, n_tgt)
+    length = max(len(x) for x, _ in seqs)
+    ids = np.full((len(seqs), length), pad_id, dtype=np.int64)
+    pos = np.zeros((len(seqs), length), dtype=np.int64)
+    tgt = np.full((len(seqs), length), IGNORE, dtype=np.int64)
+    mask = np.zeros((len(seqs), length), dtype=np.int64)
+    for r, (input_ids, labels) in enumerate(seqs):
+        n = len(input_ids)
+        ids[r, :n], pos[r, :n], tgt[r, :n], mask[r, :n] = input_ids, np.arange(n), shifted_targets(labels), 1
+    t = torch.from_numpy
+    return Batch(t(ids), t(pos), t(tgt), t(mask), int(mask.sum()), int((tgt != IGNORE).sum()))
 
 
-def epoch_batches(examples: list[Encoded], *, epoch: int, seed: int, packing: bool, max_tokens: int,
-                  batch_size: int, pad_id: int) -> list[Batch]:
-    """All micro-batches of one epoch, in a deterministic order (seed, epoch): the resume contract."""
-    order = list(range(len(examples)))
-    random.Random(seed * 1000 + epoch).shuffle(order)
-    if packing:
-        return [packed_batch(examples, row, max_tokens) for row in pack(examples, order, max_tokens)]
-    groups = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
-    return [padded_batch(examples, g, pad_id) for g in groups]
+def packed_batch(examples: list[Encoded], row: list[int], max_tokens: int) -> Batch:
+    return packed_rows([(examples[i].input_ids, examples[i].labels) for i in row], max_tokens)
+
+
+def padded_batch(examples: list[Encoded], group: list[int], pad_id: int) -> Batch:
+    return padded_rows([(examples[i].input_ids, examples[i].labels) for i in group], pad_id)

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 
 from common.attention import use_varlen, varlen_available
 from common.data import Conversation
-from common.packing import Batch, epoch_batches
-from common.templates import IGNORE, Encoded, get_template
+from common.epochs import BatchReader, ParquetExamples, all_batches, plan_epoch, step_micro_batches, steps_in
+from common.packing import Batch
+from common.templates import IGNORE, get_template
 
 LORA_TARGETS = {
     "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -172,19 +173,20 @@ def batch_loss_sum(loss_fn: CausalLMLoss | torch.nn.Module, batch: Batch) -> tor
 
 
 def train_step(loss_fn, optimizer, scheduler, micro_batches: list[Batch], global_targets: int, world_size: int,
-               max_grad_norm: float) -> dict[str, float]:
+               max_grad_norm: float, loss_weight: float = 1.0) -> dict[str, float]:
     """One optimizer step over `micro_batches` (this worker's share).
 
     The loss is normalised by the supervised tokens of the whole step on all workers, so every token
     weighs the same whatever the packing, accumulation or worker count (DDP averages gradients, hence
-    the world-size factor)."""
+    the world-size factor). `loss_weight=0` runs a pass that contributes nothing: a worker with no
+    micro-batch in an epoch's short last step still has to join DDP's gradient all-reduce."""
     loss_fn.train()
     total = torch.zeros((), dtype=torch.float64, device=micro_batches[0].input_ids.device)
-    scale = world_size / max(global_targets, 1)
+    scale = world_size / max(global_targets, 1) * loss_weight
     for mb in micro_batches:
         loss_sum = batch_loss_sum(loss_fn, mb)
         (loss_sum * scale).backward()
-        total += loss_sum.detach()
+        total += loss_sum.detach() * loss_weight
     params = [p for p in loss_fn.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     optimizer.step()
@@ -278,6 +280,23 @@ def _test_hooks(step: int, rank: int) -> str | None:
     return None
 
 
+def _ids_in(parquet_file: str | None):
+    if not parquet_file:
+        return None
+    import pyarrow.parquet as pq
+
+    return pq.read_table(parquet_file, columns=["id"])["id"].to_numpy()
+
+
+def _record_examples(src: ParquetExamples, plan, own: list[int], state: TrainState, rank: int) -> None:
+    """Test-only: GLMOPS_TEST_EXAMPLE_LOG=dir appends the example ids each rank trains on, per step."""
+    folder = os.environ.get("GLMOPS_TEST_EXAMPLE_LOG")
+    if folder:
+        ids = [int(src.ids[i]) for b in own for i in plan.examples(b)]
+        with open(Path(folder) / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"epoch": state.epoch, "step": state.step + 1, "ids": ids}) + "\n")
+
+
 def train_loop_per_worker(config: dict) -> dict:
     import logging
     import warnings
@@ -293,8 +312,6 @@ def train_loop_per_worker(config: dict) -> dict:
     warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable).*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     cfg = config["cfg"]
-    train_ex: list[Encoded] = config["train_examples"]
-    eval_ex: list[Encoded] = config["eval_examples"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ["GLMOPS_WORLD"] = str(world)
@@ -315,18 +332,29 @@ def train_loop_per_worker(config: dict) -> dict:
     packing = uses_packing(cfg, info.family)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
-    def batches_for(epoch: int) -> list[Batch]:
-        return epoch_batches(train_ex, epoch=epoch, seed=cfg["seed"], packing=packing,
-                             max_tokens=cfg["max_tokens_per_batch"], batch_size=cfg["per_device_train_batch_size"],
-                             pad_id=pad_id)
+    # Every worker reads the small columns of the whole set and computes the same epoch plan; tokens are
+    # read a window at a time (common/epochs.py).
+    data = config["data"]
+    train_src = ParquetExamples(data["train_files"], exclude=_ids_in(data.get("exclude_ids_from")))
+    eval_src = ParquetExamples(data["eval_files"])
+    batch_kw = {"packing": packing, "max_tokens": cfg["max_tokens_per_batch"]}
+    plans: dict[int, object] = {}
+
+    def plan_for(epoch: int):
+        if epoch not in plans:
+            plans.clear()
+            plans[epoch] = plan_epoch(train_src, epoch=epoch, seed=cfg["seed"],
+                                      batch_size=cfg["per_device_train_batch_size"], **batch_kw)
+        return plans[epoch]
 
     accum = cfg["gradient_accumulation_steps"]
     per_step = world * accum
-    steps_per_epoch = max(1, len(batches_for(0)) // per_step)
+    steps_per_epoch = steps_in(plan_for(0), per_step)
     total_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else math.ceil(cfg["num_train_epochs"] * steps_per_epoch)
-    eval_batches = epoch_batches(eval_ex, epoch=0, seed=cfg["seed"], packing=packing,
-                                 max_tokens=cfg["max_tokens_per_batch"],
-                                 batch_size=cfg["per_device_train_batch_size"], pad_id=pad_id)[rank::world]
+    eval_batches = all_batches(eval_src, epoch=0, seed=cfg["seed"], batch_size=cfg["per_device_train_batch_size"],
+                               pad_id=pad_id, **batch_kw)[rank::world]
+    log(f"data: {len(train_src):,} training examples, {len(plan_for(0)):,} micro-batches per epoch, "
+        f"{steps_per_epoch:,} steps per epoch; {len(eval_src):,} eval examples")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
@@ -382,22 +410,23 @@ def train_loop_per_worker(config: dict) -> dict:
     steady_tokens, steady_seconds = 0, 0.0  # training steps only, after two warm-up steps: the throughput figure
     window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.time()
     while state.step < total_steps:
-        batches = batches_for(state.epoch)
-        n_steps = len(batches) // per_step
-        if n_steps == 0:
-            raise ValueError(f"an epoch has {len(batches)} micro-batches, fewer than one optimizer step needs "
-                             f"({per_step} = workers x gradient_accumulation_steps)")
+        plan = plan_for(state.epoch)
+        reader = BatchReader(train_src, plan, pad_id=pad_id, **batch_kw)
+        n_steps = steps_in(plan, per_step)
         while state.step_in_epoch < n_steps and state.step < total_steps:
-            group = batches[state.step_in_epoch * per_step:(state.step_in_epoch + 1) * per_step]
-            mine = [b.to(device) for b in group[rank::world]]
-            global_targets = sum(b.num_targets for b in group)
+            group = step_micro_batches(plan, state.step_in_epoch, per_step)
+            own = list(group)[rank::world]
+            weight = 1.0 if own else 0.0  # an epoch's short last step may leave this worker nothing to learn
+            mine = [reader.batch(b).to(device) for b in (own or [group[0]])]
+            _record_examples(train_src, plan, own, state, rank)
+            global_targets = int(plan.targets[group.start:group.stop].sum())
             # Dropout depends only on (seed, step, rank): a resumed run draws exactly the same masks.
             torch.manual_seed(cfg["seed"] * 100_003 + state.step * 97 + rank)
             t_step = time.time()
-            out = train_step(ddp, optimizer, scheduler, mine, global_targets, world, cfg["max_grad_norm"])
+            out = train_step(ddp, optimizer, scheduler, mine, global_targets, world, cfg["max_grad_norm"], weight)
             state.step += 1
             state.step_in_epoch += 1
-            step_tokens = sum(b.num_tokens for b in group)
+            step_tokens = int(plan.tokens[group.start:group.stop].sum())
             tokens_seen += step_tokens
             loss_sum = torch.tensor([out["loss_sum"]], dtype=torch.float64, device=device)
             if world > 1:

@@ -13,98 +13,147 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import numpy as np
 
 if __package__ in (None, ""):  # `python jobs/finetune.py` from the project root (as `ray job submit` runs it)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.config import FinetuneConfig, format_config, load_config, save_config, worker_resources
-from common.data import Dataset, content_hash, load_dataset, record_to_conversation, split
+from common.epochs import ParquetExamples, plan_epoch, steps_in
 from common.errors import ModelFilesError, UserError, run_cli
-from common.examples import encode_records, length_summary
-from common.loader import load_tokenizer, open_model_folder
-from common.packing import epoch_batches
-from common.templates import get_template
+from common.examples import length_summary
+from common.loader import ModelInfo, open_model_folder
+from common.templates import Template, get_template
+from common.tokenize_cache import (
+    META_COLUMNS,
+    EncodeSpec,
+    TokenizedSet,
+    conversations,
+    pick_eval_ids,
+    sample_ids,
+    tokenize,
+    write_subset,
+)
 from common.tracking import artifact_root_for, check_reachable, default_tracking_uri
 from common.trainer import train_loop_per_worker
 
 
-def prepare_data(cfg: FinetuneConfig) -> tuple[list[dict], list[dict], Dataset]:
-    """Validated train and eval records; raises DataError naming file, record and field."""
-    ds = load_dataset(cfg.data_path, skip_invalid=cfg.skip_invalid_records)
-    if cfg.eval_data_path:
-        held = load_dataset(cfg.eval_data_path, skip_invalid=cfg.skip_invalid_records)
-        return ds.records, held.records, ds
-    train, held = split(ds.records, cfg.eval_ratio, cfg.seed)
-    return train, held, ds
+@dataclass
+class PreparedData:
+    """The validated, tokenized data of a run, and what the workers read."""
+
+    train: TokenizedSet
+    eval_set: TokenizedSet | None   # --eval_data_path, when given
+    eval_ids: np.ndarray            # held-out ids (of eval_set, or of train when split off it)
+    eval_file: str | None           # those examples as one Parquet file (None when validating only)
+    info: ModelInfo | None          # None: the model could not be opened (dry run only)
+    template: Template | None
+
+    @property
+    def worker_data(self) -> dict:
+        return {"train_files": self.train.parts, "eval_files": [self.eval_file],
+                "exclude_ids_from": self.eval_file if self.eval_set is None else None}
 
 
-def print_data_report(cfg: FinetuneConfig, train: list[dict], held: list[dict], ds: Dataset) -> None:
-    multi = sum(1 for r in ds.records if r.get("history"))
-    n_skipped = len({p.index for p in ds.skipped})
-    print(f"data: {ds.source}  (content hash {content_hash(ds.records)})")
-    print(f"  records: {len(ds.records)} valid, {n_skipped} skipped; "
-          f"train {len(train)}, eval {len(held)}; multi-turn {multi} ({100 * multi / len(ds.records):.0f}%)")
-    if ds.skipped:
-        reasons: dict[str, int] = {}
-        for p in ds.skipped:
-            key = f"{p.field}: expected {p.expected}"
-            reasons[key] = reasons.get(key, 0) + 1
-        for why, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
-            print(f"  skipped because {why}: {n}")
+def prepare_data(cfg: FinetuneConfig, start_ray) -> PreparedData:
+    """Validate and tokenize (or reuse the cache); raises DataError naming file, record and field."""
     try:
         info = open_model_folder(cfg.base_model, revision=cfg.revision, cache_dir=cfg.cache_dir,
                                  local_files_only=cfg.local_files_only)
-        tok = load_tokenizer(info, cfg.trust_remote_code)
+        template = get_template(cfg.template or info.template)
     except ModelFilesError as err:
+        if not cfg.dry_run:
+            raise
         print(f"  token statistics skipped: {err}")
+        info = template = None
+    spec = EncodeSpec(str(info.path) if info else None, template.name if template else "-", cfg.max_source_length,
+                      cfg.max_target_length, cfg.train_on_history, cfg.trust_remote_code)
+    cache_root = cfg.data_cache_dir or str(Path(cfg.output_dir) / "data_cache")
+    train = tokenize(cfg.data_path, spec, cache_root, start_ray=start_ray)
+    train.check(cfg.skip_invalid_records)
+    eval_set = None
+    if cfg.eval_data_path:
+        eval_set = tokenize(cfg.eval_data_path, spec, cache_root, start_ray=start_ray)
+        eval_set.check(cfg.skip_invalid_records)
+    if info is None:
+        return PreparedData(train, eval_set, np.zeros(0, np.int64), None, None, None)
+    source = eval_set or train
+    ids = source.read_columns(["id"])["id"].to_numpy()
+    if eval_set:
+        eval_ids = sample_ids(ids, min(len(ids), cfg.max_eval_samples), cfg.seed)
+    else:
+        eval_ids = pick_eval_ids(ids, cfg.eval_ratio, cfg.seed, cfg.max_eval_samples)
+    eval_file = write_subset(source, eval_ids, "eval") if len(eval_ids) else None
+    return PreparedData(train, eval_set, eval_ids, eval_file, info, template)
+
+
+def print_data_report(cfg: FinetuneConfig, data: PreparedData) -> None:
+    m = data.train.manifest
+    n_eval = len(data.eval_ids)
+    print(f"data: {data.train.spec_text}  (content hash {data.train.content_hash}"
+          + (", from the cache)" if data.train.from_cache else ")"))
+    if data.info is None:
+        print(f"  records: {m['valid']} valid, {m['invalid']} skipped")
+    for why, n in sorted(m["reasons"].items(), key=lambda kv: -kv[1]):
+        print(f"  skipped because {why}: {n}")
+    if data.info is None:
         return
-    template = get_template(cfg.template or info.template)
-    enc = encode_records(train, tok, template, cfg.max_source_length, cfg.max_target_length, cfg.train_on_history)
-    lengths = [len(e.input_ids) for e in enc.examples]
-    print(f"  model: {info.name} ({info.layout} layout, family {info.family}, template {template.name})")
-    print(f"  train tokens: {enc.num_tokens} ({enc.num_supervised} supervised); per example: {length_summary(lengths)}")
+    same = data.eval_set is None
+    meta = data.train.read_columns(META_COLUMNS, data.eval_ids if same else None, exclude=True)
+    cols = {k: meta[k].to_numpy() for k in META_COLUMNS}
+    multi = int(cols["multi_turn"].sum()) + (0 if not same else int(
+        data.train.read_columns(["multi_turn"], data.eval_ids)["multi_turn"].to_numpy().sum()))
+    n_train = len(cols["id"])
+    print(f"  records: {m['valid']} valid, {m['invalid']} skipped; train {n_train}, eval {n_eval}; "
+          f"multi-turn {multi} ({100 * multi / max(m['examples'], 1):.0f}%)")
+    lengths = cols["num_tokens"]
+    print(f"  model: {data.info.name} ({data.info.layout} layout, family {data.info.family}, "
+          f"template {data.template.name})")
+    print(f"  train tokens: {int(lengths.sum())} ({int(cols['num_targets'].sum())} supervised); "
+          f"per example: {length_summary(lengths)}")
+    rejected = m["too_long"]
     print(f"  truncation (prompt <= {cfg.max_source_length}, answer <= {cfg.max_target_length}): "
-          f"{enc.dropped_rounds} history round(s) dropped, {enc.truncated_answers} answer(s) cut, "
-          f"{len(enc.too_long)} record(s) rejected as too long"
-          + (f" (records {enc.too_long[:10]})" if enc.too_long else ""))
+          f"{int(cols['dropped_rounds'].sum())} history round(s) dropped, {int(cols['answer_truncated'].sum())} "
+          f"answer(s) cut, {rejected} record(s) rejected as too long"
+          + (f" (records {m['too_long_ids']})" if rejected else ""))
 
 
-def encode_splits(cfg: FinetuneConfig, train: list[dict], held: list[dict]):
-    """Tokenize on the driver: bad templates or budgets show up before any worker starts."""
-    info = open_model_folder(cfg.base_model, revision=cfg.revision, cache_dir=cfg.cache_dir,
-                             local_files_only=cfg.local_files_only)
-    tok = load_tokenizer(info, cfg.trust_remote_code)
-    template = get_template(cfg.template or info.template)
-    args = (tok, template, cfg.max_source_length, cfg.max_target_length, cfg.train_on_history)
-    return info, template, encode_records(train, *args), encode_records(held, *args)
+def describe_steps(cfg: FinetuneConfig, data: PreparedData) -> None:
+    """How an epoch divides into optimizer steps (computed exactly as the workers will)."""
+    packing = cfg.packing and data.info.family != "chatglm"
+    src = ParquetExamples(data.train.parts, exclude=data.eval_ids if data.eval_set is None else None)
+    plan = plan_epoch(src, epoch=0, seed=cfg.seed, packing=packing, max_tokens=cfg.max_tokens_per_batch,
+                      batch_size=cfg.per_device_train_batch_size)
+    per_step = cfg.num_workers * cfg.gradient_accumulation_steps
+    unit = f"rows of <= {cfg.max_tokens_per_batch} tokens" if packing else \
+        f"batches of {cfg.per_device_train_batch_size}"
+    print(f"  an epoch: {len(plan):,} micro-batches ({unit}) -> {steps_in(plan, per_step):,} optimizer step(s) of "
+          f"up to {per_step} micro-batches ({cfg.num_workers} worker(s) x {cfg.gradient_accumulation_steps})")
 
 
-def check_step_size(cfg: FinetuneConfig, info, examples) -> None:
-    """One optimizer step takes workers x accumulation micro-batches; an epoch must hold at least one."""
-    packing = cfg.packing and info.family != "chatglm"
-    n = len(epoch_batches(examples, epoch=0, seed=cfg.seed, packing=packing, max_tokens=cfg.max_tokens_per_batch,
-                          batch_size=cfg.per_device_train_batch_size, pad_id=0))
-    need = cfg.num_workers * cfg.gradient_accumulation_steps
-    if n < need:
-        unit = f"--max_tokens_per_batch {cfg.max_tokens_per_batch}" if packing else \
-            f"--per_device_train_batch_size {cfg.per_device_train_batch_size}"
-        raise UserError(f"the training data makes {n} micro-batches per epoch ({unit}), but one optimizer step "
-                        f"needs {need} (--num_workers {cfg.num_workers} x --gradient_accumulation_steps "
-                        f"{cfg.gradient_accumulation_steps}). Lower --gradient_accumulation_steps or the batch size.")
+def init_ray(cfg: FinetuneConfig) -> int:
+    """Connect once: the cluster in RAY_ADDRESS (as `ray job submit` sets it), else a local one on
+    loopback. Returns the cluster's CPUs (the data pipeline's parallelism)."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def connect_ray(cfg: FinetuneConfig):
-    """The cluster in RAY_ADDRESS (as `ray job submit` sets it), else a local one on loopback."""
+    """Ray, checked against what the training workers need."""
     import ray
 
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
+    init_ray(cfg)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     use_gpu = cfg.use_gpu if cfg.use_gpu is not None else gpus > 0
@@ -145,20 +194,20 @@ def start_mlflow_run(cfg: FinetuneConfig, uri: str, run_name: str, tags: dict, r
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(FinetuneConfig, argv, prog="finetune.py", description=__doc__.splitlines()[0])
     print("config:\n" + "\n".join("  " + line for line in format_config(cfg).splitlines()))
-    train, held, ds = prepare_data(cfg)
-    print_data_report(cfg, train, held, ds)
+    data = prepare_data(cfg, start_ray=lambda: init_ray(cfg))
+    print_data_report(cfg, data)
+    if data.info is not None:
+        describe_steps(cfg, data)
     if cfg.dry_run:
         print("dry run: config and data are valid; nothing was trained.")
         return 0
-
-    info, template, train_enc, eval_enc = encode_splits(cfg, train, held)
-    if not eval_enc.examples:
+    info, template = data.info, data.template
+    if data.eval_file is None:
         raise UserError("no eval examples: the best checkpoint is chosen by eval loss. Set --eval_ratio > 0 "
                         "or pass --eval_data_path.")
-    check_step_size(cfg, info, train_enc.examples)
     uri = default_tracking_uri(cfg.mlflow_tracking_uri)
     check_reachable(uri)
-    dataset_hash = content_hash(ds.records)
+    dataset_hash = data.train.content_hash
     resume_meta = read_checkpoint_metadata(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else {}
     run_name = cfg.run_name or resume_meta.get("ray_run_name") or time.strftime("finetune-%Y%m%d-%H%M%S")
     storage = str(Path(cfg.output_dir).resolve())
@@ -168,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray.train.torch import TorchTrainer
 
     tags = {"base_model": str(Path(info.name).resolve()) if Path(info.name).is_dir() else info.name, "base_revision": str(info.revision), "family": info.family,
-            "template": template.name, "dataset_hash": dataset_hash, "dataset_size": str(len(ds.records)),
+            "template": template.name, "dataset_hash": dataset_hash, "dataset_size": str(data.train.manifest["valid"]),
             "ray_run_name": run_name, "glmops.job": "finetune"}
     run_id = start_mlflow_run(cfg, uri, run_name, tags, resume_meta.get("mlflow_run_id"))
     cfg_dict = asdict(cfg)
@@ -183,14 +232,13 @@ def main(argv: list[str] | None = None) -> int:
                 "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                          "target": cfg.lora_target}}
     # A few eval prompts travel with every checkpoint: the sample reply, and the merge job's check.
-    prompts = [{"history": c.history, "query": c.query, "system": c.system}
-               for c in map(record_to_conversation, held[:4])]
+    prompts = [{"history": c["history"], "query": c["query"], "system": c["system"]}
+               for c in conversations(data.eval_file, 4)]
     metadata["eval_prompts"] = prompts
     sample = prompts[0] if prompts else None
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg_dict, "train_examples": train_enc.examples, "eval_examples": eval_enc.examples,
-                           "tracking_uri": uri, "mlflow_run_id": run_id, "metadata": metadata,
+        train_loop_config={"cfg": cfg_dict, "data": data.worker_data, "tracking_uri": uri, "mlflow_run_id": run_id, "metadata": metadata,
                            "sample_conversation": sample,
                            "resume_from": str(Path(cfg.resume_from_checkpoint).resolve())
                            if cfg.resume_from_checkpoint else None},

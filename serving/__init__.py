@@ -23,7 +23,15 @@ class AppArgs(BaseModel):
     dtype: str = "auto"
     device: str = "auto"
     replicas: int = 1
-    max_concurrent_requests: int = 32
+    engine: str = "batch"                 # or "per_request": the old path, one generate thread per request
+    max_num_seqs: int | None = None       # sequences decoded together (default: 128 on GPU, 16 on CPU)
+    max_model_len: int | None = None      # prompt + reply tokens (default: the model's context, as memory allows)
+    max_queued_requests: int = 256        # waiting beyond max_num_seqs; more get 429
+    prefill_chunk: int | None = None      # prompt tokens prefilled per engine step (default: 2048 GPU, 512 CPU)
+    stream_interval: float = 0.04         # seconds between two chunks of one stream (tokens in between are merged)
+    engine_process: bool | None = None    # the engine in a child process (default: on GPU; GIL-free of Serve)
+    ingress_replicas: int | None = None   # HTTP front-end replicas (JSON and SSE encoding); default 2 on GPU, 1 on CPU
+    max_concurrent_requests: int = 32     # engine="per_request" only: streams one replica runs at once
     host: str = _default("host", "GLMOPS_SERVE_HOST")
     port: int = int(_default("port", "GLMOPS_SERVE_PORT"))
     api_key: str | None = os.environ.get("GLMOPS_API_KEY")
@@ -42,11 +50,21 @@ def app(args: AppArgs):
         raise ValueError(f"bits must be 4, 8 or 16, not {args.bits}")
     # Bind where asked (loopback by default) before `serve run` would start HTTP on its defaults.
     serve.start(http_options={"host": args.host, "port": args.port})
+    if args.engine not in ("batch", "per_request"):
+        raise ValueError(f"engine must be 'batch' or 'per_request', not {args.engine!r}")
     gpus = 1.0 if args.device in ("cuda", "auto") and _has_gpu() else 0.0
-    model = deployment(args.replicas, args.max_concurrent_requests, gpus).bind(
+    # With the engine, each replica decides itself what waits and what gets a 429: let Serve hand it
+    # everything up to that (plus room for /health and /metrics calls).
+    seqs = args.max_num_seqs or 128
+    ongoing = seqs + args.max_queued_requests + 16 if args.engine == "batch" else args.max_concurrent_requests
+    model = deployment(args.replicas, ongoing, gpus).bind(
         args.model, bits=args.bits, dtype=args.dtype, device=args.device, template=args.template,
-        tracking_uri=args.tracking_uri)
-    return Ingress.bind(model, api_key=args.api_key, model_name=args.model, ui=args.ui)
+        tracking_uri=args.tracking_uri, engine=args.engine, max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests,
+        prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, engine_process=args.engine_process)
+    ingress = args.ingress_replicas or (2 if gpus else 1)
+    return Ingress.options(num_replicas=ingress).bind(model, api_key=args.api_key,
+                                                                    model_name=args.model, ui=args.ui)
 
 
 def _has_gpu() -> bool:

@@ -1,17 +1,20 @@
 """The HTTP ingress: an OpenAI-compatible chat API, /health, and the Gradio page at /ui."""
 
 
+import hmac
 import json
+import math
 import time
 import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 # Request limits (named so the errors can quote them).
 MAX_TOKENS_LIMIT = 4096
@@ -23,17 +26,32 @@ api = FastAPI(title="glmops chat", docs_url=None, redoc_url=None)
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict | None = None):
+        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
 
 
-def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                   headers: dict | None = None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
+                        headers=headers)
+
+
+def overloaded(message: str, retry_after: float) -> APIError:
+    return APIError(429, message, None, "rate_limit_error", {"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
 @api.exception_handler(APIError)
 async def _api_error(_: Request, err: APIError):
-    return error_response(err.status, err.message, err.param, err.kind)
+    return error_response(err.status, err.message, err.param, err.kind, err.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, err: StarletteHTTPException):
+    # FastAPI answers a body it cannot decode (not UTF-8, say) with a bare HTTPException: give it our shape.
+    kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+    message = "the request body is not valid UTF-8 JSON" if err.status_code == 400 else str(err.detail)
+    return error_response(err.status_code, message, None, kind, getattr(err, "headers", None))
 
 
 @api.exception_handler(RequestValidationError)
@@ -64,6 +82,8 @@ class ChatRequest(BaseModel):
     top_p: float = 0.7
     repetition_penalty: float = 1.0
     stop: str | list[str] | None = None
+    n: int = 1  # only one choice per request
+    seed: int | None = None  # the same seed and request give the same sampled reply
     min_tokens: int = 0  # extension (as in vLLM): generate at least this many tokens
 
 
@@ -87,6 +107,12 @@ def to_conversation(messages: list[Message]) -> dict:
     if not turns or turns[-1].role != "user":
         raise APIError(400, "messages: the last message must come from the user", "messages")
     texts = [m.text() for m in turns]
+    for k, text in enumerate([m.text() for m in messages[:i]] + texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise APIError(400, f"messages[{k}].content: not valid Unicode text (a lone surrogate at character "
+                                f"{err.start})", f"messages[{k}].content") from None
     history = [(texts[k], texts[k + 1]) for k in range(0, len(texts) - 1, 2)]
     return {"system": "\n".join(system) or None, "history": history, "query": texts[-1]}
 
@@ -108,8 +134,11 @@ def validate_sampling(req: ChatRequest) -> dict:
         raise APIError(400, f"stop: at most {MAX_STOP_SEQUENCES} sequences", "stop")
     if not 0 <= req.min_tokens <= max_tokens:
         raise APIError(400, f"min_tokens: must be in [0, max_tokens], found {req.min_tokens}", "min_tokens")
+    if req.n != 1:
+        raise APIError(400, f"n: only 1 choice per request is supported, found {req.n}", "n")
     return {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
-            "repetition_penalty": req.repetition_penalty, "stop": tuple(stop), "min_tokens": req.min_tokens}
+            "repetition_penalty": req.repetition_penalty, "stop": tuple(stop), "min_tokens": req.min_tokens,
+            "seed": req.seed}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=1000)
@@ -128,14 +157,22 @@ class Ingress:
         if self.api_key is None:
             return
         auth = request.headers.get("authorization", "")
-        if auth != f"Bearer {self.api_key}":
+        if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", None,
                            "authentication_error")
 
     @api.get("/health")
     async def health(self) -> dict:
         info = await self.model.info.remote()
-        return {"status": "ok", "model": info["id"], "active_streams": info["active_streams"]}
+        keep = ("running", "waiting", "free_slots", "max_num_seqs", "max_model_len", "max_queued_requests",
+                "kv_cache_used_tokens", "gpu_memory_allocated_gib", "gpu_memory_reserved_gib")
+        return {"status": "ok", "model": info["id"], "active_streams": info["active_streams"],
+                **{k: info[k] for k in keep if k in info}}
+
+    @api.get("/metrics")
+    async def metrics(self):
+        """Prometheus text format: the engine's counters and histograms (of the replica that answers)."""
+        return PlainTextResponse(await self.model.metrics.remote(), media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -148,21 +185,16 @@ class Ingress:
         self._check_key(request)
         conv = to_conversation(req.messages)
         sampling = validate_sampling(req)
-        info = await self.model.info.remote()
-        n_prompt = await self.model.count_prompt.remote(conv)
-        if n_prompt + sampling["max_tokens"] > info["max_context"]:
-            raise APIError(400, f"messages: the prompt is {n_prompt} tokens; with max_tokens "
-                                f"{sampling['max_tokens']} that exceeds the model's context of {info['max_context']}",
-                           "messages")
+        gen, first = await self._admitted(conv, sampling)
+        n_prompt = first["prompt_tokens"]
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
-        gen = self.streams.stream.remote(conv, sampling)
         if not req.stream:
             text, final = "", {}
             async for chunk in gen:
                 if "delta" in chunk:
                     text += chunk["delta"]
-                else:
+                elif "finish_reason" in chunk:
                     final = chunk
             usage = {"prompt_tokens": final.get("prompt_tokens", n_prompt),
                      "completion_tokens": final.get("completion_tokens", 0)}
@@ -184,7 +216,7 @@ class Ingress:
                 async for chunk in gen:
                     if "delta" in chunk:
                         yield event({"content": chunk["delta"]})
-                    else:
+                    elif "finish_reason" in chunk:
                         usage = {"prompt_tokens": chunk["prompt_tokens"],
                                  "completion_tokens": chunk["completion_tokens"],
                                  "total_tokens": chunk["prompt_tokens"] + chunk["completion_tokens"]}
@@ -194,6 +226,21 @@ class Ingress:
                 gen.cancel()  # the client left: stop generating on the replica and free its slot
 
         return StreamingResponse(sse(), media_type="text/event-stream")
+
+    async def _admitted(self, conv: dict, sampling: dict):
+        """Start the stream and wait for the replica's answer: admitted, or why not (before any 200)."""
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            gen = self.streams.stream.remote(conv, sampling)
+            first = await gen.__anext__()
+        except BackPressureError:
+            raise overloaded("the server is busy: every replica's queue is full; retry later", 2.0) from None
+        if first.get("error") == "overloaded":
+            raise overloaded(first["message"], first["retry_after"])
+        if first.get("error") == "too_long":
+            raise APIError(400, f"messages: {first['message']}", "messages")
+        return gen, first
 
     def _mount_ui(self) -> None:
         import gradio as gr

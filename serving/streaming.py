@@ -1,4 +1,4 @@
-"""Token streaming for one chat request: generation in a thread, UTF-8-safe text deltas, cancellation.
+"""Token ids to text for streaming (UTF-8-safe deltas, stop strings), and the old per-request path.
 
 Byte-level and sentencepiece byte-fallback tokenizers can split one Chinese character over several
 tokens; decoding token by token would emit U+FFFD halves. We decode the whole reply so far and hold back
@@ -10,22 +10,16 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from serving.sampling import SamplingParams
+
 REPLACEMENT = "\ufffd"
 
 
-@dataclass
-class Sampling:
-    max_tokens: int
-    temperature: float = 0.95
-    top_p: float = 0.7
-    repetition_penalty: float = 1.0
-    stop: tuple[str, ...] = ()
-    min_tokens: int = 0
+Sampling = SamplingParams  # the per-request path takes the same settings
 
 
 class _Cancel(StoppingCriteria):
@@ -55,9 +49,45 @@ class _Queue:
         self.loop.call_soon_threadsafe(self.q.put_nowait, None)
 
 
+class Detokenizer:
+    """Token ids → whole-character text deltas, cut at the first stop string.
+
+    Incremental, as vLLM does it: only the tokens since the last complete character (plus the few before
+    them, for context) are decoded per token, so a long reply costs linear time, not quadratic."""
+
+    def __init__(self, tok, stop: tuple[str, ...] = (), clean=lambda s: s):
+        self.tok, self.stop, self.clean = tok, stop, clean
+        self.ids: list[int] = []
+        self.prefix = 0   # ids[prefix:read] were decoded already: the context for the next piece
+        self.read = 0
+        self.raw = ""     # everything decoded so far
+        self.sent = ""    # what has been handed out
+        self.stopped = False
+
+    def add(self, *tokens: int) -> str:
+        """The new text after `tokens` ("" while it ends in half a character); sets `stopped` on a stop string."""
+        self.ids.extend(tokens)
+        before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        if now.endswith(REPLACEMENT) or not now.startswith(before):
+            return ""  # half a character: wait for the rest of its bytes
+        self.raw += now[len(before):]
+        self.prefix, self.read = self.read, len(self.ids)
+        text = self.clean(self.raw)
+        hit = next((s for s in self.stop if s and s in text), None)
+        if hit:
+            text, self.stopped = text[: text.index(hit)], True
+        if len(text) > len(self.sent) and text.startswith(self.sent):
+            delta, self.sent = text[len(self.sent):], text
+            return delta
+        return ""
+
+
 async def stream_reply(model, tok, prompt_ids: list[int], stop_ids: list[int], sampling: Sampling,
                        clean=lambda s: s) -> AsyncIterator[dict]:
-    """Yield {"delta": text} chunks, then {"finish_reason", "completion_tokens"}; cancels on close."""
+    """The per-request path (the benchmark's baseline): its own `generate` thread per request.
+
+    Yields {"delta": text} chunks, then {"finish_reason", "completion_tokens"}; cancels on close."""
     loop = asyncio.get_running_loop()
     queue = _Queue(loop, len(prompt_ids))
     cancel = threading.Event()
@@ -82,8 +112,8 @@ async def stream_reply(model, tok, prompt_ids: list[int], stop_ids: list[int], s
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    ids: list[int] = []
-    sent = ""
+    detok = Detokenizer(tok, sampling.stop, clean)
+    n = 0
     finish = "length"
     try:
         while True:
@@ -94,21 +124,18 @@ async def stream_reply(model, tok, prompt_ids: list[int], stop_ids: list[int], s
                 if t in stop_ids:
                     finish = "stop"
                     break
-                ids.append(t)
-            text = clean(tok.decode(ids, skip_special_tokens=True))
-            hit = next((s for s in sampling.stop if s and s in text), None)
-            if hit:
-                text, finish = text[: text.index(hit)], "stop"
-            if text.endswith(REPLACEMENT) and finish != "stop":
-                continue  # half a character: wait for the rest of its bytes
-            if len(text) > len(sent) and text.startswith(sent):
-                yield {"delta": text[len(sent):]}
-                sent = text
+                n += 1
+                delta = detok.add(t)
+                if delta:
+                    yield {"delta": delta}
+                if detok.stopped:
+                    finish = "stop"
+                    break
             if finish == "stop":
                 cancel.set()
                 break
         if errors:
             raise errors[0]
-        yield {"finish_reason": finish, "completion_tokens": len(ids), "prompt_tokens": len(prompt_ids)}
+        yield {"finish_reason": finish, "completion_tokens": n, "prompt_tokens": len(prompt_ids)}
     finally:
         cancel.set()  # the client went away or we are done: stop generating

@@ -35,6 +35,9 @@ def build_ui(streams, api_key: str | None):
                     "repetition_penalty": 1.0, "stop": ()}
         reply = ""
         async for chunk in streams.stream.remote(conv, sampling):
+            if "error" in chunk:
+                yield f"({chunk['message']})"
+                return
             if "delta" in chunk:
                 reply += chunk["delta"]
                 yield reply

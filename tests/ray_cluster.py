@@ -12,26 +12,17 @@ from pathlib import Path
 
 from mlflow_server import free_port
 
+from bench.process_memory import process_tree
+
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def descendants(roots: list[int]) -> list[int]:
     """The processes in `roots` and all their children, grandchildren, ... (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    found, stack = list(roots), list(roots)
-    while stack:
-        for c in children.get(stack.pop(), []):
-            if c not in found:
-                found.append(c)
-                stack.append(c)
+    found: list[int] = []
+    for root in roots:
+        found += [p for p in process_tree(root) if p not in found]
     return found
 
 

@@ -78,13 +78,18 @@ def test_skip_invalid_records_drops_them_and_says_why(tmp_path, tiny_model):
     assert "output: expected a non-empty string: 1" in proc.stdout
 
 
-def test_dry_run_prints_statistics_and_touches_nothing(tmp_path, tiny_model):
-    proc = run_job("jobs/finetune.py", "--dry_run", "--base_model", str(tiny_model), "--output_dir",
-                   str(tmp_path / "out"), "--mlflow_tracking_uri", f"sqlite:///{tmp_path}/m.db")
+def test_dry_run_prints_statistics_and_writes_only_the_data_cache(tmp_path, tiny_model):
+    args = ("jobs/finetune.py", "--dry_run", "--base_model", str(tiny_model), "--output_dir", str(tmp_path / "out"),
+            "--mlflow_tracking_uri", f"sqlite:///{tmp_path}/m.db")
+    proc = run_job(*args)
     assert proc.returncode == 0, proc.stderr
     assert "200 valid, 0 skipped; train 190, eval 10" in proc.stdout
     assert "template chatglm2" in proc.stdout and "supervised" in proc.stdout
-    assert not (tmp_path / "out").exists() and not (tmp_path / "m.db").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["data_cache"] and not (tmp_path / "m.db").exists()
+    again = run_job(*args)
+    assert "data cache: using" in again.stdout
+    stats = lambda out: [line for line in out.splitlines() if line.startswith("  ")]  # noqa: E731
+    assert stats(again.stdout) == stats(proc.stdout)
 
 
 def test_a_separate_eval_file_is_validated_too(tmp_path):

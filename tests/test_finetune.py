@@ -51,7 +51,8 @@ def finetune(env, run_name: str, *extra: str, hooks: dict | None = None, experim
             "--num_workers", "2", "--cpus_per_worker", "1", "--gradient_checkpointing", "false",
             "--output_dir", str(env["root"] / "runs"), "--run_name", run_name,
             "--mlflow_tracking_uri", env["server"].uri, "--experiment_name", experiment, *extra]
-    return run_job(*args, env={"RAY_ADDRESS": "", **(hooks or {})}, timeout=600)
+    # Chunks of 12 records: the 40-record set goes through the Ray Data pipeline, as large data does.
+    return run_job(*args, env={"RAY_ADDRESS": "", "GLMOPS_DATA_CHUNK_RECORDS": "12", **(hooks or {})}, timeout=600)
 
 
 def run_id_of(proc) -> str:

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from common.data import Conversation
-from common.packing import epoch_batches, pack, packed_batch, padded_batch
+from common.epochs import epoch_batches
+from common.packing import pack, packed_batch, padded_batch
 from common.templates import IGNORE, get_template
 
 

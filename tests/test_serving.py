@@ -72,7 +72,9 @@ def test_models_and_health(server):
     ({"messages": []}, 400, "at least one message"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}, 400,
      "messages[1].role: expected 'assistant'"),
-    ({"messages": [{"role": "user", "content": "很长的问题" * 1200}], "max_tokens": 10}, 400, "exceeds the model's context"),
+    ({"messages": [{"role": "user", "content": "很长的问题" * 1200}], "max_tokens": 10}, 400, "over this server's max_model_len"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n: only 1 choice"),
+    ('{"messages": [{"role": "user", "content": "\\ud800x"}]}', 400, "messages[0].content: not valid Unicode"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens: must be > 0"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens: at most"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
@@ -84,6 +86,13 @@ def test_bad_requests_are_4xx_naming_the_field(server, body, status, fragment):
     assert r.status_code == status, r.text
     assert fragment in r.json()["error"]["message"]
     assert httpx.get(server.url + "/health").status_code == 200  # still serving
+
+
+def test_a_body_that_is_not_utf8_is_a_400(server):
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',
+                   headers={"Authorization": f"Bearer {KEY}", "content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_wrong_api_key_is_refused(server):
@@ -110,6 +119,71 @@ def test_32_concurrent_streams_all_complete(server):
             return await asyncio.gather(*(one(i, client) for i in range(32)))
 
     assert all(asyncio.run(main()))
+
+
+async def _stream(client, url, i: int, tokens: int, leave_after: int | None = None) -> dict:
+    """One streamed request; returns what arrived. `leave_after`: disconnect after that many deltas."""
+    body = {"messages": [{"role": "user", "content": f"计算 {i} 加 2"}], "max_tokens": tokens, "min_tokens": tokens,
+            "stream": True, "temperature": 0.8}
+    got = {"deltas": 0, "usage": None, "done": False}
+    async with client.stream("POST", url + "/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {KEY}"}) as r:
+        got["status"] = r.status_code
+        async for line in r.aiter_lines():
+            if line == "data: [DONE]":
+                got["done"] = True
+            elif line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                got["usage"] = chunk.get("usage") or got["usage"]
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    got["deltas"] += 1
+                    if leave_after is not None and got["deltas"] >= leave_after:
+                        return got  # leaving the context manager closes the connection
+    return got
+
+
+def test_64_streams_with_a_third_leaving_early_all_others_complete_and_the_cache_empties(server):
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as client:
+            return await asyncio.gather(*(_stream(client, server.url, i, 48, leave_after=2 if i % 3 == 0 else None)
+                                          for i in range(64)))
+
+    log_before = server.log_path.read_text(errors="replace")
+    results = asyncio.run(main())
+    stayed = [r for i, r in enumerate(results) if i % 3]
+    assert all(r["status"] == 200 for r in results)
+    assert all(r["done"] and r["usage"]["completion_tokens"] == 48 for r in stayed), stayed[:3]
+    deadline = time.time() + 5
+    while time.time() < deadline and httpx.get(server.url + "/health").json()["running"] > 0:
+        time.sleep(0.2)
+    health = httpx.get(server.url + "/health").json()
+    assert health["running"] == 0 and health["waiting"] == 0 and health["kv_cache_used_tokens"] == 0
+    assert health["free_slots"] == health["max_num_seqs"]
+    new_log = server.log_path.read_text(errors="replace")[len(log_before):]
+    # Ray Serve 2.60 itself may log "Task exception was never retrieved ... TaskCancelledError" from its
+    # HTTP receive loop when a client hangs up; nothing of ours may fail or log an error.
+    assert " ERROR " not in new_log and "serving/" not in new_log and "common/" not in new_log, new_log[-3000:]
+
+
+def test_metrics_are_prometheus_text_and_move_with_requests(server):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def sample() -> dict:
+        text = httpx.get(server.url + "/metrics").text
+        return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+    before = sample()
+    for name in ("glmops_requests_running", "glmops_requests_waiting", "glmops_requests_rejected_total",
+                 "glmops_time_to_first_token_seconds_count", "glmops_time_per_output_token_seconds_count",
+                 "glmops_kv_cache_used_tokens", "glmops_kv_cache_capacity_tokens"):
+        assert name in before, name
+    r = httpx.post(server.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                   json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "min_tokens": 6})
+    assert r.status_code == 200
+    after = sample()
+    assert after["glmops_requests_finished_total"] == before["glmops_requests_finished_total"] + 1
+    assert after["glmops_generated_tokens_total"] >= before["glmops_generated_tokens_total"] + 6
+    assert after["glmops_time_to_first_token_seconds_count"] == before["glmops_time_to_first_token_seconds_count"] + 1
 
 
 def test_a_client_that_disconnects_frees_its_slot(server):
@@ -216,3 +290,33 @@ def test_a_real_browser_sees_the_reply_grow(server):
             assert "API key" not in bot.inner_text()
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory, tiny_model):
+    # The engine in its own process here (as on a GPU): the limits are then checked on the replica's side.
+    app = ServeApp(tmp_path_factory.mktemp("serve-small"), model=str(tiny_model), max_num_seqs="2",
+                   max_queued_requests="2", ui="false", engine_process="true").start()
+    yield app
+    app.stop()
+
+
+def test_beyond_the_queue_a_request_gets_429_with_retry_after_and_later_succeeds(small_server):
+    url = small_server.url
+
+    async def main():
+        async with httpx.AsyncClient(timeout=300) as client:
+            busy = [asyncio.create_task(_stream(client, url, i, 400)) for i in range(4)]  # 2 running + 2 waiting
+            while httpx.get(url + "/health").json()["running"] < 2 or httpx.get(url + "/health").json()["waiting"] < 2:
+                await asyncio.sleep(0.05)
+            fifth = await client.post(url + "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": True})
+            return fifth, await asyncio.gather(*busy)
+
+    fifth, busy = asyncio.run(main())
+    assert fifth.status_code == 429, fifth.text
+    assert int(fifth.headers["retry-after"]) >= 1
+    assert fifth.json()["error"]["type"] == "rate_limit_error" and "max_queued_requests 2" in fifth.json()["error"]["message"]
+    assert all(b["status"] == 200 and b["usage"]["completion_tokens"] == 400 for b in busy)
+    ok = httpx.post(url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert ok.status_code == 200

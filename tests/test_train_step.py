@@ -10,8 +10,8 @@ from conftest import ROOT
 
 from common.config import FinetuneConfig, load_config
 from common.data import load_dataset
+from common.epochs import epoch_batches
 from common.examples import encode_records
-from common.packing import epoch_batches
 from common.templates import get_template
 from common.trainer import CausalLMLoss, build_model, evaluate, train_step
 

@@ -1,0 +1,295 @@
+"""Serving throughput through the real stack: `serve run serving:app`, HTTP, server-sent events.
+
+    python bench/serve_throughput.py --tokenizers DIR --out bench/results/serve_throughput.json   # GPU
+    python bench/serve_throughput.py --model models/tiny-chatglm2 --device cpu --streams 1,8       # CPU
+
+Side by side in one run: the engine (`engine=batch`, the default) and the old per-request path
+(`engine=per_request`). Every request generates exactly --tokens tokens (`min_tokens`), greedy; two
+workloads: short (64-token prompts, 128 new tokens) and chat (512-token prompts, 256 new tokens), at each
+of --streams concurrent streams. With no --model, a ChatGLM2-6B-shaped model with random weights is
+built on the GPU (bench/gpu_models.py). Prints a table; --out writes every row with the command, GPU
+and versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKLOADS = {"short": (64, 128), "chat": (512, 256)}
+ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+       "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+def prompt_of(model_dir: str, tokens: int, seed: int) -> str:
+    """A user message whose chat prompt is `tokens` tokens long (or as close as the tokenizer allows)."""
+    from common.data import Conversation
+    from common.loader import detect, load_tokenizer
+    from common.templates import get_template
+
+    info = detect(Path(model_dir))
+    tok, template = load_tokenizer(info), get_template(info.template)
+    rng = random.Random(seed)
+    from bench.make_length_mix_data import CHARS
+
+    text = "".join(rng.choice(CHARS) for _ in range(tokens * 4))
+    lo, hi = 1, len(text)
+    while lo < hi:  # the longest prefix that fits
+        mid = (lo + hi + 1) // 2
+        if len(template.prompt(tok, Conversation(history=[], query=text[:mid]))) <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo]
+
+
+class Server:
+    def __init__(self, args: dict, log: Path):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        serve = str(Path(sys.executable).with_name("serve"))
+        serve = serve if Path(serve).exists() else "serve"
+        self.log = open(log, "w")
+        cmd = [serve, "run", "serving:app", *(f"{k}={v}" for k, v in {**args, "port": self.port, "ui": "false"}.items())]
+        env = {**os.environ, **ENV}
+        env.pop("RAY_ADDRESS", None)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
+
+    def wait(self, timeout: float = 900) -> dict:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve run exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                r = httpx.get(self.url + "/health", timeout=5)
+                if r.status_code == 200 and r.headers.get("content-type", "").startswith("application/json"):
+                    return r.json()
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(2)
+        raise TimeoutError(f"no /health after {timeout} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+async def one_stream(client, url: str, content: str, tokens: int) -> dict:
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": tokens, "min_tokens": tokens,
+            "temperature": 0, "stream": True}
+    t0 = time.perf_counter()
+    first = last = None
+    usage = {}
+    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        if r.status_code != 200:
+            return {"status": r.status_code}
+        async for line in r.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                last = time.perf_counter()
+                first = first or last
+    end = time.perf_counter()
+    n = usage.get("completion_tokens", 0)
+    return {"status": 200, "ttft": (first or end) - t0, "seconds": end - t0, "tokens": n,
+            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "tpot": ((last - first) / (n - 1)) if first and last and n > 1 else None}
+
+
+def engine_tpot(url: str) -> tuple[float, float] | None:
+    """(sum, count) of the engine's time-per-output-token histogram from /metrics (None: not exported)."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+            if line.startswith("glmops_time_per_output_token_seconds_")}
+    if "glmops_time_per_output_token_seconds_count" not in vals:
+        return None
+    return vals["glmops_time_per_output_token_seconds_sum"], vals["glmops_time_per_output_token_seconds_count"]
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
+
+
+async def measure(url: str, content: str, streams: int, tokens: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
+        await one_stream(client, url, content, 8)  # warm-up
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(one_stream(client, url, content, tokens) for _ in range(streams)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    total = sum(r["tokens"] for r in ok)
+    tpots = [r["tpot"] for r in ok if r["tpot"]]
+    return {"streams": streams, "ok": len(ok), "prompt_tokens": ok[0]["prompt_tokens"] if ok else None,
+            "tokens_per_request": tokens, "exact_tokens": all(r["tokens"] == tokens for r in ok),
+            "ttft_p50_s": round(pct([r["ttft"] for r in ok], 0.5), 3),
+            "ttft_p95_s": round(pct([r["ttft"] for r in ok], 0.95), 3),
+            "tpot_p50_ms": round(1000 * pct(tpots, 0.5), 2), "tpot_p95_ms": round(1000 * pct(tpots, 0.95), 2),
+            "per_stream_tok_s": round(sum(r["tokens"] / r["seconds"] for r in ok) / max(len(ok), 1), 1),
+            "aggregate_tok_s": round(total / wall, 1), "wall_s": round(wall, 2)}
+
+
+def engine_steps(model_dir: str, batches: list[int], bucket_tokens: int = 192, steps: int = 50) -> list[dict]:
+    """The engine alone, in this process, no HTTP: ms per decode step (graph replay + batched sampling)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from serving.runners import RowInput, runner_for
+    from serving.sampling import Row, Sampler, SamplingParams
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda").eval()
+    top = max(batches)
+    runner = runner_for(model, top, 4096)
+    runner.capture(top, 256)
+    sampler = Sampler(model.config.vocab_size, top + 1, runner.device)
+    out = []
+    for b in batches:
+        rows = [RowInput(i, [100 + i], bucket_tokens) for i in range(b)]
+        greedy = [Row(SamplingParams(1, temperature=0), None, i, []) for i in range(b)]
+        for _ in range(5):
+            sampler(runner.forward(rows), greedy).tolist()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            sampler(runner.forward(rows), greedy).tolist()
+        ms = (time.perf_counter() - t0) / steps * 1000
+        out.append({"batch": b, "ms_per_step": round(ms, 2), "tok_s": round(b * 1000 / ms, 1)})
+        print(f"engine alone: batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:,.0f} tok/s", flush=True)
+    del runner, model
+    torch.cuda.empty_cache()
+    return out
+
+
+def versions() -> dict:
+    import ray
+    import torch
+    import transformers
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+           "ray": ray.__version__}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+        out["cuda"] = torch.version.cuda
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="serve this folder (default: build a random-weight ChatGLM2-6B on the GPU)")
+    ap.add_argument("--tokenizers", help="with no --model: a folder with ChatGLM2's tokenizer.model")
+    ap.add_argument("--workdir", default="/tmp/glmops-serve-bench")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--bits", default="16")
+    ap.add_argument("--streams", default="1,8,32,64,128")
+    ap.add_argument("--baseline_streams", default="1,8", help="the per-request path is slow: fewer levels")
+    ap.add_argument("--workloads", default="short,chat")
+    ap.add_argument("--baseline_workloads", default="short,chat")
+    ap.add_argument("--paths", default="batch,per_request")
+    ap.add_argument("--extra", default="", help="more app arguments for the engine path, e.g. max_num_seqs=64")
+    ap.add_argument("--engine_only", default="", help="first time the engine alone at these batch sizes (GPU)")
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    model = args.model
+    if model is None:
+        from bench.gpu_models import build
+
+        model = str(work / "chatglm2-6b-random")
+        if not (Path(model) / "config.json").is_file():
+            build("chatglm2", Path(model), Path(args.tokenizers))
+            import torch
+
+            torch.cuda.empty_cache()  # the replica sizes its KV cache from the free GPU memory
+    prompts = {w: prompt_of(model, p, seed=i) for i, (w, (p, _)) in enumerate(WORKLOADS.items())}
+    rows, servers = [], {}
+    if args.engine_only:
+        servers["engine_alone"] = engine_steps(model, [int(x) for x in args.engine_only.split(",")])
+    for path in args.paths.split(","):
+        app = {"model": model, "device": args.device, "bits": args.bits, "engine": path}
+        if path == "batch":
+            app.update(dict(kv.split("=", 1) for kv in args.extra.split() if "=" in kv))
+        else:
+            app["max_concurrent_requests"] = "256"
+        t0 = time.time()
+        server = Server(app, work / f"serve-{path}-{args.bits}.log")
+        try:
+            health = server.wait()
+            servers[path] = {"startup_s": round(time.time() - t0, 1), "health": health, "args": app}
+            print(f"{path}: up in {time.time() - t0:.0f} s: {health}", flush=True)
+            levels = args.streams if path == "batch" else args.baseline_streams
+            for w in (args.workloads if path == "batch" else args.baseline_workloads).split(","):
+                _, tokens = WORKLOADS[w]
+                for n in (int(x) for x in levels.split(",")):
+                    import httpx
+
+                    before = engine_tpot(server.url)
+                    row = {"path": path, "bits": args.bits, "workload": w,
+                           **asyncio.run(measure(server.url, prompts[w], n, tokens))}
+                    after = engine_tpot(server.url)
+                    if before and after and after[1] > before[1]:
+                        # Inside the replica: the engine's own time between two tokens of a stream.
+                        row["engine_tpot_ms"] = round(1000 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+                    h = httpx.get(server.url + "/health").json()
+                    row["gpu_memory_reserved_gib"] = h.get("gpu_memory_reserved_gib")
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    save(args.out, servers, rows)  # after every row: a run cut short keeps what it measured
+        finally:
+            server.stop()
+    head = (f"{'path':<12}{'bits':>5}{'load':>7}{'streams':>8}{'prompt':>7}{'TTFT p50':>9}{'p95':>7}{'TPOT p50':>9}"
+            f"{'p95':>7}{'tok/s/stream':>13}{'tok/s total':>12}{'GPU GiB':>8}{'engine TPOT':>12}")
+    print("\n" + head)
+    for r in rows:
+        print(f"{r['path']:<12}{r['bits']:>5}{r['workload']:>7}{r['streams']:>8}{r['prompt_tokens'] or 0:>7}"
+              f"{r['ttft_p50_s']:>9.3f}{r['ttft_p95_s']:>7.3f}{r['tpot_p50_ms']:>9.2f}{r['tpot_p95_ms']:>7.2f}"
+              f"{r['per_stream_tok_s']:>13.1f}{r['aggregate_tok_s']:>12.1f}{r['gpu_memory_reserved_gib'] or 0:>8}"
+              f"{r.get('engine_tpot_ms') or '-':>12}")
+    save(args.out, servers, rows)
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def save(out: str | None, servers: dict, rows: list[dict]) -> None:
+    if not out:
+        return
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"command": "python bench/serve_throughput.py " + " ".join(sys.argv[1:]),
+                                     "date": time.strftime("%Y-%m-%d"), "versions": versions(),
+                                     "servers": servers, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,285 @@
+"""The continuous-batching engine: one loop per replica owns the model, the KV cache and the GPU.
+
+Requests are submitted from the replica's asyncio loop and stream their tokens back into it. The engine
+thread repeats one iteration:
+
+  1. take in new requests and cancellations (a cancelled or finished request frees its slot at once);
+  2. admit waiting requests while slots are free (first come, first served);
+  3. prefill: the prompts of admitted requests, in chunks of at most `prefill_chunk` tokens per
+     iteration in total, so a long prompt cannot stall the streams already running;
+  4. decode: one token for every running request, in one batched forward (a CUDA graph on GPU);
+  5. sample all of them at once on the device, then hand each new token to its stream.
+
+Limits, all named and enforced at submit time: `max_num_seqs` running sequences (the KV cache slots),
+`max_model_len` tokens per sequence (prompt + max_tokens), `max_queued_requests` waiting. A request
+over the length limit is refused with `TooLong` (a 400); one that finds the queue full with
+`Overloaded` (a 429 with Retry-After).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from serving.metrics import EngineMetrics
+from serving.runners import RowInput, Runner
+from serving.sampling import Row, Sampler, SamplingParams
+
+log = logging.getLogger("ray.serve")
+
+
+class Overloaded(Exception):
+    def __init__(self, retry_after: float, message: str):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooLong(Exception):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    max_num_seqs: int
+    max_model_len: int
+    max_queued_requests: int
+    prefill_chunk: int = 2048
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    loop: asyncio.AbstractEventLoop | None
+    queue: asyncio.Queue | None
+    arrived: float = field(default_factory=time.monotonic)
+    slot: int = -1
+    prefilled: int = 0          # prompt tokens already in the cache
+    output: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    done: bool = False
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+
+class Engine:
+    def __init__(self, runner: Runner, config: EngineConfig, vocab_size: int, *, name: str = "engine",
+                 sink=None):
+        """`sink(items)` receives each step's (request, token or end) pairs; by default they go to each
+        request's asyncio queue (serving/engine_process.py sends them to another process instead)."""
+        self.runner, self.config = runner, config
+        self.sink = sink or _to_event_loops
+        self.device = runner.device
+        self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device)
+        self.metrics = EngineMetrics(config.max_num_seqs, config.max_model_len)
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        self._inbox: collections.deque = collections.deque()
+        self._wake = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._outbox: list[tuple[Request, object]] = []  # tokens and ends of this step, delivered together
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    # -- the asyncio side ---------------------------------------------------------------------------------
+    def submit(self, prompt: list[int], params: SamplingParams, stop_ids: list[int]) -> Request:
+        """Queue a request; its tokens arrive in `request.queue` (ints, then None when it is done)."""
+        if self._error is not None:
+            raise RuntimeError(f"the engine stopped: {self._error}")
+        limit = self.config.max_model_len
+        if len(prompt) + params.max_tokens > limit:
+            raise TooLong(f"the prompt is {len(prompt)} tokens; with max_tokens {params.max_tokens} that is "
+                          f"{len(prompt) + params.max_tokens}, over this server's max_model_len of {limit}")
+        pending = len(self.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
+        if len(self.running) + pending >= self.config.max_num_seqs + self.config.max_queued_requests:
+            self.metrics.rejected.inc()
+            raise Overloaded(self._retry_after(), f"the server is busy: {len(self.running)} requests running "
+                             f"(max_num_seqs {self.config.max_num_seqs}) and {pending} waiting "
+                             f"(max_queued_requests {self.config.max_queued_requests})")
+        req = Request(next(self._ids), list(prompt), params, frozenset(stop_ids), asyncio.get_running_loop(),
+                      asyncio.Queue())
+        if params.seed is not None:
+            req.generator = torch.Generator(device=self.device)
+            req.generator.manual_seed(params.seed)
+        self._post("add", req)
+        return req
+
+    def abort(self, req: Request) -> None:
+        if not req.done:
+            self._post("abort", req)
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "free_slots": len(self.free_slots), "max_num_seqs": self.config.max_num_seqs,
+                "max_model_len": self.config.max_model_len, "max_queued_requests": self.config.max_queued_requests,
+                "kv_cache_used_tokens": sum(r.length for r in self.running)}
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._post("stop", None)
+        self._thread.join(timeout=10)
+
+    def _retry_after(self) -> float:
+        # About the time the running requests need to free one slot: their remaining tokens at the
+        # current step time (at least a second: clients should not hammer a full server).
+        step = self.metrics.recent_step_seconds() or 0.05
+        remaining = min((r.params.max_tokens - len(r.output) for r in self.running), default=0)
+        return max(1.0, round(remaining * step, 1))
+
+    def _post(self, kind: str, req: Request | None) -> None:
+        with self._wake:
+            self._inbox.append((kind, req))
+            self._wake.notify()
+
+    # -- the engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stopped:
+                self._take_inbox()
+                if not self.running and not self.waiting:
+                    with self._wake:
+                        if not self._inbox and not self._stopped:
+                            self._wake.wait(timeout=1.0)
+                    continue
+                self._admit()
+                self._step()
+        except BaseException as err:  # noqa: BLE001 - every stream must end, with the cause logged
+            log.exception("engine loop failed")
+            self._error = err
+            for r in list(self.running) + list(self.waiting):
+                self._finish(r, error=True)
+
+    def _take_inbox(self) -> None:
+        with self._wake:
+            items = list(self._inbox)
+            self._inbox.clear()
+        for kind, req in items:
+            if kind == "add":
+                self.waiting.append(req)
+                self.metrics.waiting.set(len(self.waiting))
+            elif kind == "abort" and not req.done:
+                if req in self.waiting:
+                    self.waiting.remove(req)
+                self._finish(req, cancelled=True)
+
+    def _admit(self) -> None:
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            req.slot = self.free_slots.pop()
+            self.sampler.start(req.slot, req.prompt)
+            self.running.append(req)
+        self.metrics.waiting.set(len(self.waiting))
+        self.metrics.running.set(len(self.running))
+
+    def _step(self) -> None:
+        t0 = time.perf_counter()
+        budget = self.config.prefill_chunk
+        prefill: list[tuple[Request, RowInput]] = []
+        for req in self.running:
+            left = len(req.prompt) - req.prefilled
+            if left <= 0 or budget <= 0:
+                continue
+            take = left if not getattr(self.runner, "chunked_prefill", True) else min(left, budget)
+            prefill.append((req, RowInput(req.slot, req.prompt[req.prefilled:req.prefilled + take], req.prefilled)))
+            budget -= take
+        decode = [(req, RowInput(req.slot, [req.output[-1] if req.output else req.prompt[-1]], req.length - 1))
+                  for req in self.running if req.prefilled >= len(req.prompt) and req.output]
+        sample: list[tuple[Request, torch.Tensor]] = []
+        if prefill:
+            logits = self.runner.forward([row for _, row in prefill])
+            for i, (req, row) in enumerate(prefill):
+                req.prefilled += len(row.tokens)
+                if req.prefilled >= len(req.prompt):
+                    sample.append((req, logits[i]))
+        if decode:
+            logits = self.runner.forward([row for _, row in decode])
+            sample += [(req, logits[i]) for i, (req, _) in enumerate(decode)]
+        if sample:
+            rows = [Row(req.params, req.generator, req.slot,
+                        sorted(req.stop_ids) if len(req.output) < req.params.min_tokens else [])
+                    for req, _ in sample]
+            tokens = self.sampler(torch.stack([lg for _, lg in sample]), rows).tolist()
+            now = time.monotonic()
+            for (req, _), tok in zip(sample, tokens):
+                self._emit(req, tok, now)
+        self._deliver()
+        self.metrics.step(time.perf_counter() - t0, len(decode), sum(len(r.tokens) for _, r in prefill))
+        self.metrics.kv_used.set(sum(r.length for r in self.running))
+
+    def _emit(self, req: Request, token: int, now: float) -> None:
+        if req.first_token_at is None:
+            req.first_token_at = now
+            self.metrics.ttft.observe(now - req.arrived)
+        elif req.last_token_at is not None:
+            self.metrics.tpot.observe(now - req.last_token_at)
+        req.last_token_at = now
+        stop = token in req.stop_ids and len(req.output) >= req.params.min_tokens
+        if not stop:
+            req.output.append(token)
+            self.metrics.generated.inc()
+            self._outbox.append((req, token))
+        if stop or len(req.output) >= req.params.max_tokens:
+            self._finish(req, reason="stop" if stop else "length")
+
+    def _finish(self, req: Request, *, reason: str = "stop", cancelled: bool = False, error: bool = False) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req in self.running:
+            self.running.remove(req)
+            self.runner.release(req.slot)
+            self.free_slots.append(req.slot)
+        if cancelled:
+            self.metrics.cancelled.inc()
+        elif not error:
+            self.metrics.finished.inc()
+        end = {"finish_reason": "error" if error else ("cancelled" if cancelled else reason)}
+        self._outbox.append((req, end))
+        self.metrics.running.set(len(self.running))
+        if cancelled or error:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        if self._outbox:
+            items, self._outbox = self._outbox, []
+            self.sink(items)
+
+    def enqueue(self, req: Request) -> None:
+        """Queue a request made elsewhere (limits already checked by the caller)."""
+        if req.params.seed is not None and req.generator is None:
+            req.generator = torch.Generator(device=self.device)
+            req.generator.manual_seed(req.params.seed)
+        self._post("add", req)
+
+
+def _to_event_loops(items: list) -> None:
+    """One wake-up of each event loop per step, not one per token (64 streams make thousands a second)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for req, item in items:
+        by_loop.setdefault(req.loop, []).append((req.queue, item))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # that loop is closed: nobody is listening any more
+            pass
+
+
+def _put_all(items: list) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

@@ -1,0 +1,199 @@
+"""The continuous-batching engine on CPU: the same code the GPU runs, eager instead of CUDA graphs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest import reference_dir
+from transformers import AutoModelForCausalLM
+
+from serving.engine import Engine, EngineConfig, Overloaded, TooLong
+from serving.runners import ChatGLM1Runner, GlmRunner, runner_for
+from serving.sampling import SamplingParams
+
+PROMPTS = [list(range(5, 23)), [30, 31, 32], list(range(40, 47)), [50] * 40, [60, 61], list(range(70, 100))]
+LENGTHS = [12, 7, 20, 9, 15, 5]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+def start(model, slots=4, max_len=512, queued=16, chunk=16) -> Engine:
+    return Engine(runner_for(model, slots, max_len), EngineConfig(slots, max_len, queued, chunk),
+                  model.config.vocab_size)
+
+
+async def collect(engine, prompt, params, stop_ids=(), delay=0.0, abort_after=None):
+    await asyncio.sleep(delay)
+    req = engine.submit(prompt, params, list(stop_ids))
+    out = []
+    while True:
+        item = await req.queue.get()
+        if isinstance(item, dict):
+            return out, item["finish_reason"]
+        out.append(item)
+        if abort_after is not None and len(out) == abort_after:
+            engine.abort(req)
+
+
+def run_all(engine, jobs):
+    async def main():
+        return await asyncio.gather(*jobs())
+    return asyncio.run(main())
+
+
+def greedy(model, prompt, n, stop_ids=None):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=0 if stop_ids else n,
+                         do_sample=False, eos_token_id=stop_ids, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def test_greedy_replies_equal_generate_with_staggered_arrivals_and_lengths(tiny):
+    engine = start(tiny)  # 6 requests, 4 slots: two wait; prompts of 40 tokens take 3 prefill chunks
+    assert isinstance(engine.runner, GlmRunner)
+    try:
+        got = run_all(engine, lambda: [collect(engine, p, SamplingParams(n, temperature=0, min_tokens=n),
+                                               delay=0.01 * i) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))])
+    finally:
+        engine.shutdown()
+    for (out, finish), p, n in zip(got, PROMPTS, LENGTHS):
+        assert out == greedy(tiny, p, n) and finish == "length"
+
+
+def test_chatglm1_greedy_replies_equal_generate_on_the_reference_model():
+    import common  # noqa: F401
+    from common.data import Conversation
+    from common.loader import load_model, load_tokenizer, open_model_folder
+    from common.templates import get_template
+
+    info = open_model_folder(str(reference_dir("chatglm1")))
+    model = load_model(info, bits=16, dtype=torch.float32).eval()
+    tok, template = load_tokenizer(info), get_template(info.template)
+    prompts = [template.prompt(tok, Conversation(history=h, query=q)) for h, q in
+               [([], "你好"), ([("你好", "你好！")], "中国的首都是哪里？"), ([], "写一首诗"), ([], "hello")]]
+    stops = template.stop_token_ids(tok)
+    engine = Engine(runner_for(model, 2, 256), EngineConfig(2, 256, 8), model.config.vocab_size)
+    assert isinstance(engine.runner, ChatGLM1Runner)
+    try:
+        got = run_all(engine, lambda: [collect(engine, p, SamplingParams(10, temperature=0), stops, delay=0.02 * i)
+                                       for i, p in enumerate(prompts)])
+    finally:
+        engine.shutdown()
+    for (out, _), p in zip(got, prompts):
+        assert out == greedy(model, p, 10, stops)
+
+
+def test_a_seed_makes_a_sampled_reply_reproducible_and_temperature_zero_is_greedy(tiny):
+    engine = start(tiny)
+    sampled = SamplingParams(16, temperature=1.0, top_p=0.9, min_tokens=16, seed=1234)
+    try:
+        # The seeded request shares the batch with different company each time.
+        a = run_all(engine, lambda: [collect(engine, PROMPTS[0], sampled), collect(engine, PROMPTS[1], SamplingParams(
+            30, temperature=1.0, min_tokens=30))])[0][0]
+        b = run_all(engine, lambda: [collect(engine, PROMPTS[2], SamplingParams(8, temperature=0.7, min_tokens=8)),
+                                     collect(engine, PROMPTS[0], sampled, delay=0.01)])[1][0]
+        other = run_all(engine, lambda: [collect(engine, PROMPTS[0], SamplingParams(
+            16, temperature=1.0, top_p=0.9, min_tokens=16, seed=99))])[0][0]
+        zero = run_all(engine, lambda: [collect(engine, PROMPTS[0], SamplingParams(16, temperature=0, min_tokens=16))])
+    finally:
+        engine.shutdown()
+    assert a == b and a != other
+    assert zero[0][0] == greedy(tiny, PROMPTS[0], 16)
+
+
+def test_stop_ids_end_a_reply_but_not_before_min_tokens(tiny):
+    ref = greedy(tiny, PROMPTS[0], 12)
+    stop = ref[3]
+    expected_stop = ref[: ref.index(stop)]
+    engine = start(tiny)
+    try:
+        (early, why), (late, why_late) = run_all(engine, lambda: [
+            collect(engine, PROMPTS[0], SamplingParams(12, temperature=0), [stop]),
+            collect(engine, PROMPTS[0], SamplingParams(12, temperature=0, min_tokens=12), [stop])])
+    finally:
+        engine.shutdown()
+    assert (early, why) == (expected_stop, "stop")
+    assert len(late) == 12 and why_late == "length"
+
+
+def test_limits_are_enforced_at_submit_and_a_cancelled_request_frees_its_slot(tiny):
+    engine = start(tiny, slots=2, max_len=64, queued=1)
+
+    async def scenario():
+        with pytest.raises(TooLong, match="max_model_len of 64"):
+            engine.submit(list(range(60)), SamplingParams(10), [])
+        long = SamplingParams(50, temperature=0, min_tokens=50)
+        reqs = [engine.submit([1, 2, 3], long, []) for _ in range(3)]  # 2 running + 1 waiting
+        with pytest.raises(Overloaded) as err:
+            engine.submit([1, 2, 3], long, [])
+        assert err.value.retry_after >= 1
+        for r in reqs:
+            engine.abort(r)
+        ends = [await _last(r) for r in reqs]
+        return ends
+
+    try:
+        ends = asyncio.run(scenario())
+        assert all(e["finish_reason"] in ("cancelled", "length") for e in ends)
+        stats = engine.stats()
+        assert stats["running"] == 0 and stats["waiting"] == 0 and stats["free_slots"] == 2
+    finally:
+        engine.shutdown()
+
+
+async def _last(req):
+    while True:
+        item = await req.queue.get()
+        if isinstance(item, dict):
+            return item
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_decode_steps_give_the_greedy_replies_of_generate_on_gpu(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda().eval()
+    runner = runner_for(model, 8, 512)
+    assert runner.capture(8, 512) > 0
+    engine = Engine(runner, EngineConfig(8, 512, 16, 16), model.config.vocab_size)
+    try:
+        got = run_all(engine, lambda: [collect(engine, p, SamplingParams(n, temperature=0, min_tokens=n),
+                                               delay=0.01 * i) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))])
+    finally:
+        engine.shutdown()
+    for (out, _), p, n in zip(got, PROMPTS, LENGTHS):
+        ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)[0, len(p):].tolist()
+        assert out == ref
+
+
+def test_the_engine_in_its_own_process_gives_the_same_greedy_replies(tiny_model, tiny):
+    from serving.engine_process import EngineProcess, EngineSpec
+
+    engine = EngineProcess(EngineSpec(str(tiny_model), 16, "fp32", "cpu", max_num_seqs=4, max_model_len=512,
+                                      max_queued_requests=2, prefill_chunk=16, threads=1))
+    try:
+        assert engine.max_model_len == 512 and "max_num_seqs 4" in engine.info["line"]
+        got = run_all(engine, lambda: [collect(engine, p, SamplingParams(n, temperature=0, min_tokens=n),
+                                               delay=0.01 * i) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))])
+
+        async def over_the_limit():
+            reqs = [engine.submit([1, 2], SamplingParams(100, temperature=0, min_tokens=100), []) for _ in range(6)]
+            with pytest.raises(Overloaded):
+                engine.submit([1, 2], SamplingParams(4), [])
+            with pytest.raises(TooLong):
+                engine.submit(list(range(500)), SamplingParams(20), [])
+            for r in reqs:
+                engine.abort(r)
+            return [await _last(r) for r in reqs], await engine.query()
+
+        ends, state = asyncio.run(over_the_limit())
+    finally:
+        engine.shutdown()
+    for (out, _), p, n in zip(got, PROMPTS, LENGTHS):
+        assert out == greedy(tiny, p, n)
+    assert all(e["finish_reason"] in ("cancelled", "length") for e in ends)
+    assert state["stats"]["running"] == 0 and "glmops_requests_cancelled_total" in state["metrics"]
