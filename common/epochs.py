@@ -18,6 +18,7 @@ worker recomputes it and continues at the exact micro-batch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +26,8 @@ import numpy as np
 from common.packing import Batch, greedy_rows, packed_rows, padded_rows
 from common.templates import IGNORE
 
-WINDOW_EXAMPLES = 32_768  # examples shuffled together; a worker holds about two windows of tokens
+# Examples shuffled together; a worker holds about two windows of tokens (tests lower it).
+WINDOW_EXAMPLES = int(os.environ.get("GLMOPS_WINDOW_EXAMPLES", "32768"))
 
 
 @dataclass
