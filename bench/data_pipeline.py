@@ -64,7 +64,7 @@ def run_job(args: list[str], log: Path) -> dict:
             "cache_used": "data cache: using" in out,
             "killed": "OutOfMemory" in out or "killed" in out.lower() and "memory" in out.lower(),
             "peak_rss_gib": {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:12]},
-            "max_rss_gib": round(table[0][0], 2) if table else None, "log": str(log)}
+            "max_rss_gib": round(table[0][0], 2) if table else None, "log": log.name}
 
 
 def baseline_rate(data: Path, model: Path, n: int) -> float:
@@ -85,6 +85,18 @@ t0 = time.time(); encode_records(recs, tok, get_template(info.template), 512, 51
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, **ENV})
     return float(out.stdout.split()[-1])
+
+
+def portable_command(script: str, args) -> str:
+    """The command as it was given, with this machine's folders named by their flags (WORKDIR, OUT)."""
+    words = []
+    for w in sys.argv[1:]:
+        if args.workdir and w == str(args.workdir):
+            w = "WORKDIR"
+        elif args.out and w == str(args.out):
+            w = "OUT.json"
+        words.append(w)
+    return f"python bench/{script} " + " ".join(words)
 
 
 def versions() -> dict:
@@ -152,7 +164,7 @@ def main() -> None:
               f"{r['tokenize_seconds'] or '-':>11}{r['records_per_second'] or '-':>8}"
               f"{r['records_per_second_per_cpu'] or '-':>10}{r['max_rss_gib']:>12.2f}  {largest}")
     print(f"{'baseline loop':<16}{'':>5}{'':>8}{'':>11}{'':>11}{base:>8.0f}{base:>10.0f}")
-    result = {"command": "python bench/data_pipeline.py " + " ".join(sys.argv[1:]), "records": args.records,
+    result = {"command": portable_command("data_pipeline.py", args), "records": args.records,
               "data_mib": round(data.stat().st_size / 2**20), "workers": args.workers, "cpus": cpus,
               "machine": platform.machine(), "date": time.strftime("%Y-%m-%d"), "versions": versions(),
               "baseline_records_per_second_one_process": round(base), "runs": runs}

@@ -46,13 +46,16 @@ def _rss_and_name(pid: int) -> tuple[int, str] | None:
 
 def describe(cmdline: str) -> str:
     """A short name: Ray names its worker processes by what they run (ray::RayTrainWorker, ...)."""
-    first = cmdline.split(" ")[0]
-    if first.startswith("ray::"):
-        return first
+    words = cmdline.split(" ")
+    if words[0].startswith("ray::"):
+        return words[0]
+    script = next((w for w in words[1:] if w.endswith(".py") or w.startswith("-m")), None)
+    if "python" in Path(words[0]).name and script:  # a Python program: its script, not the interpreter's path
+        return "python " + (script if not script.startswith("/") else Path(script).name)
     for key in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env", "monitor.py"):
         if key in cmdline:
             return key
-    return cmdline[:80]
+    return Path(words[0]).name
 
 
 class PeakRSS:

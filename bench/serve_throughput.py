@@ -192,6 +192,18 @@ def engine_steps(model_dir: str, batches: list[int], bucket_tokens: int = 192, s
     return out
 
 
+def portable_command(script: str, args) -> str:
+    """The command as it was given, with this machine's folders named by their flags (WORKDIR, OUT)."""
+    words = []
+    for w in sys.argv[1:]:
+        if args.workdir and w == str(args.workdir):
+            w = "WORKDIR"
+        elif args.out and w == str(args.out):
+            w = "OUT.json"
+        words.append(w)
+    return f"python bench/{script} " + " ".join(words)
+
+
 def versions() -> dict:
     import ray
     import torch
@@ -233,6 +245,7 @@ def main() -> None:
             import torch
 
             torch.cuda.empty_cache()  # the replica sizes its KV cache from the free GPU memory
+    command = portable_command("serve_throughput.py", args)
     prompts = {w: prompt_of(model, p, seed=i) for i, (w, (p, _)) in enumerate(WORKLOADS.items())}
     rows, servers = [], {}
     if args.engine_only:
@@ -247,7 +260,9 @@ def main() -> None:
         server = Server(app, work / f"serve-{path}-{args.bits}.log")
         try:
             health = server.wait()
-            servers[path] = {"startup_s": round(time.time() - t0, 1), "health": health, "args": app}
+            shown = {**app, "model": Path(model).name if args.model is None else args.model}
+            health["model"] = shown["model"]
+            servers[path] = {"startup_s": round(time.time() - t0, 1), "health": health, "args": shown}
             print(f"{path}: up in {time.time() - t0:.0f} s: {health}", flush=True)
             levels = args.streams if path == "batch" else args.baseline_streams
             for w in (args.workloads if path == "batch" else args.baseline_workloads).split(","):
@@ -266,7 +281,7 @@ def main() -> None:
                     row["gpu_memory_reserved_gib"] = h.get("gpu_memory_reserved_gib")
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-                    save(args.out, servers, rows)  # after every row: a run cut short keeps what it measured
+                    save(args.out, servers, rows, command)  # after every row: a run cut short keeps what it measured
         finally:
             server.stop()
     head = (f"{'path':<12}{'bits':>5}{'load':>7}{'streams':>8}{'prompt':>7}{'TTFT p50':>9}{'p95':>7}{'TPOT p50':>9}"
@@ -277,16 +292,16 @@ def main() -> None:
               f"{r['ttft_p50_s']:>9.3f}{r['ttft_p95_s']:>7.3f}{r['tpot_p50_ms']:>9.2f}{r['tpot_p95_ms']:>7.2f}"
               f"{r['per_stream_tok_s']:>13.1f}{r['aggregate_tok_s']:>12.1f}{r['gpu_memory_reserved_gib'] or 0:>8}"
               f"{r.get('engine_tpot_ms') or '-':>12}")
-    save(args.out, servers, rows)
+    save(args.out, servers, rows, command)
     if args.out:
         print(f"wrote {args.out}")
 
 
-def save(out: str | None, servers: dict, rows: list[dict]) -> None:
+def save(out: str | None, servers: dict, rows: list[dict], command: str = "") -> None:
     if not out:
         return
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"command": "python bench/serve_throughput.py " + " ".join(sys.argv[1:]),
+    Path(out).write_text(json.dumps({"command": command,
                                      "date": time.strftime("%Y-%m-%d"), "versions": versions(),
                                      "servers": servers, "rows": rows}, indent=1))
 

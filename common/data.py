@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from common.errors import DataError
 
@@ -217,14 +218,25 @@ def load_dataset(spec: str, skip_invalid: bool = False) -> Dataset:
     return Dataset(source=spec, records=good, skipped=problems)
 
 
+def eval_size(n: int, eval_ratio: float, max_eval: int | None = None) -> int:
+    """How many of `n` examples are held out: the ratio, at least one, never all, at most `max_eval`."""
+    if eval_ratio <= 0 or n < 2:
+        return 0
+    k = min(n - 1, max(1, round(n * eval_ratio)))
+    return min(k, max_eval) if max_eval else k
+
+
+def sample_positions(n: int, k: int, seed: int) -> np.ndarray:
+    """`k` of the positions 0..n-1, chosen by `seed` (sorted): the one rule behind every held-out split."""
+    return np.sort(np.random.default_rng(seed).permutation(n)[:k])
+
+
 def split(records: list[dict[str, Any]], eval_ratio: float, seed: int) -> tuple[list, list]:
     """Deterministic train/eval split: the same data, ratio and seed always give the same split."""
-    if eval_ratio <= 0 or len(records) < 2:
+    n_eval = eval_size(len(records), eval_ratio)
+    if not n_eval:
         return list(records), []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = min(len(records) - 1, max(1, round(len(records) * eval_ratio)))
-    eval_idx = set(order[:n_eval])
+    eval_idx = set(sample_positions(len(records), n_eval, seed).tolist())
     train = [r for i, r in enumerate(records) if i not in eval_idx]
     held = [r for i, r in enumerate(records) if i in eval_idx]
     return train, held

@@ -180,6 +180,10 @@ class _Text:
         self.had_bom = False
 
     def read(self) -> str:
+        return self.read_checked()[1]
+
+    def read_checked(self) -> tuple[bytes, str]:
+        """The next block as bytes and as text (the bytes checked to be UTF-8 either way)."""
         raw = self.f.read(BLOCK_BYTES)
         self.eof = len(raw) < BLOCK_BYTES
         if self.eof:
@@ -199,7 +203,7 @@ class _Text:
         if self.first:
             self.first, self.had_bom = False, text.startswith("\ufeff")
             text = text[1:] if self.had_bom else text
-        return text
+        return raw, text
 
 
 def _plan_jsonl(path: Path, fid: int, first_id: int, first_number: int, h) -> list[Chunk]:
@@ -212,12 +216,11 @@ def _plan_jsonl(path: Path, fid: int, first_id: int, first_number: int, h) -> li
     index = 0          # records so far in this file
     start, start_line, start_index = 0, 1, 0
     while not src.eof:
-        text = src.read()
-        data = carry + text.encode("utf-8")
-        lines = data.split(b"\n")
-        carry = lines.pop() if not src.eof else b""
-        if src.eof and lines and lines[-1] == b"" and data.endswith(b"\n"):
-            lines.pop()
+        raw, _ = src.read_checked()
+        lines = (carry + raw).split(b"\n")
+        carry = lines.pop()  # the start of a line that goes on in the next block (at the end: the last line)
+        if src.eof and carry:
+            lines.append(carry)
         for line in lines:
             if line.strip():
                 index += 1
@@ -227,9 +230,6 @@ def _plan_jsonl(path: Path, fid: int, first_id: int, first_number: int, h) -> li
                 chunks.append(Chunk(fid, str(path), "jsonl", start, pos, start_index, start_line,
                                     first_id + start_index, index - start_index, first_number + len(chunks)))
                 start, start_line, start_index = pos, line_no, index
-    if carry.strip():
-        index += 1
-        pos += len(carry)
     if index > start_index:
         chunks.append(Chunk(fid, str(path), "jsonl", start, pos + 1, start_index, start_line,
                             first_id + start_index, index - start_index, first_number + len(chunks)))
@@ -418,7 +418,8 @@ def read_chunk(chunk: Chunk) -> Iterator[Item]:
 def _read_bytes(chunk: Chunk) -> str:
     with open(chunk.path, "rb") as f:
         f.seek(chunk.start)
-        return f.read(chunk.end - chunk.start).decode("utf-8")
+        text = f.read(chunk.end - chunk.start).decode("utf-8")
+    return text.removeprefix("\ufeff") if chunk.start == 0 else text
 
 
 def _read_jsonl(chunk: Chunk) -> Iterator[Item]:

@@ -30,7 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from common.data import MAX_REPORTED, Problem, check_record, record_to_conversation
+from common.data import (
+    MAX_REPORTED,
+    Problem,
+    check_record,
+    eval_size,
+    record_to_conversation,
+    sample_positions,
+)
 from common.errors import DataError
 from common.sources import Chunk, SourcePlan, content_hash_of, plan_sources, resolve_files
 from common.templates import IGNORE, ExampleTooLong, get_template
@@ -317,17 +324,12 @@ def _run_ray_data(plan: SourcePlan, spec: EncodeSpec, out_dir: str | None, cpus:
 
 def pick_eval_ids(ids: np.ndarray, eval_ratio: float, seed: int, max_eval: int | None) -> np.ndarray:
     """Deterministic held-out ids: the same ids, ratio and seed always pick the same ones (sorted)."""
-    n = len(ids)
-    if eval_ratio <= 0 or n < 2:
-        return np.zeros(0, dtype=np.int64)
-    n_eval = min(n - 1, max(1, round(n * eval_ratio)))
-    return sample_ids(ids, min(n_eval, max_eval) if max_eval else n_eval, seed)
+    return sample_ids(ids, eval_size(len(ids), eval_ratio, max_eval), seed)
 
 
 def sample_ids(ids: np.ndarray, n: int, seed: int) -> np.ndarray:
     """`n` of `ids`, chosen by `seed` (sorted)."""
-    order = np.random.default_rng(seed).permutation(len(ids))
-    return np.sort(np.asarray(ids, dtype=np.int64)[order[:n]])
+    return np.sort(np.asarray(ids, dtype=np.int64)[sample_positions(len(ids), n, seed)])
 
 
 def write_subset(ts: TokenizedSet, ids: np.ndarray, label: str) -> str:

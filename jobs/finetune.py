@@ -101,11 +101,11 @@ def print_data_report(cfg: FinetuneConfig, data: PreparedData) -> None:
         print(f"  skipped because {why}: {n}")
     if data.info is None:
         return
-    same = data.eval_set is None
-    meta = data.train.read_columns(META_COLUMNS, data.eval_ids if same else None, exclude=True)
-    cols = {k: meta[k].to_numpy() for k in META_COLUMNS}
-    multi = int(cols["multi_turn"].sum()) + (0 if not same else int(
-        data.train.read_columns(["multi_turn"], data.eval_ids)["multi_turn"].to_numpy().sum()))
+    meta = data.train.read_columns(META_COLUMNS)
+    every = {k: meta[k].to_numpy() for k in META_COLUMNS}
+    train = ~np.isin(every["id"], data.eval_ids) if data.eval_set is None else np.ones(len(every["id"]), bool)
+    cols = {k: v[train] for k, v in every.items()}
+    multi = int(every["multi_turn"].sum())
     n_train = len(cols["id"])
     print(f"  records: {m['valid']} valid, {m['invalid']} skipped; train {n_train}, eval {n_eval}; "
           f"multi-turn {multi} ({100 * multi / max(m['examples'], 1):.0f}%)")

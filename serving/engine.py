@@ -53,6 +53,21 @@ class EngineConfig:
     prefill_chunk: int = 2048
 
 
+def check_admission(config: EngineConfig, prompt_len: int, params: SamplingParams, in_flight: int,
+                    retry_after) -> None:
+    """The limits every request meets at submit: its length (TooLong) and the room left (Overloaded).
+    `in_flight`: requests running or waiting now; `retry_after()`: the seconds to suggest."""
+    limit = config.max_model_len
+    if prompt_len + params.max_tokens > limit:
+        raise TooLong(f"the prompt is {prompt_len} tokens; with max_tokens {params.max_tokens} that is "
+                      f"{prompt_len + params.max_tokens}, over this server's max_model_len of {limit}")
+    if in_flight >= config.max_num_seqs + config.max_queued_requests:
+        running = min(in_flight, config.max_num_seqs)
+        raise Overloaded(retry_after(), f"the server is busy: {running} requests running (max_num_seqs "
+                         f"{config.max_num_seqs}) and {in_flight - running} waiting (max_queued_requests "
+                         f"{config.max_queued_requests})")
+
+
 @dataclass
 class Request:
     id: int
@@ -102,16 +117,12 @@ class Engine:
         """Queue a request; its tokens arrive in `request.queue` (ints, then None when it is done)."""
         if self._error is not None:
             raise RuntimeError(f"the engine stopped: {self._error}")
-        limit = self.config.max_model_len
-        if len(prompt) + params.max_tokens > limit:
-            raise TooLong(f"the prompt is {len(prompt)} tokens; with max_tokens {params.max_tokens} that is "
-                          f"{len(prompt) + params.max_tokens}, over this server's max_model_len of {limit}")
         pending = len(self.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
-        if len(self.running) + pending >= self.config.max_num_seqs + self.config.max_queued_requests:
+        try:
+            check_admission(self.config, len(prompt), params, len(self.running) + pending, self._retry_after)
+        except Overloaded:
             self.metrics.rejected.inc()
-            raise Overloaded(self._retry_after(), f"the server is busy: {len(self.running)} requests running "
-                             f"(max_num_seqs {self.config.max_num_seqs}) and {pending} waiting "
-                             f"(max_queued_requests {self.config.max_queued_requests})")
+            raise
         req = Request(next(self._ids), list(prompt), params, frozenset(stop_ids), asyncio.get_running_loop(),
                       asyncio.Queue())
         if params.seed is not None:

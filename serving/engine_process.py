@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from serving.engine import Engine, EngineConfig, Overloaded, Request, TooLong
+from serving.engine import Engine, EngineConfig, Request, check_admission
 from serving.sampling import SamplingParams
 
 KV_MEMORY_SHARE = 0.85     # of the GPU memory left after the weights, for the KV cache
@@ -143,8 +143,7 @@ def _child(conn, spec: EngineSpec) -> None:
     except BaseException as err:  # noqa: BLE001 - the parent reports it
         send(("failed", f"{type(err).__name__}: {err}"))
         return
-    send(("ready", {"line": line, "max_num_seqs": engine.config.max_num_seqs,
-                    "max_model_len": engine.config.max_model_len, "context": model_context(model)}))
+    send(("ready", {"line": line, "config": engine.config, "context": model_context(model)}))
     requests: dict[int, Request] = {}
     while True:
         msg = conn.recv()
@@ -193,8 +192,8 @@ class EngineProcess:
         if kind == "failed":
             raise RuntimeError(f"the engine process failed to start: {info}")
         self.info = info
-        self.max_model_len, self.max_num_seqs = info["max_model_len"], info["max_num_seqs"]
-        self.max_queued = spec.max_queued_requests
+        self.config: EngineConfig = info["config"]
+        self.max_model_len = self.config.max_model_len
         self.pending: dict[int, Pending] = {}
         self.step_seconds: float | None = None
         self._ids = itertools.count(1)
@@ -210,20 +209,15 @@ class EngineProcess:
     def submit(self, prompt: list[int], params: SamplingParams, stop_ids: list[int]) -> Pending:
         if self.proc.exitcode is not None:
             raise RuntimeError(f"the engine process exited (code {self.proc.exitcode})")
-        if len(prompt) + params.max_tokens > self.max_model_len:
-            raise TooLong(f"the prompt is {len(prompt)} tokens; with max_tokens {params.max_tokens} that is "
-                          f"{len(prompt) + params.max_tokens}, over this server's max_model_len of "
-                          f"{self.max_model_len}")
-        if len(self.pending) >= self.max_num_seqs + self.max_queued:
-            waiting = len(self.pending) - self.max_num_seqs
-            step = self.step_seconds or 0.05
-            raise Overloaded(max(1.0, round(step * min(p.max_tokens for p in self.pending.values()), 1)),
-                             f"the server is busy: {self.max_num_seqs} requests running (max_num_seqs "
-                             f"{self.max_num_seqs}) and {waiting} waiting (max_queued_requests {self.max_queued})")
+        check_admission(self.config, len(prompt), params, len(self.pending), self._retry_after)
         req = Pending(next(self._ids), asyncio.Queue(), asyncio.get_running_loop(), params.max_tokens)
         self.pending[req.id] = req
         self._send(("add", req.id, list(prompt), params, list(stop_ids)))
         return req
+
+    def _retry_after(self) -> float:
+        step = self.step_seconds or 0.05
+        return max(1.0, round(step * min((p.max_tokens for p in self.pending.values()), default=0), 1))
 
     def abort(self, req: Pending) -> None:
         if not req.done:

@@ -92,9 +92,6 @@ class ChatModel:
     async def metrics(self) -> str:
         return (await self._engine_state())["metrics"] if self.engine else ""
 
-    def count_prompt(self, conv: dict) -> int:
-        return len(self._prompt(conv))
-
     def _prompt(self, conv: dict) -> list[int]:
         return self.template.prompt(self.tok, Conversation(history=[tuple(h) for h in conv["history"]],
                                                            query=conv["query"], system=conv.get("system")))

@@ -46,7 +46,6 @@ def bucket_for(length: int, max_len: int) -> int:
 
 class Runner:
     family = "generic"
-    supports_batching = True
     chunked_prefill = True  # may a prompt be prefilled over several steps?
 
     def __init__(self, model, num_slots: int, max_len: int):
@@ -59,9 +58,6 @@ class Runner:
 
     def release(self, slot: int) -> None:
         """A sequence left its slot (nothing to clean: its positions are overwritten before being read)."""
-
-    def kv_bytes_per_token(self) -> int:
-        return 0
 
 
 def kv_dtype(model) -> torch.dtype:
@@ -77,9 +73,6 @@ class _CacheRunner(Runner):
         self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         self.kv_heads, self.head_dim = kv_heads, head_dim
-
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.k_cache.shape[0] * self.kv_heads * self.head_dim * self.k_cache.element_size()
 
     def _inputs(self, rows: list[RowInput], pad_rows: int = 0):
         """Padded [B, T] tokens and positions, write slots [B, T] (scratch for padding), read slots [B],
@@ -360,7 +353,6 @@ class HFRunner(Runner):
     """Any causal LM: each row runs alone through the model's own forward and its own cache."""
 
     family = "generic"
-    supports_batching = False
 
     def __init__(self, model, num_slots: int, max_len: int):
         super().__init__(model, num_slots, max_len)

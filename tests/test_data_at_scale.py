@@ -58,7 +58,7 @@ def test_100k_records_train_on_two_workers_in_memory_bounded_by_the_window(tmp_p
                          capture_output=True, text=True, timeout=600)
     assert old.returncode == 0, old.stderr[-2000:]
     old_gib = float(old.stdout.split()[-1])
-    worker, driver = peaks.peak_of("ray::RayTrainWorker"), peaks.peak_of(sys.executable)
+    worker, driver = peaks.peak_of("ray::RayTrainWorker"), peaks.peak_of("python jobs/finetune.py")
     print(f"old design, one process: {old_gib:.2f} GiB; ours: {peaks.table()[:6]}")
     # The old design held all of this in the driver, the Train controller and again in every worker.
     assert 0 < worker < old_gib and 0 < driver < old_gib, (old_gib, peaks.table()[:8])

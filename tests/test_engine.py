@@ -46,6 +46,12 @@ def run_all(engine, jobs):
     return asyncio.run(main())
 
 
+def staggered_greedy(engine) -> list:
+    """PROMPTS arriving 10 ms apart, each asking for exactly its LENGTHS tokens, greedy."""
+    return run_all(engine, lambda: [collect(engine, p, SamplingParams(n, temperature=0, min_tokens=n), delay=0.01 * i)
+                                    for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))])
+
+
 def greedy(model, prompt, n, stop_ids=None):
     out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=0 if stop_ids else n,
                          do_sample=False, eos_token_id=stop_ids, pad_token_id=0)
@@ -56,8 +62,7 @@ def test_greedy_replies_equal_generate_with_staggered_arrivals_and_lengths(tiny)
     engine = start(tiny)  # 6 requests, 4 slots: two wait; prompts of 40 tokens take 3 prefill chunks
     assert isinstance(engine.runner, GlmRunner)
     try:
-        got = run_all(engine, lambda: [collect(engine, p, SamplingParams(n, temperature=0, min_tokens=n),
-                                               delay=0.01 * i) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))])
+        got = staggered_greedy(engine)
     finally:
         engine.shutdown()
     for (out, finish), p, n in zip(got, PROMPTS, LENGTHS):
@@ -160,8 +165,7 @@ def test_cuda_graph_decode_steps_give_the_greedy_replies_of_generate_on_gpu(tiny
     assert runner.capture(8, 512) > 0
     engine = Engine(runner, EngineConfig(8, 512, 16, 16), model.config.vocab_size)
     try:
-        got = run_all(engine, lambda: [collect(engine, p, SamplingParams(n, temperature=0, min_tokens=n),
-                                               delay=0.01 * i) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))])
+        got = staggered_greedy(engine)
     finally:
         engine.shutdown()
     for (out, _), p, n in zip(got, PROMPTS, LENGTHS):
@@ -177,8 +181,7 @@ def test_the_engine_in_its_own_process_gives_the_same_greedy_replies(tiny_model,
                                       max_queued_requests=2, prefill_chunk=16, threads=1))
     try:
         assert engine.max_model_len == 512 and "max_num_seqs 4" in engine.info["line"]
-        got = run_all(engine, lambda: [collect(engine, p, SamplingParams(n, temperature=0, min_tokens=n),
-                                               delay=0.01 * i) for i, (p, n) in enumerate(zip(PROMPTS, LENGTHS))])
+        got = staggered_greedy(engine)
 
         async def over_the_limit():
             reqs = [engine.submit([1, 2], SamplingParams(100, temperature=0, min_tokens=100), []) for _ in range(6)]
