@@ -160,9 +160,11 @@ def our_cfg(folder: Path, settings: dict) -> dict:
     """The worker's config: the job's defaults, the benchmark's LoRA, and the run's settings."""
     from dataclasses import asdict
 
-    from common.config import FinetuneConfig
+    from common.config import LARGE_DATA_ACCUMULATION, LARGE_DATA_TOKENS_PER_BATCH, FinetuneConfig
 
     cfg = asdict(FinetuneConfig())
+    cfg.update(max_tokens_per_batch=LARGE_DATA_TOKENS_PER_BATCH, gradient_accumulation_steps=LARGE_DATA_ACCUMULATION,
+               warmup_steps=0, logging_steps=50)
     cfg.update(base_model=str(folder), local_files_only=True, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
                lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024, max_target_length=1024,
                per_device_train_batch_size=SEED_MICRO_BATCH)

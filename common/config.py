@@ -27,6 +27,12 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_BASE_MODEL = "models/tiny-chatglm2"
 DEFAULT_DATA_PATH = "data/sample.json"
 
+# Batching for large data (fast on a GPU: 8192-token rows x 8 micro-batches per step). Left unset, the
+# fine-tune job shrinks both until an epoch holds MIN_STEPS_PER_EPOCH optimizer steps (common/epochs.py).
+LARGE_DATA_TOKENS_PER_BATCH = 8192
+LARGE_DATA_ACCUMULATION = 8
+MIN_STEPS_PER_EPOCH = 10
+
 
 def opt(default: Any, help: str, *, aliases: tuple[str, ...] = (), choices: tuple[Any, ...] | None = None):
     """A config field with help text, extra flag spellings and optional allowed values."""
@@ -47,8 +53,8 @@ def _convert(value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
-            return None
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "", "auto")):
+            return None  # `auto` spells "not set: glmops chooses" in YAML and on the command line
         return _convert(value, args[0])
     if origin is list:
         (inner,) = typing.get_args(tp)
@@ -112,7 +118,8 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         help_text = meta.get("help", "")
         if meta.get("choices"):
             help_text += f" (one of: {', '.join(map(str, meta['choices']))})"
-        help_text += f" [default: {_default_of(f)}]"
+        if not (_default_of(f) is None and "default:" in help_text):  # else the help says what "unset" means
+            help_text += f" [default: {_default_of(f)}]"
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if tp is bool or tp == (bool | None):
             # `--fp16` alone means true; the seed's `--fp16 True` / `--fp16 False` keep working.
@@ -271,12 +278,15 @@ class FinetuneConfig:
     num_train_epochs: float = opt(3.0, "passes over the training data")
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
     per_device_train_batch_size: int = opt(1, "examples per worker per micro-batch (pad-to-longest mode)")
-    gradient_accumulation_steps: int = opt(8, "micro-batches per optimizer step")
-    max_tokens_per_batch: int = opt(8192, "token budget of one packed micro-batch per worker (packing mode)")
+    gradient_accumulation_steps: int | None = opt(None, "micro-batches per optimizer step (default: "
+                                                  f"{LARGE_DATA_ACCUMULATION}, fewer when the data is small)")
+    max_tokens_per_batch: int | None = opt(None, "token budget of one packed micro-batch per worker (packing mode; "
+                                           f"default: {LARGE_DATA_TOKENS_PER_BATCH}, less when the data is small)")
     packing: bool = opt(True, "pack several examples into one row without attention across them")
     learning_rate: float = opt(5e-4, "peak learning rate")
     lr_scheduler_type: str = opt("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
-    warmup_steps: int = opt(100, "linear warm-up steps")
+    warmup_steps: int | None = opt(None, "linear warm-up steps (default: --warmup_ratio of the total)")
+    warmup_ratio: float = opt(0.03, "warm-up as a share of all optimizer steps, when --warmup_steps is not given")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm (0 turns clipping off)")
     seed: int = opt(42, "seed for the data split, data order, LoRA init and dropout")
@@ -297,7 +307,8 @@ class FinetuneConfig:
     lora_dropout: float = opt(0.1, "dropout on the LoRA input")
     lora_target: list[str] = opt(["auto"], "modules to adapt: auto (per model family), all-linear, or names (comma-separated)")
     # eval, logging, checkpoints
-    logging_steps: int = opt(50, "log a progress line every N optimizer steps")
+    logging_steps: int | None = opt(None, "log a progress line every N optimizer steps (default: 50, or about "
+                                    "ten lines for a shorter run)")
     eval_steps: int = opt(200, "evaluate and checkpoint every N optimizer steps", aliases=("save_steps",))
     save_total_limit: int = opt(3, "checkpoints kept (the best by eval loss and the latest are always among them)")
     output_dir: str = opt("output", "where Ray Train keeps checkpoints (its storage_path)", aliases=("output_path",))
@@ -313,6 +324,8 @@ class FinetuneConfig:
     # tracking
     mlflow_tracking_uri: str | None = opt(None, "MLflow server or store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     experiment_name: str = opt("glmops-finetune", "MLflow experiment")
+    system_metrics_interval: float = opt(10.0, "seconds between samples of CPU, memory and GPU use logged to the run "
+                                         "(system/* metrics, from the first worker's node; 0 turns them off)")
     dry_run: bool = opt(False, "validate config and data, tokenize (into the data cache), print statistics and exit "
                         "(no training, no MLflow)")
 
@@ -327,9 +340,10 @@ class FinetuneConfig:
         _check(p, self.max_steps == -1 or self.max_steps > 0, f"max_steps: must be -1 or > 0, found {self.max_steps}")
         _check(p, self.per_device_train_batch_size >= 1,
                f"per_device_train_batch_size: must be >= 1, found {self.per_device_train_batch_size}")
-        _check(p, self.gradient_accumulation_steps >= 1,
+        _check(p, self.gradient_accumulation_steps is None or self.gradient_accumulation_steps >= 1,
                f"gradient_accumulation_steps: must be >= 1, found {self.gradient_accumulation_steps}")
-        _check(p, self.max_tokens_per_batch >= self.max_source_length + self.max_target_length or not self.packing,
+        _check(p, self.max_tokens_per_batch is None or not self.packing
+               or self.max_tokens_per_batch >= self.max_source_length + self.max_target_length,
                f"max_tokens_per_batch: must hold one full example (max_source_length + max_target_length = "
                f"{self.max_source_length + self.max_target_length}), found {self.max_tokens_per_batch}")
         resource_problem = _resource_problem(self.resources_per_worker)
@@ -337,7 +351,9 @@ class FinetuneConfig:
         _check(p, self.gpu_memory_gib is None or self.gpu_memory_gib > 0,
                f"gpu_memory_gib: must be > 0, found {self.gpu_memory_gib}")
         _check(p, self.learning_rate > 0, f"learning_rate: must be > 0, found {self.learning_rate}")
-        _check(p, self.warmup_steps >= 0, f"warmup_steps: must be >= 0, found {self.warmup_steps}")
+        _check(p, self.warmup_steps is None or self.warmup_steps >= 0,
+               f"warmup_steps: must be >= 0, found {self.warmup_steps}")
+        _check(p, 0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio: must be in [0, 1), found {self.warmup_ratio}")
         _check(p, self.weight_decay >= 0, f"weight_decay: must be >= 0, found {self.weight_decay}")
         _check(p, self.max_grad_norm >= 0, f"max_grad_norm: must be >= 0, found {self.max_grad_norm}")
         _check(p, not (self.fp16 and self.bf16), "fp16 and bf16: choose one")
@@ -345,12 +361,14 @@ class FinetuneConfig:
         _check(p, self.lora_alpha > 0, f"lora_alpha: must be > 0, found {self.lora_alpha}")
         _check(p, 0.0 <= self.lora_dropout < 1.0, f"lora_dropout: must be in [0, 1), found {self.lora_dropout}")
         _check(p, bool(self.lora_target), "lora_target: name at least one module, or auto / all-linear")
-        _check(p, self.logging_steps >= 1, f"logging_steps: must be >= 1, found {self.logging_steps}")
+        _check(p, self.logging_steps is None or self.logging_steps >= 1, f"logging_steps: must be >= 1, found {self.logging_steps}")
         _check(p, self.eval_steps >= 1, f"eval_steps: must be >= 1, found {self.eval_steps}")
         _check(p, self.save_total_limit >= 1, f"save_total_limit: must be >= 1, found {self.save_total_limit}")
         _check(p, self.num_workers >= 1, f"num_workers: must be >= 1, found {self.num_workers}")
         _check(p, self.cpus_per_worker > 0, f"cpus_per_worker: must be > 0, found {self.cpus_per_worker}")
         _check(p, self.max_failures >= 0, f"max_failures: must be >= 0, found {self.max_failures}")
+        _check(p, self.system_metrics_interval >= 0,
+               f"system_metrics_interval: must be >= 0, found {self.system_metrics_interval}")
         if self.resume_from_checkpoint:
             _check(p, Path(self.resume_from_checkpoint).is_dir(),
                    f"resume_from_checkpoint: {self.resume_from_checkpoint} is not a folder")
@@ -419,3 +437,4 @@ class ServeConfig:
                f"max_concurrent_requests: must be >= 1, found {self.max_concurrent_requests}")
         _check(p, 1 <= self.port <= 65535, f"port: must be in 1..65535, found {self.port}")
         return p
+

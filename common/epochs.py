@@ -163,6 +163,47 @@ def plan_epoch(src: ExampleSource, *, epoch: int, seed: int, packing: bool, max_
                      per_mb(src.num_targets[order_arr]), per_mb(clipped))
 
 
+@dataclass
+class BatchFit:
+    """The batching chosen for a dataset, and the epoch plan it makes."""
+
+    max_tokens: int
+    accumulation: int
+    plan: EpochPlan
+    steps_per_epoch: int
+
+
+def _halvings(start: int, floor: int) -> list[int]:
+    """start, start / 2, ... down to floor (which ends the list)."""
+    out = [start]
+    while out[-1] // 2 >= floor:
+        out.append(out[-1] // 2)
+    return out + ([floor] if out[-1] > floor else [])
+
+
+def fit_batching(src: ExampleSource, *, packing: bool, workers: int, batch_size: int, seed: int,
+                 max_tokens: int | None, accumulation: int | None, large_tokens: int, large_accumulation: int,
+                 min_steps: int) -> BatchFit:
+    """The largest batching whose epoch holds at least `min_steps` optimizer steps.
+
+    A setting that is given stays. One left unset starts at its large-data value and halves: the
+    accumulation first (a full micro-batch keeps the GPU busy; fewer of them per step only means more
+    steps), then the token budget, never below the longest example (rows would cut it). When even the
+    smallest batching makes fewer steps (a handful of records), that smallest one is chosen."""
+    longest = int(src.num_tokens.max()) if len(src) else 1
+    tokens = [max_tokens] if max_tokens else _halvings(large_tokens, -(-longest // 16) * 16)
+    accums = [accumulation] if accumulation else _halvings(large_accumulation, 1)
+    candidates = [(tokens[0], a) for a in accums]
+    if packing:  # padded batches (ChatGLM-6B) hold one example count whatever the budget
+        candidates += [(t, accums[-1]) for t in tokens[1:]]
+    for t, a in candidates:
+        plan = plan_epoch(src, epoch=0, seed=seed, packing=packing, max_tokens=t, batch_size=batch_size)
+        steps = steps_in(plan, workers * a)
+        if steps >= min_steps:
+            break
+    return BatchFit(t, a, plan, steps)
+
+
 def steps_in(plan: EpochPlan, per_step: int) -> int:
     return -(-len(plan) // per_step)
 

@@ -6,8 +6,10 @@ Entry points wrap `main()` in `run_cli`, which prints the message and exits non-
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 class UserError(Exception):
@@ -44,3 +46,46 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)
+
+
+@dataclass
+class MemoryKill:
+    """Ray's memory monitor killed processes of a job: where, and how full the node was."""
+
+    node: str          # the node's IP
+    used_gb: float
+    limit_gb: float
+    threshold: float   # the share of the limit above which Ray kills (RAY_memory_usage_threshold)
+
+
+_NODE_MEMORY = re.compile(r"Memory on the node \(IP: ([^,]+), ID: \w+\).*? was ([\d.]+)GB used / ([\d.]+)GB limit")
+_THRESHOLD = re.compile(r"exceeded threshold of \d+B \(([\d.]+)% of")
+_FLAGGED = ("running low on memory", "killed due to memory pressure", "OutOfMemoryError")
+
+
+def _texts(err: BaseException):
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield type(e).__name__ + ": " + str(e)
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "worker_failures", None)  # Ray Train: {rank: the worker's exception}
+        if isinstance(failures, dict):
+            stack += [f for f in failures.values() if isinstance(f, BaseException)]
+
+
+def memory_kill(err: BaseException) -> MemoryKill | None:
+    """The memory kill behind a failed Ray job, or None when it failed for another reason."""
+    for text in _texts(err):
+        if not any(flag in text for flag in _FLAGGED):
+            continue
+        node = _NODE_MEMORY.search(text)
+        threshold = _THRESHOLD.search(text)
+        return MemoryKill(node.group(1) if node else "?", float(node.group(2)) if node else float("nan"),
+                          float(node.group(3)) if node else float("nan"),
+                          float(threshold.group(1)) / 100 if threshold else 0.95)
+    return None

@@ -232,7 +232,7 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
     from mlflow.exceptions import MlflowException
 
     from common.config import to_dict
-    from common.tracking import artifact_root_for
+    from common.tracking import artifact_root_for, link_model_version, source_tags
 
     client = MlflowClient(tracking_uri=uri)
     meta = source.metadata
@@ -248,7 +248,7 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
                                                                         artifact_location=artifact_root_for(uri))
     tags = {"glmops.job": "merge", "training_run_id": str(source.training_run_id), "base_model": meta["base_model"],
             "family": meta["family"], "merge_base": cfg.merge_base}
-    run = client.create_run(exp_id, run_name=f"merge-{name}", tags=tags)
+    run = client.create_run(exp_id, run_name=f"merge-{name}", tags={**source_tags("jobs/merge.py"), **tags})
     rid = run.info.run_id
     try:
         now = int(time.time() * 1000)
@@ -270,6 +270,11 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
         version = client.create_model_version(name, source=f"{run.info.artifact_uri}/merged", run_id=rid,
                                               tags=version_tags)
         client.set_registered_model_alias(name, cfg.alias, version.version)
+        if source.training_run_id:
+            try:
+                link_model_version(client, source.training_run_id, name, version.version, cfg.alias, rid, exp_id)
+            except MlflowException:  # the training run lives in another store: the version still names it
+                pass
         client.set_terminated(rid, "FINISHED")
         return version
     except Exception:

@@ -220,20 +220,24 @@ class ChatGLM1Tokenizer(PreTrainedTokenizer):
         text = text.replace("<n>", "\n").replace("<|tab|>", "\t")
         return re.sub(r"<\|blank_(\d+)\|>", lambda m: " " * int(m.group(1)), text)
 
-    _SPLIT = re.compile(r"(<sop>|<eop>|\[MASK\])")
+    # The original runs on transformers 4.27, whose slow tokenizer first splits the registered special tokens
+    # (bos <sop>, eos <eop>, unk <unk>, pad <pad>, mask [MASK]) out of the text, strips the whitespace next to
+    # each (newlines too) and encodes every piece in between on its own. `[gMASK]` and `</s>` are not
+    # registered there (they are extra attributes), so like `<s>` they stay text.
+    _SPLIT = re.compile(r"(<sop>|<eop>|<unk>|<pad>|\[MASK\])")
 
     def _tokenize(self, text: str, **kwargs: Any) -> list[str]:
         return self.sp.encode(self._preprocess(text), out_type=str)
 
     def tokenize(self, text: str, **kwargs: Any) -> list[str]:
-        # The original splits the registered specials (<sop>, <eop>, [MASK]) out of the text first.
+        parts = self._SPLIT.split(text)  # text, special, text, special, ..., text
+        for k in range(1, len(parts), 2):
+            parts[k - 1], parts[k + 1] = parts[k - 1].rstrip(), parts[k + 1].lstrip()
         out: list[str] = []
-        for part in self._SPLIT.split(text):
-            if not part:
-                continue
-            if self._SPLIT.fullmatch(part):
+        for k, part in enumerate(parts):
+            if k % 2:
                 out.append(part)
-            else:
+            elif part:
                 out.extend(self._tokenize(part))
         return out
 

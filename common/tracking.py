@@ -102,3 +102,91 @@ class NullTracker(Tracker):
 
     def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
         pass
+
+
+# -- where a run came from ----------------------------------------------------------------------------
+
+def source_tags(script: str) -> dict[str, str]:
+    """MLflow's source tags (the UI's "Source", with the commit when this is a git checkout) and our version."""
+    import subprocess
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"mlflow.source.name": script, "mlflow.source.type": "JOB"}
+    try:
+        tags["glmops.version"] = version("glmops")
+    except PackageNotFoundError:
+        pass
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")  # absent under `ray job submit --working-dir` (no .git is uploaded)
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["glmops.git_dirty"] = str(bool(git("status", "--porcelain", "--untracked-files=no")))
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch and branch != "HEAD":
+            tags["mlflow.source.git.branch"] = branch
+    return tags
+
+
+def mark_model_training(client, experiment_id: str) -> None:
+    """The experiment kind the MLflow UI offers for model training (instead of guessing GenAI)."""
+    if "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags:
+        client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+
+
+def _record_schema() -> str:
+    """Our instruction-record format, as the MLflow column spec the UI's dataset panel shows."""
+    import json
+
+    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types.schema import Array
+
+    schema = Schema([ColSpec(DataType.string, "instruction"), ColSpec(DataType.string, "input", required=False),
+                     ColSpec(DataType.string, "output"),
+                     ColSpec(Array(Array(DataType.string)), "history", required=False)])
+    return json.dumps({"mlflow_colspec": schema.to_dict()})
+
+
+def log_dataset(client, run_id: str, *, name: str, source: str, digest: str, profile: dict[str, Any],
+                context: str) -> None:
+    """One dataset input of a run (the UI's "Datasets"): `digest` is our content hash, `profile` its counts."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    local = Path(source.split(",")[0]).exists() or any(c in source for c in "*?")
+    source_type, source_json = ("local", {"uri": source}) if local else ("hugging_face", {"path": source})
+    dataset = Dataset(name=name, digest=digest, source_type=source_type, source=json.dumps(source_json),
+                      schema=_record_schema(), profile=json.dumps(profile))
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def start_system_metrics(uri: str, run_id: str, interval: float):
+    """CPU, memory, disk, network and (with NVML) GPU use of this node, sampled into the run as `system/*`.
+    Returns the monitor (call `.finish()`), or None when turned off."""
+    if interval <= 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # resume_logging: a worker restored after a failure continues the steps instead of rewriting them
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True, tracking_uri=uri)
+    monitor.start()
+    return monitor
+
+
+def link_model_version(client, training_run_id: str, name: str, version: str, alias: str, merge_run_id: str,
+                       experiment_id: str) -> None:
+    """Point the training run at the model version made from it: tags, and a line in the run's description
+    (Markdown, shown on the run page) with links to the version and the merge run."""
+    client.set_tag(training_run_id, "glmops.model_version", f"{name}/{version}")
+    client.set_tag(training_run_id, "glmops.merge_run_id", merge_run_id)
+    note = client.get_run(training_run_id).data.tags.get("mlflow.note.content", "")
+    line = (f"Merged and registered as [{name} version {version}](#/models/{name}/versions/{version}) "
+            f"(alias @{alias}) by merge run [{merge_run_id[:8]}](#/experiments/{experiment_id}/runs/{merge_run_id}).")
+    client.set_tag(training_run_id, "mlflow.note.content", (note + "\n\n" if note else "") + line)

@@ -298,6 +298,23 @@ def _record_examples(src: ParquetExamples, plan, own: list[int], state: TrainSta
 
 
 def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train's entry on every worker; rank 0 also samples its node's CPU, memory and GPU into the run."""
+    import ray.train
+
+    from common.tracking import start_system_metrics
+
+    monitor = None
+    if ray.train.get_context().get_world_rank() == 0:
+        monitor = start_system_metrics(config["tracking_uri"], config["mlflow_run_id"],
+                                       config["cfg"].get("system_metrics_interval", 10.0))
+    try:
+        return _train(config)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _train(config: dict) -> dict:
     import logging
     import warnings
 

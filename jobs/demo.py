@@ -7,6 +7,7 @@ Each step prints the command a user would type.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -47,6 +48,11 @@ def _free_port(preferred: int = 8000) -> int:
             return s.getsockname()[1]
 
 
+def trained_answer(question: str) -> str:
+    records = json.loads((ROOT / "data" / "sample.json").read_text(encoding="utf-8"))
+    return next(r["output"] for r in records if r["instruction"] == question and not r.get("history"))
+
+
 def serve_and_chat() -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -75,7 +81,17 @@ def serve_and_chat() -> int:
                 "--temperature", "0"]
         print(f"\n=== ask it one question through the terminal client\n$ {_show(chat)}")
         print(f"用户 (you): {QUESTION}\nChatGLM: ", end="", flush=True)
-        return subprocess.run(chat, cwd=ROOT).returncode
+        client = subprocess.Popen(chat, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        reply = ""
+        while chunk := client.stdout.read(1):  # the reply as it streams
+            reply += chunk
+            print(chunk, end="", flush=True)
+        if client.wait() != 0:
+            return client.returncode
+        trained = trained_answer(QUESTION)
+        verdict = "the reply is the trained answer" if reply.strip() == trained else "the reply differs from it"
+        print(f"trained answer (data/sample.json): {trained}   -> {verdict}")
+        return 0
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # one Ctrl-C: Serve removes the app, the local Ray stops
         try:

@@ -9,7 +9,10 @@ checkpoints) → where the best adapter is.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -21,9 +24,18 @@ import numpy as np
 if __package__ in (None, ""):  # `python jobs/finetune.py` from the project root (as `ray job submit` runs it)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.config import FinetuneConfig, format_config, load_config, save_config, worker_resources
-from common.epochs import ParquetExamples, plan_epoch, steps_in
-from common.errors import ModelFilesError, UserError, run_cli
+from common.config import (
+    LARGE_DATA_ACCUMULATION,
+    LARGE_DATA_TOKENS_PER_BATCH,
+    MIN_STEPS_PER_EPOCH,
+    FinetuneConfig,
+    format_config,
+    load_config,
+    save_config,
+    worker_resources,
+)
+from common.epochs import ParquetExamples, fit_batching
+from common.errors import ModelFilesError, UserError, memory_kill, run_cli
 from common.examples import length_summary
 from common.loader import ModelInfo, open_model_folder
 from common.templates import Template, get_template
@@ -37,7 +49,14 @@ from common.tokenize_cache import (
     tokenize,
     write_subset,
 )
-from common.tracking import artifact_root_for, check_reachable, default_tracking_uri
+from common.tracking import (
+    artifact_root_for,
+    check_reachable,
+    default_tracking_uri,
+    log_dataset,
+    mark_model_training,
+    source_tags,
+)
 from common.trainer import train_loop_per_worker
 
 
@@ -121,17 +140,48 @@ def print_data_report(cfg: FinetuneConfig, data: PreparedData) -> None:
           + (f" (records {m['too_long_ids']})" if rejected else ""))
 
 
-def describe_steps(cfg: FinetuneConfig, data: PreparedData) -> None:
-    """How an epoch divides into optimizer steps (computed exactly as the workers will)."""
+AUTO_SETTINGS = ("max_tokens_per_batch", "gradient_accumulation_steps", "warmup_steps", "logging_steps")
+
+
+def fit_to_data(cfg: FinetuneConfig, data: PreparedData) -> tuple[FinetuneConfig, list[str]]:
+    """Choose the settings left unset for this data; the ones given stay. Returns the resolved config and
+    the names it chose. Prints one line when it did, and how an epoch divides into optimizer steps
+    (computed exactly as the workers will)."""
     packing = cfg.packing and data.info.family != "chatglm"
     src = ParquetExamples(data.train.parts, exclude=data.eval_ids if data.eval_set is None else None)
-    plan = plan_epoch(src, epoch=0, seed=cfg.seed, packing=packing, max_tokens=cfg.max_tokens_per_batch,
-                      batch_size=cfg.per_device_train_batch_size)
-    per_step = cfg.num_workers * cfg.gradient_accumulation_steps
+    large_tokens = max(LARGE_DATA_TOKENS_PER_BATCH, cfg.max_source_length + cfg.max_target_length)
+    fit = fit_batching(src, packing=packing, workers=cfg.num_workers, batch_size=cfg.per_device_train_batch_size,
+                       seed=cfg.seed, max_tokens=cfg.max_tokens_per_batch,
+                       accumulation=cfg.gradient_accumulation_steps, large_tokens=large_tokens,
+                       large_accumulation=LARGE_DATA_ACCUMULATION, min_steps=MIN_STEPS_PER_EPOCH)
+    per_step = cfg.num_workers * fit.accumulation
+    if cfg.gradient_accumulation_steps and len(fit.plan) < per_step:
+        raise UserError(f"the training data makes {len(fit.plan)} micro-batch(es) per epoch, but one optimizer step "
+                        f"takes {per_step} (--num_workers {cfg.num_workers} x --gradient_accumulation_steps "
+                        f"{fit.accumulation}). Lower --gradient_accumulation_steps"
+                        + (" or --max_tokens_per_batch" if packing else "") + ", or leave them unset: glmops then "
+                        "fits them to the data.")
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * fit.steps_per_epoch)
+    chosen = {k: v for k, v in {
+        "max_tokens_per_batch": fit.max_tokens, "gradient_accumulation_steps": fit.accumulation,
+        "warmup_steps": math.ceil(cfg.warmup_ratio * total), "logging_steps": min(50, max(1, total // 10)),
+    }.items() if getattr(cfg, k) is None}
+    if chosen:
+        why = ""
+        if {"max_tokens_per_batch", "gradient_accumulation_steps"} & set(chosen):
+            shrank = (fit.max_tokens, fit.accumulation) != (cfg.max_tokens_per_batch or large_tokens,
+                                                           cfg.gradient_accumulation_steps or LARGE_DATA_ACCUMULATION)
+            why = (f" (the large-data {large_tokens} tokens x {LARGE_DATA_ACCUMULATION} would make fewer than "
+                   f"{MIN_STEPS_PER_EPOCH} optimizer steps per epoch)") if shrank else " (the large-data defaults)"
+        print("auto settings for this data: " + ", ".join(f"--{k} {v}" for k, v in chosen.items()) + why
+              + f"; warm-up is {cfg.warmup_ratio:.0%} of {total} steps. Set a flag to choose it yourself.")
+    cfg = dataclasses.replace(cfg, **chosen)
     unit = f"rows of <= {cfg.max_tokens_per_batch} tokens" if packing else \
         f"batches of {cfg.per_device_train_batch_size}"
-    print(f"  an epoch: {len(plan):,} micro-batches ({unit}) -> {steps_in(plan, per_step):,} optimizer step(s) of "
-          f"up to {per_step} micro-batches ({cfg.num_workers} worker(s) x {cfg.gradient_accumulation_steps})")
+    print(f"  an epoch: {len(fit.plan):,} micro-batches ({unit}) -> {fit.steps_per_epoch:,} optimizer step(s) of "
+          f"up to {per_step} micro-batches ({cfg.num_workers} worker(s) x {cfg.gradient_accumulation_steps}); "
+          f"{total:,} steps in all")
+    return cfg, list(chosen)
 
 
 def init_ray(cfg: FinetuneConfig) -> int:
@@ -173,8 +223,10 @@ def connect_ray(cfg: FinetuneConfig):
     return use_gpu
 
 
-def start_mlflow_run(cfg: FinetuneConfig, uri: str, run_name: str, tags: dict, resume_run_id: str | None) -> str:
-    """The run every worker's rank 0 writes to; created (or reopened on resume) by the driver."""
+def start_mlflow_run(cfg: FinetuneConfig, uri: str, run_name: str, tags: dict, resume_run_id: str | None,
+                     data: PreparedData) -> str:
+    """The run every worker's rank 0 writes to; created (or reopened on resume) by the driver, with where it
+    came from: source and commit, the datasets it trains and evaluates on, every resolved setting."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -185,19 +237,40 @@ def start_mlflow_run(cfg: FinetuneConfig, uri: str, run_name: str, tags: dict, r
     exp = client.get_experiment_by_name(cfg.experiment_name)
     exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment_name,
                                                                     artifact_location=artifact_root_for(uri))
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    mark_model_training(client, exp_id)
+    run = client.create_run(exp_id, run_name=run_name, tags={**source_tags("jobs/finetune.py"), **tags})
+    rid = run.info.run_id
     params = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in asdict(cfg).items()}
-    client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
-    return run.info.run_id
+    client.log_batch(rid, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    m = data.train.manifest
+    log_dataset(client, rid, name=data_name(cfg.data_path), source=cfg.data_path, digest=data.train.content_hash,
+                profile={"num_rows": m["valid"], "skipped_records": m["invalid"], "examples": m["examples"],
+                         "held_out_for_eval": 0 if data.eval_set else len(data.eval_ids)}, context="training")
+    if data.eval_set:
+        log_dataset(client, rid, name=data_name(cfg.eval_data_path), source=cfg.eval_data_path,
+                    digest=data.eval_set.content_hash,
+                    profile={"num_rows": data.eval_set.manifest["valid"], "evaluated": len(data.eval_ids)},
+                    context="eval")
+    else:  # the held-out split: its own digest, from the data and the records chosen
+        split = hashlib.sha256(data.train.content_hash.encode() + np.sort(data.eval_ids).tobytes()).hexdigest()[:16]
+        log_dataset(client, rid, name=f"{data_name(cfg.data_path)} (held out)", source=cfg.data_path, digest=split,
+                    profile={"num_rows": len(data.eval_ids), "eval_ratio": cfg.eval_ratio}, context="eval")
+    return rid
+
+
+def data_name(path: str) -> str:
+    first = path.split(",")[0]
+    return Path(first).name if Path(first).exists() else first
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(FinetuneConfig, argv, prog="finetune.py", description=__doc__.splitlines()[0])
-    print("config:\n" + "\n".join("  " + line for line in format_config(cfg).splitlines()))
     data = prepare_data(cfg, start_ray=lambda: init_ray(cfg))
     print_data_report(cfg, data)
+    auto: list[str] = []
     if data.info is not None:
-        describe_steps(cfg, data)
+        cfg, auto = fit_to_data(cfg, data)
+    print("config:\n" + "\n".join("  " + line for line in format_config(cfg).splitlines()))
     if cfg.dry_run:
         print("dry run: config and data are valid; nothing was trained.")
         return 0
@@ -218,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tags = {"base_model": str(Path(info.name).resolve()) if Path(info.name).is_dir() else info.name, "base_revision": str(info.revision), "family": info.family,
             "template": template.name, "dataset_hash": dataset_hash, "dataset_size": str(data.train.manifest["valid"]),
-            "ray_run_name": run_name, "glmops.job": "finetune"}
-    run_id = start_mlflow_run(cfg, uri, run_name, tags, resume_meta.get("mlflow_run_id"))
+            "ray_run_name": run_name, "glmops.job": "finetune", "glmops.auto_settings": ",".join(auto) or "none"}
+    run_id = start_mlflow_run(cfg, uri, run_name, tags, resume_meta.get("mlflow_run_id"), data)
     cfg_dict = asdict(cfg)
     if Path(cfg.base_model).expanduser().is_dir():
         # Workers run in Ray's session folders, and the merge job anywhere: pass local paths absolute.
@@ -257,14 +330,26 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.fit()
     except Exception as err:  # noqa: BLE001 - recorded in MLflow, then shown as one message
         finish_mlflow_run(uri, run_id, "FAILED")
-        raise UserError(f"training failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}\n"
-                        f"Checkpoints so far are in {storage}/{run_name}; continue with --resume_from_checkpoint.") from None
+        raise UserError(failure_message(err, cfg) + f"\nCheckpoints so far are in {storage}/{run_name}; "
+                        "continue with --resume_from_checkpoint.") from None
     best = result.get_best_checkpoint("eval_loss", "min")
     summary = result.return_value or {}
     log_final_artifacts(uri, run_id, best, cfg, summary)
     finish_mlflow_run(uri, run_id, "FINISHED")
     print_summary(best, run_id, uri, summary, time.time() - t0)
     return 0
+
+
+def failure_message(err: Exception, cfg: FinetuneConfig) -> str:
+    """One line on why training stopped; a memory kill says how full the node was and what to change."""
+    kill = memory_kill(err)
+    if kill is None:
+        return f"training failed: {type(err).__name__}: {str(err).splitlines()[0][:500]}"
+    packing = f", a smaller --max_tokens_per_batch (now {cfg.max_tokens_per_batch})" if cfg.packing else ""
+    return (f"training failed: Ray killed a process of this job because node {kill.node} ran out of memory "
+            f"({kill.used_gb:.2f} GB used of its {kill.limit_gb:.2f} GB limit; Ray kills above "
+            f"{kill.threshold:.0%}). Use fewer workers per node (--num_workers {cfg.num_workers}){packing}, "
+            "or nodes with more memory.")
 
 
 def read_checkpoint_metadata(path: str) -> dict:

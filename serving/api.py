@@ -21,6 +21,7 @@ MAX_TOKENS_LIMIT = 4096
 DEFAULT_MAX_TOKENS = 512
 MAX_MESSAGES = 256
 MAX_STOP_SEQUENCES = 4
+MAX_REQUEST_BYTES = 2 * 2**20  # a request body; far above the longest prompt any ChatGLM context holds
 
 api = FastAPI(title="glmops chat", docs_url=None, redoc_url=None)
 
@@ -39,6 +40,27 @@ def error_response(status: int, message: str, param: str | None = None, kind: st
 
 def overloaded(message: str, retry_after: float) -> APIError:
     return APIError(429, message, None, "rate_limit_error", {"Retry-After": str(max(1, math.ceil(retry_after)))})
+
+
+def _too_large() -> JSONResponse:
+    return error_response(413, f"the request body is over this server's limit of {MAX_REQUEST_BYTES:,} bytes "
+                          "(MAX_REQUEST_BYTES)", None)
+
+
+@api.middleware("http")
+async def _limit_body(request: Request, call_next):
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit() or int(length) > MAX_REQUEST_BYTES:
+            return _too_large()
+    elif request.method == "POST":  # chunked: count while reading, never hold more than the limit
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_REQUEST_BYTES:
+                return _too_large()
+        request._body = bytes(body)  # what the handler reads
+    return await call_next(request)
 
 
 @api.exception_handler(APIError)

@@ -18,6 +18,14 @@ import httpx
 
 from common.errors import UserError, run_cli
 
+# A reply is model output: control characters (ESC starts terminal escape sequences) are not printed raw.
+_UNPRINTABLE = {c: None for c in range(32) if chr(c) not in "\t\n\r"} | {0x7F: None}
+
+
+def printable(text: str) -> str:
+    return text.translate(_UNPRINTABLE)
+
+
 WELCOME = "glmops chat: type a message; 'clear' resets the conversation, 'stop' or 'exit' quits."
 
 
@@ -46,7 +54,7 @@ def stream_chat(url: str, messages: list[dict], api_key: str | None, max_tokens:
                     break
                 delta = json.loads(data)["choices"][0]["delta"].get("content") or ""
                 reply += delta
-                out.write(delta)
+                out.write(printable(delta))
                 out.flush()
     except httpx.ConnectError:
         raise UserError(f"cannot reach the server at {url}. Start it with `serve run serving:app` "

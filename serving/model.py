@@ -32,9 +32,9 @@ class ChatModel:
         import torch
 
         from common.loader import detect, load_tokenizer, open_model_folder
+        from common.registry import local_model_folder
         from common.templates import get_template
         from serving.engine_process import EngineProcess, EngineSpec, build_engine, load, model_context
-        from serving.model_source import local_model_folder
 
         if engine not in ("batch", "per_request"):
             raise ValueError(f"engine must be 'batch' or 'per_request', not {engine!r}")

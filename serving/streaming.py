@@ -1,8 +1,9 @@
 """Token ids to text for streaming (UTF-8-safe deltas, stop strings), and the old per-request path.
 
 Byte-level and sentencepiece byte-fallback tokenizers can split one Chinese character over several
-tokens; decoding token by token would emit U+FFFD halves. We decode the whole reply so far and hold back
-text while it ends in an incomplete character, so every delta is whole characters.
+tokens; decoding token by token would emit U+FFFD halves. We hold back text while it ends in an
+incomplete character, so every delta is whole characters, and drop the U+FFFD that bytes which never form
+a character decode to (a model can emit a lone continuation byte, or a lead byte followed by ASCII).
 """
 
 from __future__ import annotations
@@ -53,14 +54,17 @@ class Detokenizer:
     """Token ids → whole-character text deltas, cut at the first stop string.
 
     Incremental, as vLLM does it: only the tokens since the last complete character (plus the few before
-    them, for context) are decoded per token, so a long reply costs linear time, not quadratic."""
+    them, for context) are decoded per token, so a long reply costs linear time, not quadratic. Text is
+    final up to a trailing incomplete character (appending bytes changes only that tail), so everything
+    before it goes out at once, and a reply that ends in half a character loses only that half."""
 
     def __init__(self, tok, stop: tuple[str, ...] = (), clean=lambda s: s):
         self.tok, self.stop, self.clean = tok, stop, clean
         self.ids: list[int] = []
         self.prefix = 0   # ids[prefix:read] were decoded already: the context for the next piece
         self.read = 0
-        self.raw = ""     # everything decoded so far
+        self.held = 0     # characters of the pending piece (ids[read:]) already taken, before its incomplete tail
+        self.raw = ""     # everything decoded so far, without U+FFFD
         self.sent = ""    # what has been handed out
         self.stopped = False
 
@@ -69,10 +73,19 @@ class Detokenizer:
         self.ids.extend(tokens)
         before = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         now = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if now.endswith(REPLACEMENT) or not now.startswith(before):
-            return ""  # half a character: wait for the rest of its bytes
-        self.raw += now[len(before):]
-        self.prefix, self.read = self.read, len(self.ids)
+        if not now.startswith(before):
+            return ""  # the context decodes differently with what follows: wait for more
+        piece = now[len(before):]
+        final = piece.rstrip(REPLACEMENT)  # a trailing U+FFFD may still become a character
+        if len(final) < len(piece):
+            self.raw += final[self.held:].replace(REPLACEMENT, "")
+            self.held = max(self.held, len(final))
+        else:
+            self.raw += piece[self.held:].replace(REPLACEMENT, "")  # bytes that form no character: dropped
+            self.prefix, self.read, self.held = self.read, len(self.ids), 0
+        return self._delta()
+
+    def _delta(self) -> str:
         text = self.clean(self.raw)
         hit = next((s for s in self.stop if s and s in text), None)
         if hit:

@@ -92,6 +92,30 @@ def test_chatglm1_greedy_replies_equal_generate_on_the_reference_model():
         assert out == greedy(model, p, 10, stops)
 
 
+def test_streamed_text_never_holds_u_fffd_for_bytes_that_form_no_character(tiny, tiny_tokenizer):
+    from serving.streaming import REPLACEMENT, Detokenizer
+
+    tok = tiny_tokenizer
+    bei, jing = tok.encode("北"), tok.encode("京")  # byte-level tokens: a character is split over several
+    crafted = [*bei[:1], *tok.encode("a"), *bei, *jing[1:], *jing]  # a lead byte before ASCII, orphan tail bytes
+    assert REPLACEMENT in tok.decode(crafted)
+    engine = start(tiny)
+    try:  # the random model's own replies hold such bytes too
+        made = [out for out, _ in staggered_greedy(engine)]
+    finally:
+        engine.shutdown()
+    replies = [crafted] + [r for r in made if REPLACEMENT in tok.decode(r)]
+    assert len(replies) > 1
+    for ids in replies:
+        for step in (1, 3):  # a token per chunk, and several per chunk (the server's batched chunks)
+            detok = Detokenizer(tok)
+            text = "".join(detok.add(*ids[k:k + step]) for k in range(0, len(ids), step))
+            assert REPLACEMENT not in text
+            whole = tok.decode(ids, skip_special_tokens=True)
+            assert text == whole.rstrip(REPLACEMENT).replace(REPLACEMENT, "")
+    assert Detokenizer(tok).add(*crafted) == "a北京"
+
+
 def test_a_seed_makes_a_sampled_reply_reproducible_and_temperature_zero_is_greedy(tiny):
     engine = start(tiny)
     sampled = SamplingParams(16, temperature=1.0, top_p=0.9, min_tokens=16, seed=1234)

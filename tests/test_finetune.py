@@ -49,7 +49,7 @@ def finetune(env, run_name: str, *extra: str, hooks: dict | None = None, experim
             str(EVAL_EVERY), "--logging_steps", "3", "--max_tokens_per_batch", "128", "--gradient_accumulation_steps",
             "1", "--max_source_length", "64", "--max_target_length", "64", "--save_total_limit", "2",
             "--num_workers", "2", "--cpus_per_worker", "1", "--gradient_checkpointing", "false",
-            "--output_dir", str(env["root"] / "runs"), "--run_name", run_name,
+            "--system_metrics_interval", "1", "--output_dir", str(env["root"] / "runs"), "--run_name", run_name,
             "--mlflow_tracking_uri", env["server"].uri, "--experiment_name", experiment, *extra]
     # Chunks of 12 records: the 40-record set goes through the Ray Data pipeline, as large data does.
     return run_job(*args, env={"RAY_ADDRESS": "", "GLMOPS_DATA_CHUNK_RECORDS": "12", **(hooks or {})}, timeout=600)
@@ -92,6 +92,29 @@ def test_loss_falls_and_everything_lands_in_mlflow(env, uninterrupted):
         assert run.data.tags[tag]
     assert "step 24/24" in proc.stdout and "tok/s" in proc.stdout and "fine-tune finished" in proc.stdout
     assert "lora_r: 8" in (env["root"] / "runs" / "plain" / "config.yaml").read_text()  # saved with the checkpoints
+
+
+def test_the_run_says_where_it_came_from(env, uninterrupted):
+    """What the MLflow UI shows as Source, Datasets and System metrics (test_merge checks them in a browser)."""
+    from mlflow import MlflowClient
+
+    _, run_id = uninterrupted
+    client = MlflowClient(env["server"].uri)
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "jobs/finetune.py" and tags["glmops.version"]
+    if (ROOT / ".git").exists():
+        assert len(tags["mlflow.source.git.commit"]) == 40
+    inputs = {d.tags[0].value: d.dataset for d in run.inputs.dataset_inputs}
+    train, held_out = inputs["training"], inputs["eval"]
+    assert (train.name, train.digest) == ("data.json", tags["dataset_hash"])
+    assert json.loads(train.profile)["num_rows"] == 40 and "instruction" in train.schema
+    assert json.loads(held_out.profile)["num_rows"] == 10 and held_out.digest != train.digest
+    assert json.loads(train.source)["uri"].endswith("data.json")
+    system = {k for k in run.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
+    kind = client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"
 
 
 def test_the_kept_best_checkpoint_has_the_lowest_eval_loss(env, uninterrupted):
@@ -160,6 +183,49 @@ def test_a_dead_worker_is_restored_from_the_last_checkpoint_and_nothing_is_logge
                                                                        abs=1e-3)
 
 
+def test_a_small_file_trains_with_default_flags_and_its_loss_falls(env):
+    """21 records and no batching flags: the job fits the batching to the data (instead of one optimizer step
+    per epoch), warm-up is a share of the steps, and every resolved value is printed, saved and logged."""
+    from mlflow import MlflowClient
+
+    small = env["root"] / "small.json"
+    small.write_text(json.dumps(_records()[:21], ensure_ascii=False))
+    proc = run_job("jobs/finetune.py", "--base_model", str(env["model"]), "--data_path", str(small),
+                   "--output_dir", str(env["root"] / "runs"), "--run_name", "defaults",
+                   "--mlflow_tracking_uri", env["server"].uri, "--experiment_name", "defaults",
+                   env={"RAY_ADDRESS": ""}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("auto settings for this data:"))
+    assert "--gradient_accumulation_steps 1" in line and "fewer than 10 optimizer steps per epoch" in line
+    saved = (env["root"] / "runs" / "defaults" / "config.yaml").read_text()
+    params = MlflowClient(env["server"].uri).get_run(run_id_of(proc)).data.params
+    steps = 3 * 10  # 20 training examples make 10 rows of about two: 10 steps per epoch, 3 epochs
+    assert f"step {steps}/{steps}" in proc.stdout
+    for key, value in [("gradient_accumulation_steps", 1), ("warmup_steps", 1), ("logging_steps", 3)]:
+        assert f"{key}: {value}\n" in saved and params[key] == str(value)
+    assert int(params["max_tokens_per_batch"]) < 8192 and f"max_tokens_per_batch: {params['max_tokens_per_batch']}" in saved
+    losses = [v for _, v in sorted(history(env["server"].uri, run_id_of(proc), "loss"))]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
+
+
+@pytest.mark.parametrize("flags,expect", [
+    (["--max_tokens_per_batch", "1024"], "--gradient_accumulation_steps 1"),  # the other one still adapts
+    (["--max_tokens_per_batch", "8192", "--gradient_accumulation_steps", "8"],  # given, and cannot work: the error
+     "the training data makes 1 micro-batch(es) per epoch, but one optimizer step takes 8"),
+])
+def test_given_batching_flags_are_never_overridden(env, flags, expect):
+    small = env["root"] / "small-dry.json"
+    small.write_text(json.dumps(_records()[:21], ensure_ascii=False))
+    proc = run_job("jobs/finetune.py", "--base_model", str(env["model"]), "--data_path", str(small), "--dry_run",
+                   *flags, "--output_dir", str(env["root"] / "runs"))
+    out = proc.stdout + proc.stderr
+    assert expect in out and "Traceback" not in out
+    if "1024" in flags:
+        assert proc.returncode == 0 and "max_tokens_per_batch: 1024" in proc.stdout
+    else:
+        assert proc.returncode == 2 and "leave them unset" in proc.stderr
+
+
 def test_bad_data_stops_before_any_worker_and_leaves_no_run(env):
     from mlflow import MlflowClient
 
@@ -170,6 +236,29 @@ def test_bad_data_stops_before_any_worker_and_leaves_no_run(env):
     assert proc.returncode == 2 and "field 'output'" in proc.stderr and "Traceback" not in proc.stderr
     assert "Started a local Ray" not in proc.stdout + proc.stderr
     assert MlflowClient(env["server"].uri).get_experiment_by_name("bad-data") is None
+
+
+def test_a_memory_kill_is_reported_with_the_node_memory_and_the_fixes(env):
+    # Ray's own memory monitor, with its kill threshold lowered below what Ray alone uses: a real kill.
+    proc = run_job("jobs/finetune.py", "--base_model", str(env["model"]), "--data_path", str(env["root"] / "data.json"),
+                   "--mlflow_tracking_uri", env["server"].uri, "--output_dir", str(env["root"] / "runs"),
+                   "--max_failures", "0", "--experiment_name", "oom",
+                   env={"RAY_ADDRESS": "", "RAY_memory_usage_threshold": "0.02"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.split("error: ", 1)[1]
+    first, second = message.splitlines()[:2]
+    assert "ran out of memory" in first and "GB used of its" in first and "Ray kills above 2%" in first
+    assert "--num_workers 1" in first and "a smaller --max_tokens_per_batch (now " in first
+    assert "continue with --resume_from_checkpoint" in second
+
+
+def test_other_failures_are_not_taken_for_memory_kills():
+    from common.errors import memory_kill
+
+    try:
+        raise RuntimeError("the worker failed") from ValueError("CUDA error: an illegal memory access")
+    except RuntimeError as err:
+        assert memory_kill(err) is None
 
 
 @pytest.mark.parametrize("args,message", [

@@ -74,6 +74,48 @@ def test_three_ways_to_choose_give_versions_1_to_3_with_the_alias_on_the_newest(
     assert vs[1].tags["merge_base"] == "nf4_roundtrip" and vs[0].tags["merge_base"] == "original"
 
 
+def test_the_training_run_points_to_the_versions_made_from_it(trained, merged_three_ways):
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(trained["server"].uri).get_run(trained["run_id"]).data.tags
+    assert tags["glmops.model_version"] == f"{NAME}/3"
+    for v in ("1", "2", "3"):
+        assert f"[{NAME} version {v}](#/models/{NAME}/versions/{v})" in tags["mlflow.note.content"]
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_the_mlflow_ui_shows_source_datasets_system_metrics_and_the_model_version(trained, merged_three_ways,
+                                                                                  tmp_path):
+    import os
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not installed (.ci/run installs Debian's chromium)")
+    from mlflow import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    uri, run_id = trained["server"].uri, trained["run_id"]
+    exp_id = MlflowClient(uri).get_run(run_id).info.experiment_id
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1800})
+            page.goto(f"{uri}/#/experiments/{exp_id}/runs/{run_id}", wait_until="load")
+            page.get_by_text("jobs/finetune.py").first.wait_for(timeout=60_000)  # Source
+            page.get_by_text("data.json").first.wait_for(timeout=30_000)         # Datasets
+            page.get_by_text(f"{NAME} version 3").first.wait_for(timeout=30_000)  # the description's link
+            page.screenshot(path=str(tmp_path / "run-overview.png"), full_page=True)
+            page.goto(f"{uri}/#/experiments/{exp_id}/runs/{run_id}/system-metrics", wait_until="load")
+            page.get_by_text("cpu_utilization_percentage").first.wait_for(timeout=60_000)
+            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)  # a drawn chart, not a spinner
+            page.screenshot(path=str(tmp_path / "run-system-metrics.png"), full_page=True)
+        finally:
+            browser.close()
+    print(f"screenshots: {tmp_path}")
+
+
 def test_both_merge_bases_are_compared_with_the_trained_model(merged_three_ways):
     out = merged_three_ways[0].stdout
     assert "merge_base=original" in out and "merge_base=nf4_roundtrip" in out

@@ -119,3 +119,46 @@ def test_varlen_attention_keeps_every_example_to_itself_on_gpu(tiny_model, tiny_
     leaky.cu_seqlens = torch.tensor([0, leaky.input_ids.shape[1]], dtype=torch.int32)
     leaky.max_seqlen = leaky.input_ids.shape[1]
     assert abs(run(leaky) - alone) / alone > 1e-3
+
+
+class _Encoded:
+    def __init__(self, n_tokens: int):
+        self.input_ids = [5] * n_tokens
+        self.labels = [IGNORE] * (n_tokens // 2) + [5] * (n_tokens - n_tokens // 2)
+
+
+def _fit(n_examples: int, n_tokens: int = 100, **given):
+    from common.epochs import InMemoryExamples, fit_batching
+
+    kw = dict(packing=True, workers=1, batch_size=1, seed=0, max_tokens=None, accumulation=None, large_tokens=8192,
+              large_accumulation=8, min_steps=10)
+    return fit_batching(InMemoryExamples([_Encoded(n_tokens) for _ in range(n_examples)]), **{**kw, **given})
+
+
+def test_large_data_keeps_the_large_data_batching():
+    fit = _fit(10_000)  # 1,000,000 tokens: 123 rows of 8192 -> 16 steps of 8
+    assert (fit.max_tokens, fit.accumulation, fit.steps_per_epoch) == (8192, 8, 16)
+
+
+def test_small_data_shrinks_the_accumulation_first_then_the_token_budget():
+    fit = _fit(500)  # 50,000 tokens: 7 rows of 8192; 1 per step -> 7 steps, so the budget halves to 4096
+    assert (fit.max_tokens, fit.accumulation) == (4096, 1) and fit.steps_per_epoch >= 10
+    mid = _fit(2_000)  # 25 rows of 8192: accumulation 2 gives 13 steps
+    assert (mid.max_tokens, mid.accumulation, mid.steps_per_epoch) == (8192, 2, 13)
+
+
+def test_a_handful_of_records_gets_rows_of_one_example_never_shorter_than_the_longest():
+    fit = _fit(6, n_tokens=70)  # fewer examples than steps wanted: the smallest batching, 80-token rows
+    assert (fit.max_tokens, fit.accumulation, fit.steps_per_epoch) == (80, 1, 6)
+
+
+def test_given_settings_are_never_changed():
+    fit = _fit(500, max_tokens=8192, accumulation=4)
+    assert (fit.max_tokens, fit.accumulation, fit.steps_per_epoch) == (8192, 4, 2)
+    only_tokens = _fit(500, max_tokens=8192)  # the accumulation alone adapts
+    assert (only_tokens.max_tokens, only_tokens.accumulation) == (8192, 1)
+
+
+def test_padded_batches_adapt_only_the_accumulation():
+    fit = _fit(40, packing=False, batch_size=2)  # 20 batches of 2: accumulation 2 -> 10 steps
+    assert (fit.accumulation, fit.steps_per_epoch) == (2, 10)

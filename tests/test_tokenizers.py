@@ -45,3 +45,28 @@ def test_left_padding_masks_and_positions_as_the_original(version):
     assert padded["input_ids"] == batch["input_ids"]
     assert padded["attention_mask"] == batch["attention_mask"]
     assert padded["position_ids"] == batch["position_ids"]
+
+
+# ChatGLM-6B's original tokenizer runs on transformers 4.27 (what THUDM's code pins). Its slow-tokenizer base
+# splits the registered special tokens (<sop>, <eop>, <unk>, <pad>, [MASK]) out of the text, strips the
+# whitespace beside each, and encodes the pieces between them separately; `<n>` is an ordinary piece of the
+# vocabulary (the newline's), and `</s>`, `<s>`, `[gMASK]` stay text. The ids below are what that 4.27 base
+# class gives over the shared ice_text.model (checked in a scratch environment with transformers==4.27.1).
+SPECIAL_STRINGS = [
+    ("a<n>b", [104, 4, 178]),
+    ("a<unk>b", [104, 0, 463]),
+    ("a <pad> b", [104, 3, 463]),
+    ("a</s>b", [104, 67, 106, 33, 178]),
+    ("a <s> b", [104, 46, 106, 33, 463]),
+    ("问<sop>\n答", [5, 64286, 130004, 68188]),
+    ("x [MASK] y", [399, 130000, 548]),
+    ("[gMASK]z", [53, 199, 15475, 42, 292]),
+    ("<eop>", [130005]),
+    ("a\n<unk>\nb", [104, 0, 463]),
+]
+
+
+@pytest.mark.parametrize("text,ids", SPECIAL_STRINGS)
+def test_chatglm1_special_token_strings_inside_text_encode_as_the_original(text, ids):
+    tok = reference_tokenizer("chatglm1")
+    assert tok.encode(text, add_special_tokens=False) == ids
