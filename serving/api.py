@@ -42,6 +42,16 @@ def overloaded(message: str, retry_after: float) -> APIError:
     return APIError(429, message, None, "rate_limit_error", {"Retry-After": str(max(1, math.ceil(retry_after)))})
 
 
+# Characters that JSON leaves raw but that line splitters (Python's str.splitlines, httpx's aiter_lines,
+# some JavaScript) take for line breaks: escaped, so one event's data line is never cut in two.
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def sse_json(body: dict) -> str:
+    """One server-sent event's JSON: UTF-8 text as it is, on exactly one line."""
+    return json.dumps(body, ensure_ascii=False).translate(_LINE_BREAKS)
+
+
 def _too_large() -> JSONResponse:
     return error_response(413, f"the request body is over this server's limit of {MAX_REQUEST_BYTES:,} bytes "
                           "(MAX_REQUEST_BYTES)", None)
@@ -230,7 +240,7 @@ class Ingress:
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             if usage:
                 body["usage"] = usage
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return f"data: {sse_json(body)}\n\n"
 
         async def sse():
             try:

@@ -71,6 +71,9 @@ class ChatModel:
                 self.max_model_len = self.engine.config.max_model_len
         if line:
             print(line + (" (engine process)" if in_child else ""), flush=True)
+        if int(bits) == 8 and device != "cpu":
+            print("warning: bits=8 (bitsandbytes LLM.int8) decodes about 25x slower than bits=4 on a GPU "
+                  "(7 tok/s per stream on an H200, bench/NOTES.md); serve with bits=4 or 16", flush=True)
         log.info("serving %s (%s, template %s, %s-bit, %s, engine %s)", model, info.family, self.template.name,
                  bits, device, engine)
 

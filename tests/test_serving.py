@@ -348,3 +348,13 @@ def test_the_terminal_client_prints_no_control_characters():
 
     # A random or broken model can emit ESC sequences; a terminal would run them.
     assert printable("a\x1b[31mb\x07c\x7f\td\ne\r") == "a[31mbc\td\ne\r"
+
+
+def test_an_event_stays_one_line_whatever_characters_the_reply_holds():
+    from serving.api import sse_json
+
+    # Every character str.splitlines (and httpx's aiter_lines) breaks on; JSON leaves U+0085/2028/2029 raw.
+    text = "a\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029b 北京"
+    line = sse_json({"delta": {"content": text}})
+    assert line.splitlines() == [line] and json.loads(line)["delta"]["content"] == text
+    assert "北京" in line  # UTF-8 as it is, not \u-escaped
