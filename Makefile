@@ -17,7 +17,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-fast demo tiny-model finetune merge serve chat mlflow-ui lint clean
+.PHONY: help install test test-fast demo tiny-model finetune merge evaluate serve chat mlflow-ui lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -52,6 +52,9 @@ finetune: $(TINY)/config.json  ## fine-tune (ARGS="--base_model ... --data_path 
 
 merge: $(STAMP)  ## merge an adapter and register it (ARGS="--run_id ...")
 	$(PY) jobs/merge.py $(ARGS)
+
+evaluate: $(STAMP)  ## score models by generation (ARGS="--compare base,models:/name@champion --data_path ...")
+	$(PY) jobs/evaluate.py $(ARGS)
 
 serve: $(STAMP)  ## serve a model (ARGS="model=models:/<name>@champion")
 	$(VENV)/bin/serve run serving:app $(ARGS)

@@ -310,6 +310,12 @@ class FinetuneConfig:
     logging_steps: int | None = opt(None, "log a progress line every N optimizer steps (default: 50, or about "
                                     "ten lines for a shorter run)")
     eval_steps: int = opt(200, "evaluate and checkpoint every N optimizer steps", aliases=("save_steps",))
+    eval_generate_samples: int = opt(32, "at each eval, greedy replies to this many held-out prompts, scored with "
+                                     "BLEU-4 / ROUGE (common/metrics.py); 0 turns it off")
+    eval_max_new_tokens: int = opt(128, "length limit of those replies")
+    best_metric: str = opt("eval_loss", "what makes a checkpoint the best: the lowest eval loss, or the highest "
+                           "ROUGE-L (jieba words) or BLEU-4 (characters) of the eval replies",
+                           choices=("eval_loss", "rouge-l", "bleu-4"))
     save_total_limit: int = opt(3, "checkpoints kept (the best by eval loss and the latest are always among them)")
     output_dir: str = opt("output", "where Ray Train keeps checkpoints (its storage_path)", aliases=("output_path",))
     run_name: str | None = opt(None, "name of this run in Ray and MLflow (default: finetune-<time>)")
@@ -363,6 +369,11 @@ class FinetuneConfig:
         _check(p, bool(self.lora_target), "lora_target: name at least one module, or auto / all-linear")
         _check(p, self.logging_steps is None or self.logging_steps >= 1, f"logging_steps: must be >= 1, found {self.logging_steps}")
         _check(p, self.eval_steps >= 1, f"eval_steps: must be >= 1, found {self.eval_steps}")
+        _check(p, self.eval_generate_samples >= 0,
+               f"eval_generate_samples: must be >= 0, found {self.eval_generate_samples}")
+        _check(p, self.eval_max_new_tokens >= 1, f"eval_max_new_tokens: must be >= 1, found {self.eval_max_new_tokens}")
+        _check(p, self.best_metric == "eval_loss" or self.eval_generate_samples > 0,
+               f"best_metric {self.best_metric}: needs eval replies; set --eval_generate_samples > 0")
         _check(p, self.save_total_limit >= 1, f"save_total_limit: must be >= 1, found {self.save_total_limit}")
         _check(p, self.num_workers >= 1, f"num_workers: must be >= 1, found {self.num_workers}")
         _check(p, self.cpus_per_worker > 0, f"cpus_per_worker: must be > 0, found {self.cpus_per_worker}")
@@ -438,3 +449,42 @@ class ServeConfig:
         _check(p, 1 <= self.port <= 65535, f"port: must be in 1..65535, found {self.port}")
         return p
 
+
+@dataclass
+class EvaluateConfig:
+    model: str | None = opt(None, "the model to score: a registry URI (models:/name@alias, models:/name/3), an MLflow "
+                            "run id (its best adapter on its base, unmerged), a local folder or a hub id")
+    compare: list[str] = opt([], "several models to score side by side (comma-separated, each as for --model), "
+                             "e.g. the base and the fine-tuned one")
+    via_url: str | None = opt(None, "score a running glmops server through its OpenAI API instead of loading a model")
+    api_key: str | None = opt(None, "the server's API key, with --via_url (default: $GLMOPS_API_KEY)")
+    data_path: str = opt(DEFAULT_DATA_PATH, "records to score on, in the training data's format (JSON, JSONL, Parquet, "
+                         "hub dataset)")
+    max_samples: int = opt(200, "score at most this many records (the first ones of the file)")
+    max_new_tokens: int = opt(128, "reply length limit (greedy decoding)")
+    batch_size: int = opt(8, "prompts generated together")
+    bits: int | None = opt(None, "load the models in 4, 8 or 16 bits (default: an adapter on the base as trained, "
+                           "others in 16)", choices=(4, 8, 16))
+    device: str = opt("auto", "cpu, cuda or auto")
+    template: str | None = opt(None, "chat template; default: the one recorded with each model",
+                               choices=("chatglm", "chatglm2", "chatglm3", "glm4", "hf"))
+    mlflow_tracking_uri: str | None = opt(None, "MLflow server or store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
+    experiment_name: str = opt("glmops-evaluate", "MLflow experiment of the evaluation runs")
+    run_name: str | None = opt(None, "name of the evaluation run (default: evaluate-<time>)")
+    local_files_only: bool = opt(False, "never download a model")
+    trust_remote_code: bool = opt(False, "run model code from the model repo")
+
+    @property
+    def models(self) -> list[str]:
+        return [self.model] if self.model else list(self.compare)
+
+    def validate(self) -> list[str]:
+        p: list[str] = []
+        given = sum(bool(x) for x in (self.model, self.compare, self.via_url))
+        _check(p, given == 1, "choose what to score with exactly one of --model, --compare or --via_url")
+        _check(p, not self.compare or len(self.compare) >= 2,
+               "compare: name at least two models (use --model for one)")
+        _check(p, self.max_samples >= 1, f"max_samples: must be >= 1, found {self.max_samples}")
+        _check(p, self.max_new_tokens >= 1, f"max_new_tokens: must be >= 1, found {self.max_new_tokens}")
+        _check(p, self.batch_size >= 1, f"batch_size: must be >= 1, found {self.batch_size}")
+        return p

@@ -136,10 +136,11 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
     from peft import PeftModel
 
     from common.convert import _route_autotokenizer_to_ours
+    from common.generation import generate_replies, prompt_text, sample_reply
     from common.loader import load_model, load_tokenizer, open_model_folder
     from common.metadata import write_model_metadata
+    from common.metrics import average, score
     from common.templates import get_template
-    from common.trainer import sample_reply
 
     meta = source.metadata
     try:
@@ -206,6 +207,15 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
     model = chosen
     report["sample_reply"] = sample_reply(model, tok, template.name, Conversation(
         history=[tuple(h) for h in prompts[0].get("history") or []], query=prompts[0]["query"]), device)
+    convs = [Conversation(history=[tuple(h) for h in c["history"]], query=c["query"], answer=c.get("answer"),
+                          system=c.get("system")) for c in meta.get("eval_conversations") or []]
+    if convs:  # the training run's eval replies, now from the merged model: the version's scores
+        replies = generate_replies(model, tok, template.name, convs, device, int(meta.get("eval_max_new_tokens", 128)))
+        rows = [score(r, c.answer or "") for r, c in zip(replies, convs)]
+        report["eval_scores"] = average(rows)
+        report["eval_generations"] = {"prompt": [prompt_text(c) for c in convs],
+                                      "reference": [c.answer or "" for c in convs], "reply": replies,
+                                      "rouge-l_jieba": [round(r["rouge-l_jieba"], 2) for r in rows]}
 
     model = model.to(DTYPES[cfg.dtype])
     model.generation_config.eos_token_id = template.stop_token_ids(tok)
@@ -256,7 +266,11 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
         metrics += [Metric(f"diff_to_trained_{k}", v, now, 0) for k, v in report["merge_base_comparison"].items()]
         client.log_batch(rid, metrics=metrics,
                          params=[Param(k, str(v)[:6000]) for k, v in to_dict(cfg).items()])
+        generations = report.pop("eval_generations", None)
         client.log_text(rid, json.dumps(report, ensure_ascii=False, indent=1, default=str), "merge_report.json")
+        if generations:
+            client.log_table(rid, data=generations, artifact_file="eval_generations.json")
+            client.log_batch(rid, metrics=[Metric(f"eval_{k}", v, now, 0) for k, v in report["eval_scores"].items()])
         client.log_artifacts(rid, str(out), "merged")
         try:
             client.create_registered_model(name, description=f"{meta['base_model']} fine-tuned with glmops")
@@ -267,6 +281,7 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
                         "eval_loss": str(meta.get("eval_loss")), "base_model": meta["base_model"],
                         "base_revision": str(meta.get("revision")), "family": meta["family"],
                         "template": meta["template"], "merge_base": cfg.merge_base, "dtype": cfg.dtype}
+        version_tags.update({f"eval.{k}": f"{v:.2f}" for k, v in (report.get("eval_scores") or {}).items()})
         version = client.create_model_version(name, source=f"{run.info.artifact_uri}/merged", run_id=rid,
                                               tags=version_tags)
         client.set_registered_model_alias(name, cfg.alias, version.version)

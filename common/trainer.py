@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from common.attention import use_varlen, varlen_available
 from common.data import Conversation
 from common.epochs import BatchReader, ParquetExamples, all_batches, plan_epoch, step_micro_batches, steps_in
+from common.generation import generate_replies
+from common.metrics import SCORES, average, score
 from common.packing import Batch
-from common.templates import IGNORE, get_template
+from common.templates import IGNORE
 
 LORA_TARGETS = {
     "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -205,17 +207,6 @@ def evaluate(loss_fn: CausalLMLoss, batches: list[Batch], device) -> tuple[float
     return loss, n
 
 
-@torch.no_grad()
-def sample_reply(model, tok, template_name: str, conv: Conversation, device, max_new_tokens: int = 48) -> str:
-    template = get_template(template_name)
-    ids = template.prompt(tok, Conversation(history=conv.history, query=conv.query, system=conv.system))
-    model.eval()
-    out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
-                         do_sample=False, eos_token_id=template.stop_token_ids(tok),
-                         pad_token_id=tok.pad_token_id, use_cache=True)
-    return template.clean_reply(tok.decode(out[0, len(ids):], skip_special_tokens=True))
-
-
 # -- checkpoints -----------------------------------------------------------------------------------------
 
 @dataclass
@@ -392,8 +383,28 @@ def _train(config: dict) -> dict:
     loss_fn = CausalLMLoss(model, autocast_dtype)
     ddp = ray.train.torch.prepare_model(loss_fn, move_to_device=False) if world > 1 else loss_fn
     unwrapped = model
-    sample_conv = config.get("sample_conversation")
     metadata = dict(config["metadata"])
+    template_name = cfg.get("template") or info.template
+    # A fixed sample of the eval split, replied to greedily at every eval and scored (rank 0 generates;
+    # every rank reports the same scores, so any rank's report can choose the best checkpoint).
+    gen_convs = [Conversation(history=[tuple(h) for h in c["history"]], query=c["query"], answer=c.get("answer"),
+                              system=c.get("system")) for c in config.get("generate_conversations") or []]
+
+    def eval_generation() -> tuple[dict[str, float], str]:
+        """The eval replies' mean scores (eval_<score>) and the first reply (the log's sample)."""
+        if not gen_convs:
+            return {}, ""
+        means = torch.zeros(len(SCORES), dtype=torch.float64, device=device)
+        first = ""
+        if rank == 0:
+            replies = generate_replies(unwrapped, tok, template_name, gen_convs, device, cfg["eval_max_new_tokens"])
+            rows = [score(r, c.answer or "") for r, c in zip(replies, gen_convs)]
+            means += torch.tensor([average(rows)[k] for k in SCORES], dtype=torch.float64, device=device)
+            first = replies[0]
+            tracker.log_generations(state.step, gen_convs, replies, rows)
+        if world > 1:
+            torch.distributed.all_reduce(means)
+        return {f"eval_{k}": float(v) for k, v in zip(SCORES, means.tolist())}, first
 
     def eval_and_checkpoint(final: bool) -> None:
         # The unwrapped model: DDP would sync buffers on every forward, and ranks may hold unequal eval shares.
@@ -403,19 +414,20 @@ def _train(config: dict) -> dict:
             torch.distributed.all_reduce(sums)
         eval_loss = float(sums[0] / max(sums[1], 1))
         ppl = math.exp(min(eval_loss, 50))
-        reply = sample_reply(unwrapped, tok, cfg.get("template") or info.template,
-                             Conversation(**sample_conv), device) if (rank == 0 and sample_conv) else ""
+        scores, reply = eval_generation()
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
-        state.history.append({"step": state.step, "eval_loss": eval_loss, "sample": reply})
-        log(f"eval   step {state.step}/{total_steps} | eval_loss {eval_loss:.4f} | ppl {ppl:.2f} | "
+        state.history.append({"step": state.step, "eval_loss": eval_loss, "sample": reply, **scores})
+        shown = "".join(f" | {k.removeprefix('eval_')} {scores[k]:.1f}" for k in
+                        ("eval_bleu-4_chars", "eval_rouge-l_jieba") if k in scores)
+        log(f"eval   step {state.step}/{total_steps} | eval_loss {eval_loss:.4f} | ppl {ppl:.2f}{shown} | "
             f"sample: {reply[:80]!r}")
-        tracker.log_metrics({"eval_loss": eval_loss, "perplexity": ppl}, state.step)
-        metrics = {"eval_loss": eval_loss, "perplexity": ppl, "step": state.step, "epoch": state.epoch,
+        tracker.log_metrics({"eval_loss": eval_loss, "perplexity": ppl, **scores}, state.step)
+        metrics = {"eval_loss": eval_loss, "perplexity": ppl, **scores, "step": state.step, "epoch": state.epoch,
                    "final": final}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                meta = {**metadata, "step": state.step, "eval_loss": eval_loss}
+                meta = {**metadata, "step": state.step, "eval_loss": eval_loss, "eval_scores": scores}
                 save_checkpoint(Path(tmp), unwrapped, optimizer, scheduler, state, meta)
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.step:06d}")

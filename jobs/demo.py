@@ -1,7 +1,7 @@
 """`make demo`: the whole pipeline on the embedded default, on CPU, with nothing downloaded.
 
 tiny model → dry run → QLoRA fine-tune on a local Ray (2 workers) → merge + register in ./mlflow.db →
-serve the registered model with Ray Serve → one question through the terminal client → shut down.
+base vs fine-tuned scores → serve the registered model with Ray Serve → one question through the terminal client → shut down.
 Each step prints the command a user would type.
 """
 
@@ -31,6 +31,9 @@ STEPS = [
     ("merge the best adapter of the demo experiment and register it (alias @champion)",
      [PY, "jobs/merge.py", "--experiment", "glmops-demo", "--output_dir", "models/tiny-chatglm2-finetune",
       "--overwrite", "--dtype", "fp32", "--mlflow_tracking_uri", TRACKING]),
+    ("score the base and the fine-tuned model side by side on the sample data (BLEU-4, ROUGE, x100)",
+     [PY, "jobs/evaluate.py", "--compare", f"models/tiny-chatglm2,{MODEL_URI}", "--data_path", "data/sample.json",
+      "--max_samples", "40", "--max_new_tokens", "32", "--mlflow_tracking_uri", TRACKING]),
 ]
 
 

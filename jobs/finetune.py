@@ -38,6 +38,7 @@ from common.epochs import ParquetExamples, fit_batching
 from common.errors import ModelFilesError, UserError, memory_kill, run_cli
 from common.examples import length_summary
 from common.loader import ModelInfo, open_model_folder
+from common.metrics import BEST_METRICS
 from common.templates import Template, get_template
 from common.tokenize_cache import (
     META_COLUMNS,
@@ -304,15 +305,18 @@ def main(argv: list[str] | None = None) -> int:
                 "mlflow_run_id": run_id, "ray_run_name": run_name,
                 "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                          "target": cfg.lora_target}}
-    # A few eval prompts travel with every checkpoint: the sample reply, and the merge job's check.
-    prompts = [{"history": c["history"], "query": c["query"], "system": c["system"]}
-               for c in conversations(data.eval_file, 4)]
-    metadata["eval_prompts"] = prompts
-    sample = prompts[0] if prompts else None
+    # The held-out conversations replied to at every eval travel with every checkpoint too: the merge job
+    # checks its merge on the first few prompts and scores the merged model on all of them.
+    generate = conversations(data.eval_file, cfg.eval_generate_samples)
+    metadata["eval_prompts"] = [{"history": c["history"], "query": c["query"], "system": c["system"]}
+                                for c in conversations(data.eval_file, 4)]
+    metadata["eval_conversations"] = generate
+    metadata["eval_max_new_tokens"] = cfg.eval_max_new_tokens
+    best_key, best_order = BEST_METRICS[cfg.best_metric]
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg_dict, "data": data.worker_data, "tracking_uri": uri, "mlflow_run_id": run_id, "metadata": metadata,
-                           "sample_conversation": sample,
+        train_loop_config={"cfg": cfg_dict, "data": data.worker_data, "tracking_uri": uri, "mlflow_run_id": run_id,
+                           "metadata": metadata, "generate_conversations": generate,
                            "resume_from": str(Path(cfg.resume_from_checkpoint).resolve())
                            if cfg.resume_from_checkpoint else None},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu,
@@ -320,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              **worker_resources(cfg.resources_per_worker)}),
         run_config=RunConfig(
             name=run_name, storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit, checkpoint_score_attribute="eval_loss",
-                                               checkpoint_score_order="min"),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.save_total_limit, checkpoint_score_attribute=best_key,
+                                               checkpoint_score_order=best_order),
             failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
     save_config(cfg, Path(storage) / run_name / "config.yaml")  # next to the checkpoints
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         finish_mlflow_run(uri, run_id, "FAILED")
         raise UserError(failure_message(err, cfg) + f"\nCheckpoints so far are in {storage}/{run_name}; "
                         "continue with --resume_from_checkpoint.") from None
-    best = result.get_best_checkpoint("eval_loss", "min")
+    best = result.get_best_checkpoint(best_key, best_order)
     summary = result.return_value or {}
     log_final_artifacts(uri, run_id, best, cfg, summary)
     finish_mlflow_run(uri, run_id, "FINISHED")
@@ -371,6 +375,9 @@ def log_final_artifacts(uri: str, run_id: str, best, cfg: FinetuneConfig, summar
         meta = json.loads((Path(d) / "adapter" / "glmops.json").read_text(encoding="utf-8"))
     client.set_tag(run_id, "best_checkpoint", best.path)
     client.log_metric(run_id, "best_eval_loss", float(meta["eval_loss"]), step=int(meta["step"]))
+    client.set_tag(run_id, "best_metric", cfg.best_metric)
+    for key, value in (meta.get("eval_scores") or {}).items():  # the best checkpoint's reply scores
+        client.log_metric(run_id, f"best_{key}", float(value), step=int(meta["step"]))
     for key in ("wall_seconds", "peak_memory_gib", "tokens_per_second", "train_tokens_per_second"):
         if summary.get(key) is not None:
             client.log_metric(run_id, f"summary_{key}", float(summary[key]))
@@ -388,6 +395,12 @@ def print_summary(best, run_id: str, uri: str, summary: dict, wall: float) -> No
         print(f"best adapter:    {best.path}/adapter")
     if summary.get("best_eval_loss") is not None:
         print(f"best eval loss:  {summary['best_eval_loss']:.4f}")
+    history = summary.get("history") or []
+    for key, name in (("eval_bleu-4_chars", "best BLEU-4:"), ("eval_rouge-l_jieba", "best ROUGE-L:")):
+        seen = [(h[key], h["step"]) for h in history if key in h]
+        if seen:
+            value, step = max(seen)
+            print(f"{name:<16} {value:.2f} at step {step} ({key.removeprefix('eval_')}, x100)")
     print(f"wall time:       {wall:.0f} s (training loop {summary.get('wall_seconds', 0):.0f} s)")
     if summary.get("tokens_per_second"):
         print(f"throughput:      {summary['tokens_per_second']:,.0f} tokens/s over the loop (evals included)")

@@ -55,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         for base, diff in report["merge_base_comparison"].items():
             print(f"    merge_base={base:<14} {diff:.4f}")
     print(f"  sample reply: {report['sample_reply'][:120]!r}")
+    if report.get("eval_scores"):
+        scores = report["eval_scores"]
+        print(f"  scored on the run's {len(report['eval_generations']['reply'])} eval conversations: "
+              f"BLEU-4 {scores['bleu-4_chars']:.2f} (chars), ROUGE-L {scores['rouge-l_jieba']:.2f} (jieba words), "
+              f"exact match {scores['exact_match']:.1f} (x100; tagged eval.* on the version)")
 
     name = cfg.registered_model or registered_name_for(meta["base_model"])
     version = register_merged(uri, out, name, cfg, source, report)

@@ -49,7 +49,8 @@ def finetune(env, run_name: str, *extra: str, hooks: dict | None = None, experim
             str(EVAL_EVERY), "--logging_steps", "3", "--max_tokens_per_batch", "128", "--gradient_accumulation_steps",
             "1", "--max_source_length", "64", "--max_target_length", "64", "--save_total_limit", "2",
             "--num_workers", "2", "--cpus_per_worker", "1", "--gradient_checkpointing", "false",
-            "--system_metrics_interval", "1", "--output_dir", str(env["root"] / "runs"), "--run_name", run_name,
+            "--system_metrics_interval", "1", "--eval_generate_samples", "6", "--eval_max_new_tokens", "16",
+            "--output_dir", str(env["root"] / "runs"), "--run_name", run_name,
             "--mlflow_tracking_uri", env["server"].uri, "--experiment_name", experiment, *extra]
     # Chunks of 12 records: the 40-record set goes through the Ray Data pipeline, as large data does.
     return run_job(*args, env={"RAY_ADDRESS": "", "GLMOPS_DATA_CHUNK_RECORDS": "12", **(hooks or {})}, timeout=600)
@@ -115,6 +116,39 @@ def test_the_run_says_where_it_came_from(env, uninterrupted):
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= system, system
     kind = client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
     assert kind == "custom_model_development"
+
+
+def test_every_eval_scores_greedy_replies_and_logs_them_as_a_table(env, uninterrupted):
+    from mlflow import MlflowClient
+
+    proc, run_id = uninterrupted
+    uri = env["server"].uri
+    evals = [s for s, _ in sorted(history(uri, run_id, "eval_loss"))]
+    for key in ("eval_bleu-4_chars", "eval_rouge-1_jieba", "eval_rouge-2_jieba", "eval_rouge-l_jieba",
+                "eval_exact_match", "eval_reply_chars"):
+        points = sorted(history(uri, run_id, key))
+        assert [s for s, _ in points] == evals, key
+        assert all(0 <= v <= (10**4 if key == "eval_reply_chars" else 100) for _, v in points)
+    client = MlflowClient(uri)
+    tables = sorted(a.path for a in client.list_artifacts(run_id, "eval_generations"))
+    assert tables == [f"eval_generations/step-{s:06d}.json" for s in evals]
+    table = json.loads(Path(client.download_artifacts(run_id, tables[-1])).read_text())
+    assert set(table["columns"]) >= {"prompt", "reference", "reply", "rouge-l_jieba"} and len(table["data"]) == 6
+    assert "best ROUGE-L:" in proc.stdout and "best BLEU-4:" in proc.stdout
+
+
+def test_best_metric_rouge_l_keeps_the_checkpoint_with_the_highest_rouge_l(env):
+    from mlflow import MlflowClient
+
+    proc = finetune(env, "by-rouge", "--best_metric", "rouge-l")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_id, uri = run_id_of(proc), env["server"].uri
+    rouge = sorted(history(uri, run_id, "eval_rouge-l_jieba"))
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    meta = json.loads((Path(tags["best_checkpoint"]) / "adapter" / "glmops.json").read_text())
+    assert tags["best_metric"] == "rouge-l"
+    assert meta["eval_scores"]["eval_rouge-l_jieba"] == pytest.approx(max(v for _, v in rouge))
+    assert dict(rouge)[meta["step"]] == pytest.approx(max(v for _, v in rouge))  # its step scored highest
 
 
 def test_the_kept_best_checkpoint_has_the_lowest_eval_loss(env, uninterrupted):

@@ -83,6 +83,51 @@ def test_the_training_run_points_to_the_versions_made_from_it(trained, merged_th
         assert f"[{NAME} version {v}](#/models/{NAME}/versions/{v})" in tags["mlflow.note.content"]
 
 
+def test_merge_scores_the_merged_model_on_the_runs_eval_conversations(trained, merged_three_ways):
+    tags = versions(trained)[0].tags
+    for key in ("eval.bleu-4_chars", "eval.rouge-l_jieba", "eval.exact_match"):
+        assert 0 <= float(tags[key]) <= 100, key
+    assert "scored on the run's 6 eval conversations" in merged_three_ways[0].stdout
+
+
+def test_evaluate_compares_base_registered_and_run_side_by_side_in_one_mlflow_run(trained, merged_three_ways):
+    """Base vs fine-tuned on the training data: the fine-tuned ones (the registry version and the run's
+    adapter on its base, unmerged) reply better; one run holds all three; the version gets its scores."""
+    from mlflow import MlflowClient
+
+    uri = trained["server"].uri
+    specs = [str(trained["model"]), f"models:/{NAME}/1", trained["run_id"]]
+    proc = run_job("jobs/evaluate.py", "--compare", ",".join(specs), "--data_path", str(trained["root"] / "data.json"),
+                   "--max_samples", "12", "--max_new_tokens", "16", "--mlflow_tracking_uri", uri, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split("  ")[0].strip(): line.split()[-6:] for line in proc.stdout.splitlines()
+            if line.startswith(("tiny-chatglm2 ", f"{NAME} v1", "run "))}
+    assert len(rows) == 3, proc.stdout[-2000:]
+    rouge_l = {k: float(v[3]) for k, v in rows.items()}
+    base = rouge_l["tiny-chatglm2"]
+    assert rouge_l[f"{NAME} v1"] > base and rouge_l[f"run {trained['run_id'][:8]}"] > base, rouge_l
+    client = MlflowClient(uri)
+    run_id = next(x for x in proc.stdout.splitlines() if x.startswith("MLflow run id:")).split()[3]
+    run = client.get_run(run_id)
+    assert run.data.metrics[f"{NAME} v1/rouge-l_jieba"] == pytest.approx(rouge_l[f"{NAME} v1"], abs=0.01)
+    assert run.data.tags[f"model_version [{NAME} v1]"] == f"{NAME}/1"
+    assert run.data.tags[f"training_run_id [run {trained['run_id'][:8]}]"] == trained["run_id"]
+    table = json.loads(Path(client.download_artifacts(run_id, "eval_generations.json")).read_text())
+    assert len(table["data"]) == 12 and sum(c.startswith("reply [") for c in table["columns"]) == 3
+    version = client.get_model_version(NAME, "1")
+    assert version.tags["eval.run_id"] == run_id
+    assert float(version.tags["eval.rouge-l_jieba"]) == pytest.approx(rouge_l[f"{NAME} v1"], abs=0.01)
+
+
+def test_evaluate_names_the_bad_record_and_field(trained, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"instruction": "hi", "output": "ok"}, {"instruction": 3, "output": "x"}]')
+    proc = run_job("jobs/evaluate.py", "--model", str(trained["model"]), "--data_path", str(bad),
+                   "--mlflow_tracking_uri", trained["server"].uri)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "bad.json" in proc.stderr and "record 1" in proc.stderr and "'instruction'" in proc.stderr, proc.stderr
+
+
 CHROMIUM = "/usr/bin/chromium"
 
 

@@ -358,3 +358,24 @@ def test_an_event_stays_one_line_whatever_characters_the_reply_holds():
     line = sse_json({"delta": {"content": text}})
     assert line.splitlines() == [line] and json.loads(line)["delta"]["content"] == text
     assert "北京" in line  # UTF-8 as it is, not \u-escaped
+
+
+def test_evaluate_via_url_gives_the_greedy_scores_of_the_loaded_model(server, tiny_model, tmp_path):
+    from conftest import run_job
+
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([{"instruction": q, "output": a} for q, a in [
+        ("中国的首都是哪里？", "北京。"), ("List two colors.", "1. red\n2. blue"), ("你好", "你好！"),
+        ("Translate into Chinese.", "猫"), ("计算 1 加 2", "1 加 2 等于 3。")]], ensure_ascii=False))
+    common = ["--data_path", str(data), "--max_new_tokens", "16", "--mlflow_tracking_uri",
+              f"sqlite:///{tmp_path / 'mlflow.db'}"]
+
+    def scores(*args: str) -> list[str]:
+        proc = run_job("jobs/evaluate.py", *args, *common, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        lines = proc.stdout.splitlines()
+        return lines[lines.index(next(x for x in lines if x.startswith("model "))) + 2].split()[-6:]
+
+    served = scores("--via_url", server.url, "--api_key", KEY)
+    loaded = scores("--model", str(tiny_model))
+    assert served == loaded  # every score and the mean reply length, to two decimals
