@@ -268,6 +268,7 @@ def run_path(name: str, settings: dict, args) -> dict:
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - t0
+    profile = profile_steps(step, steps[:args.profile], device) if args.profile else None
     tps = tokens / seconds
     n_params = param_count(folder)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -275,7 +276,80 @@ def run_path(name: str, settings: dict, args) -> dict:
             "mfu": round(tps * 4 * n_params / PEAK_FLOPS, 4), "step_s": round(seconds / (len(steps) - args.warmup), 3),
             "timed_steps": len(steps) - args.warmup, "timed_tokens": tokens, "checkpointing": plan,
             "largest_micro_batch_tokens": biggest, "attention": attention,
-            "params": n_params, "losses": losses}
+            "params": n_params, "losses": losses, **({"profile": profile} if profile else {})}
+
+
+# Host-side calls that wait for the GPU (each one drains the queue of launched kernels).
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+              "cuStreamSynchronize")
+SYNC_OPS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::tolist")
+
+
+def python_sync_callers(step, batches: list) -> list[dict]:
+    """Who reads tensor values on the host (`.item()`, `.tolist()`, `float()`, `int()`, `bool()`: on a CUDA tensor
+    each waits for the GPU): one more step with those wrapped, counted by the two innermost frames outside torch."""
+    import traceback
+
+    import torch
+
+    counts: dict[str, int] = {}
+    originals = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__int__", "__bool__")}
+
+    def wrap(name, fn):
+        def counted(self, *a, **k):
+            frames = [f"{Path(fr.filename).name}:{fr.lineno} {fr.name}" for fr in traceback.extract_stack()[:-1]
+                      if "/torch/" not in fr.filename][-2:]
+            where = self.device.type
+            key = f"{name} ({where}) <- " + " <- ".join(reversed(frames))
+            counts[key] = counts.get(key, 0) + 1
+            return fn(self, *a, **k)
+        return counted
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, wrap(name, fn))
+        for idx in batches:
+            step(idx)
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+    n = max(len(batches), 1)
+    return [{"call": k[:300], "per_step": round(v / n, 1)} for k, v in sorted(counts.items(), key=lambda kv: -kv[1])[:8]]
+
+
+def profile_steps(step, batches: list, device) -> dict:
+    """Where a step's time goes: GPU kernel time against wall time, launches, host syncs, top operators."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.time()
+        for idx in batches:
+            step(idx)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.time() - t0
+    events = prof.key_averages()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_s = sum(e.device_time for e in kernels) / 1e6  # microseconds; kernels of one stream do not overlap
+    count = lambda names: sum(e.count for e in events if e.key.startswith(names))  # noqa: E731
+    n = len(batches)
+    top_gpu = sorted(events, key=lambda e: -e.self_device_time_total)[:15]
+    top_cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+    sync_callers = python_sync_callers(step, batches[:1])
+    return {
+        "sync_callers": sync_callers,
+        "steps": n, "wall_s_per_step": round(wall / n, 4), "gpu_kernel_s_per_step": round(gpu_s / n, 4),
+        "gpu_busy": round(gpu_s / wall, 3) if wall else None,
+        "kernel_launches_per_step": round(len(kernels) / n),
+        "host_syncs_per_step": round(count(SYNC_CALLS) / n, 1),
+        "sync_ops_per_step": {k: round(count((k,)) / n, 1) for k in SYNC_OPS if count((k,))},
+        "top_gpu_ops": [{"op": e.key[:80], "calls_per_step": round(e.count / n, 1),
+                         "ms_per_step": round(e.self_device_time_total / 1e3 / n, 2)} for e in top_gpu],
+        "top_cpu_ops": [{"op": e.key[:80], "calls_per_step": round(e.count / n, 1),
+                         "ms_per_step": round(e.self_cpu_time_total / 1e3 / n, 2)} for e in top_cpu],
+    }
 
 
 def varlen_check(args) -> dict:
@@ -307,7 +381,8 @@ def _args(b):
 def spawn(name: str, settings: dict, args) -> dict:
     cmd = [sys.executable, __file__, "--_path", name, "--_settings", json.dumps(settings),
            "--workdir", args.workdir, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--examples_per_step", str(args.examples_per_step)] + (["--smoke"] if args.smoke else [])
+           "--examples_per_step", str(args.examples_per_step), "--profile", str(args.profile)] + \
+        (["--smoke"] if args.smoke else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
@@ -348,6 +423,9 @@ def main() -> None:
     ap.add_argument("--levers", action="store_true", help="also run each lever of our path on its own")
     ap.add_argument("--lever_steps", type=int, default=15)
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
+    ap.add_argument("--profile", type=int, default=0,
+                    help="after the timing, run this many more steps of each path under torch.profiler and "
+                         "report GPU busy time, kernel launches, host syncs and the top operators")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     ap.add_argument("--_path", help=argparse.SUPPRESS)
     ap.add_argument("--_settings", default="{}", help=argparse.SUPPRESS)
@@ -392,6 +470,16 @@ def main() -> None:
     base_tps = base["tokens_per_s"] if base and "error" not in base else float("nan")
     print()
     print(table(rows, base_tps))
+    for r in rows:
+        if r.get("profile"):
+            p = r["profile"]
+            print(f"\nprofile of {r['name']} ({p['steps']} steps): {p['wall_s_per_step']} s per step, GPU kernels "
+                  f"{p['gpu_kernel_s_per_step']} s ({p['gpu_busy']:.0%} busy), {p['kernel_launches_per_step']} "
+                  f"launches and {p['host_syncs_per_step']} host syncs per step; sync ops {p['sync_ops_per_step']}")
+            for o in p["top_gpu_ops"][:10]:
+                print(f"  {o['ms_per_step']:>9.2f} ms  x{o['calls_per_step']:<7} {o['op']}")
+            for c in p.get("sync_callers", []):
+                print(f"  sync x{c['per_step']:<6} {c['call']}")
     if check:
         print(f"\nvarlen check: loss of 12 packed examples {check.get('packed_loss_sum')} vs alone "
               f"{check.get('sum_of_alone')} (relative difference {check.get('rel_diff')})")
