@@ -193,8 +193,10 @@ def load_records(spec: str) -> list[Any]:
     return records
 
 
-def load_dataset(spec: str, skip_invalid: bool = False) -> Dataset:
-    """Load and validate; stop on the first bad records unless `skip_invalid` drops them."""
+def load_dataset(spec: str, skip_invalid: bool = False,
+                 fix: str = "Fix them, or pass --skip_invalid_records to drop them.") -> Dataset:
+    """Load and validate; stop on the first bad records unless `skip_invalid` drops them (`fix`: what the
+    error tells the user to do)."""
     raw = load_records(spec)
     good: list[dict[str, Any]] = []
     problems: list[Problem] = []
@@ -210,8 +212,7 @@ def load_dataset(spec: str, skip_invalid: bool = False) -> Dataset:
         shown = "\n".join(f"  - {p.describe(spec)}" for p in problems[:MAX_REPORTED])
         more = f"\n  ... and {len(problems) - MAX_REPORTED} more problem(s)" if len(problems) > MAX_REPORTED else ""
         raise DataError(
-            f"{spec}: {bad} of {len(raw)} record(s) are invalid:\n{shown}{more}\n"
-            "Fix them, or pass --skip_invalid_records to drop them."
+            f"{spec}: {bad} of {len(raw)} record(s) are invalid:\n{shown}{more}\n{fix}"
         )
     if not good:
         raise DataError(f"{spec}: all {len(raw)} record(s) are invalid; nothing left to train on.")

@@ -33,7 +33,7 @@ STEPS = [
       "--overwrite", "--dtype", "fp32", "--mlflow_tracking_uri", TRACKING]),
     ("score the base and the fine-tuned model side by side on the sample data (BLEU-4, ROUGE, x100)",
      [PY, "jobs/evaluate.py", "--compare", f"models/tiny-chatglm2,{MODEL_URI}", "--data_path", "data/sample.json",
-      "--max_samples", "40", "--max_new_tokens", "32", "--mlflow_tracking_uri", TRACKING]),
+      "--max_samples", "24", "--max_new_tokens", "24", "--mlflow_tracking_uri", TRACKING]),
 ]
 
 

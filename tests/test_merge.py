@@ -126,6 +126,7 @@ def test_evaluate_names_the_bad_record_and_field(trained, tmp_path):
                    "--mlflow_tracking_uri", trained["server"].uri)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "bad.json" in proc.stderr and "record 1" in proc.stderr and "'instruction'" in proc.stderr, proc.stderr
+    assert "--skip_invalid_records" not in proc.stderr  # a fine-tune flag: evaluate has none
 
 
 CHROMIUM = "/usr/bin/chromium"
