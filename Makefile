@@ -33,8 +33,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install glmops with its test extras
 
-$(TINY)/config.json: $(STAMP) common/tiny_model.py data/sample.json
-	$(PY) -m common.tiny_model --output_dir $(TINY)
+$(TINY)/config.json: $(STAMP) common/models/tiny_model.py data/sample.json
+	$(PY) -m common.models.tiny_model --output_dir $(TINY)
 
 tiny-model: $(TINY)/config.json  ## write the tiny offline model to models/tiny-chatglm2
 

@@ -71,8 +71,8 @@ def baseline_rate(data: Path, model: Path, n: int) -> float:
     """Records/s of the old path's single-process tokenizer loop, on the first `n` records."""
     code = f"""
 import itertools, json, time
-from common.examples import encode_records
-from common.loader import load_tokenizer, open_model_folder
+from common.training.examples import encode_records
+from common.models.loader import load_tokenizer, open_model_folder
 from common.templates import get_template
 info = open_model_folder({str(model)!r}); tok = load_tokenizer(info)
 recs = []
@@ -123,7 +123,7 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="glmops-data-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    from common.tiny_model import build_tiny_model
+    from common.models.tiny_model import build_tiny_model
 
     model = Path(build_tiny_model(str(work / "tiny-chatglm2"), str(ROOT / "data/sample.json")))
     data = work / f"records-{args.records}.json"

@@ -3,7 +3,7 @@
     python bench/gpu_models.py --workdir /tmp/glmops-gpu --tokenizers DIR [--out results.json]
 
 Builds each model at its published size with random weights, saves it (safetensors), then loads it through
-`common.loader.load_model` in bf16 and in NF4 (double quant) and times greedy generation with the KV cache.
+`common.models.loader.load_model` in bf16 and in NF4 (double quant) and times greedy generation with the KV cache.
 Prints a table: load time, weights memory, peak memory, ms per generated token. Needs CUDA.
 """
 
@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import common  # noqa: E402,F401 - registers ChatGLM1 with the Auto classes
-from common.loader import detect, load_model  # noqa: E402
-from common.metadata import write_model_metadata  # noqa: E402
+from common.models.loader import detect, load_model  # noqa: E402
+from common.models.metadata import write_model_metadata  # noqa: E402
 
 CHATGLM2_6B = {"num_layers": 28, "hidden_size": 4096, "num_attention_heads": 32, "kv_channels": 128,
                "multi_query_attention": True, "multi_query_group_num": 2, "ffn_hidden_size": 13696,
@@ -35,9 +35,9 @@ def build(family: str, folder: Path, tokenizers: Path) -> int:
     """Random-weight real-size model saved natively; returns the parameter count."""
     from transformers import GlmForCausalLM
 
-    from common.convert_glm import glm_config_from_thudm
-    from common.modeling_chatglm1 import ChatGLM1Config, ChatGLM1ForCausalLM
-    from common.tokenization_chatglm import ChatGLM1Tokenizer, ChatGLMTokenizer
+    from common.models.convert_glm import glm_config_from_thudm
+    from common.models.modeling_chatglm1 import ChatGLM1Config, ChatGLM1ForCausalLM
+    from common.models.tokenization_chatglm import ChatGLM1Tokenizer, ChatGLMTokenizer
 
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)

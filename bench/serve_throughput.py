@@ -38,7 +38,7 @@ ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "R
 def prompt_of(model_dir: str, tokens: int, seed: int) -> str:
     """A user message whose chat prompt is `tokens` tokens long (or as close as the tokenizer allows)."""
     from common.data import Conversation
-    from common.loader import detect, load_tokenizer
+    from common.models.loader import detect, load_tokenizer
     from common.templates import get_template
 
     info = detect(Path(model_dir))

@@ -15,7 +15,7 @@ order, `--examples_per_step` per optimizer step, with the same LoRA (r=8 on q/k/
               the non-quantized weights, gradient checkpointing on every layer), micro-batches of 8
               padded to the longest, HF's loss (fp32 logits of the whole micro-batch) normalised over
               the step's supervised tokens
-  ours        `common.trainer.train_step`, the function the Ray worker runs, with the worker's defaults
+  ours        `common.training.worker.train_step`, the function the Ray worker runs, with the worker's defaults
   ours_small  the same within `gpu_memory_gib: 16` (auto checkpointing plans for it; the cap is enforced)
 
 Each path runs in its own process (clean peak memory). Reported: real tokens/s (pads excluded) over
@@ -89,8 +89,8 @@ def make_records(n: int, overhead: int = 12) -> list[dict]:
 
 def make_examples(tok, n: int):
     """The records encoded with the chatglm2 template (prompt tokens masked from the loss)."""
-    from common.examples import encode_records
     from common.templates import get_template
+    from common.training.examples import encode_records
 
     return encode_records(make_records(n), tok, get_template("chatglm2"), 1024, 1024).examples
 
@@ -102,7 +102,7 @@ def build_checkpoint(folder: Path, tokenizer: str, smoke: bool) -> None:
         return
     t0 = time.time()
     if smoke:
-        from common.tiny_model import build_tiny_model
+        from common.models.tiny_model import build_tiny_model
 
         build_tiny_model(str(folder), str(ROOT / "data/sample.json"))
     else:
@@ -156,20 +156,18 @@ def seed_model(folder: Path, device):
                                             target_modules=QKV, task_type="CAUSAL_LM"))
 
 
-def our_cfg(folder: Path, settings: dict) -> dict:
+def our_cfg(folder: Path, settings: dict):
     """The worker's config: the job's defaults, the benchmark's LoRA, and the run's settings."""
-    from dataclasses import asdict
+    from dataclasses import fields, replace
 
     from common.config import LARGE_DATA_ACCUMULATION, LARGE_DATA_TOKENS_PER_BATCH, FinetuneConfig
 
-    cfg = asdict(FinetuneConfig())
-    cfg.update(max_tokens_per_batch=LARGE_DATA_TOKENS_PER_BATCH, gradient_accumulation_steps=LARGE_DATA_ACCUMULATION,
-               warmup_steps=0, logging_steps=50)
-    cfg.update(base_model=str(folder), local_files_only=True, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
-               lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024, max_target_length=1024,
-               per_device_train_batch_size=SEED_MICRO_BATCH)
-    cfg.update({k: v for k, v in settings.items() if k in cfg})
-    return cfg
+    names = {f.name for f in fields(FinetuneConfig)}
+    return replace(FinetuneConfig(), max_tokens_per_batch=LARGE_DATA_TOKENS_PER_BATCH,
+                   gradient_accumulation_steps=LARGE_DATA_ACCUMULATION, warmup_steps=0, logging_steps=50,
+                   base_model=str(folder), local_files_only=True, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
+                   lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024, max_target_length=1024,
+                   per_device_train_batch_size=SEED_MICRO_BATCH, **{k: v for k, v in settings.items() if k in names})
 
 
 # -- one path, in its own process ------------------------------------------------------------------------
@@ -177,10 +175,10 @@ def our_cfg(folder: Path, settings: dict) -> dict:
 def run_path(name: str, settings: dict, args) -> dict:
     import torch
 
-    from common.loader import load_tokenizer, open_model_folder
-    from common.packing import pack, packed_batch, padded_batch
+    from common.models.loader import load_tokenizer, open_model_folder
     from common.templates import IGNORE
-    from common.trainer import CausalLMLoss, build_model, compute_dtype, train_step
+    from common.training.packing import pack, packed_batch, padded_batch
+    from common.training.worker import CausalLMLoss, build_model, compute_dtype, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     folder = Path(args.workdir) / "model"
@@ -230,9 +228,9 @@ def run_path(name: str, settings: dict, args) -> dict:
         sched = None
 
         def step(idx: list[int]) -> tuple[float, int]:
-            if cfg["packing"]:
-                batches = [packed_batch(examples, row, cfg["max_tokens_per_batch"])
-                           for row in pack(examples, idx, cfg["max_tokens_per_batch"])]
+            if cfg.packing:
+                batches = [packed_batch(examples, row, cfg.max_tokens_per_batch)
+                           for row in pack(examples, idx, cfg.max_tokens_per_batch)]
             else:
                 batches = [padded_batch(examples, idx[i:i + SEED_MICRO_BATCH], tok.pad_token_id or 0)
                            for i in range(0, len(idx), SEED_MICRO_BATCH)]
@@ -250,7 +248,7 @@ def run_path(name: str, settings: dict, args) -> dict:
     elif settings.get("packing", True) is False:
         attention = "sdpa, padding mask"
     else:
-        from common.attention import varlen_available
+        from common.training.attention import varlen_available
 
         use = settings.get("varlen", True) and varlen_available(device, torch.bfloat16)
         attention = "varlen (per example)" if use else "sdpa, block-diagonal mask"
@@ -356,9 +354,9 @@ def varlen_check(args) -> dict:
     """Packed rows through varlen attention give each example the loss it has alone (no cross-attention)."""
     import torch
 
-    from common.loader import load_tokenizer, open_model_folder
-    from common.packing import packed_batch
-    from common.trainer import CausalLMLoss, build_model
+    from common.models.loader import load_tokenizer, open_model_folder
+    from common.training.packing import packed_batch
+    from common.training.worker import CausalLMLoss, build_model
 
     folder = Path(args.workdir) / "model"
     tok = load_tokenizer(open_model_folder(str(folder), local_files_only=True))

@@ -5,6 +5,6 @@ Auto classes, so folders written by `jobs/convert.py` load with `AutoModelForCau
 `AutoTokenizer` and no `trust_remote_code`.
 """
 
-from common.auto import register as _register
+from common.models.auto import register as _register
 
 _register()

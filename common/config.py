@@ -28,7 +28,7 @@ DEFAULT_BASE_MODEL = "models/tiny-chatglm2"
 DEFAULT_DATA_PATH = "data/sample.json"
 
 # Batching for large data (fast on a GPU: 8192-token rows x 8 micro-batches per step). Left unset, the
-# fine-tune job shrinks both until an epoch holds MIN_STEPS_PER_EPOCH optimizer steps (common/epochs.py).
+# fine-tune job shrinks both until an epoch holds MIN_STEPS_PER_EPOCH optimizer steps (common/training/epochs.py).
 LARGE_DATA_TOKENS_PER_BATCH = 8192
 LARGE_DATA_ACCUMULATION = 8
 MIN_STEPS_PER_EPOCH = 10

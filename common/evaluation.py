@@ -76,7 +76,7 @@ def _local(model, tok, template: str, cfg) -> Callable:
 def _load_folder(spec: str, cfg, bits: int):
     import torch
 
-    from common.loader import load_model, load_tokenizer, open_model_folder
+    from common.models.loader import load_model, load_tokenizer, open_model_folder
 
     info = open_model_folder(spec, local_files_only=cfg.local_files_only)
     device = _device(cfg.device)

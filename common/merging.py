@@ -22,7 +22,7 @@ import torch
 
 from common.data import Conversation
 from common.errors import ModelFilesError, UserError
-from common.metadata import METADATA_FILE
+from common.models.metadata import METADATA_FILE
 
 MERGE_TOLERANCE = 1e-4  # max |Δlogits| merged vs unmerged, float32
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -135,11 +135,11 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
     """Merge, verify and save; returns the report logged with the model."""
     from peft import PeftModel
 
-    from common.convert import _route_autotokenizer_to_ours
     from common.generation import generate_replies, prompt_text, sample_reply
-    from common.loader import load_model, load_tokenizer, open_model_folder
-    from common.metadata import write_model_metadata
     from common.metrics import average, score
+    from common.models.convert import _route_autotokenizer_to_ours
+    from common.models.loader import load_model, load_tokenizer, open_model_folder
+    from common.models.metadata import write_model_metadata
     from common.templates import get_template
 
     meta = source.metadata

@@ -15,9 +15,9 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.convert import convert_to_native
 from common.errors import UserError, run_cli
-from common.loader import open_model_folder
+from common.models.convert import convert_to_native
+from common.models.loader import open_model_folder
 
 DTYPES = {"auto": None, "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

@@ -34,13 +34,21 @@ from common.config import (
     save_config,
     worker_resources,
 )
-from common.epochs import ParquetExamples, fit_batching
 from common.errors import ModelFilesError, UserError, memory_kill, run_cli
-from common.examples import length_summary
-from common.loader import ModelInfo, open_model_folder
 from common.metrics import BEST_METRICS
+from common.models.loader import ModelInfo, open_model_folder
 from common.templates import Template, get_template
-from common.tokenize_cache import (
+from common.tracking import (
+    artifact_root_for,
+    check_reachable,
+    default_tracking_uri,
+    log_dataset,
+    mark_model_training,
+    source_tags,
+)
+from common.training.epochs import ParquetExamples, fit_batching
+from common.training.examples import length_summary
+from common.training.tokenize_cache import (
     META_COLUMNS,
     EncodeSpec,
     TokenizedSet,
@@ -50,15 +58,7 @@ from common.tokenize_cache import (
     tokenize,
     write_subset,
 )
-from common.tracking import (
-    artifact_root_for,
-    check_reachable,
-    default_tracking_uri,
-    log_dataset,
-    mark_model_training,
-    source_tags,
-)
-from common.trainer import train_loop_per_worker
+from common.training.worker import train_loop_per_worker
 
 
 @dataclass

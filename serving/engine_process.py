@@ -50,7 +50,7 @@ def load(spec: EngineSpec):
     import torch
 
     import common  # noqa: F401 - registers ChatGLM-6B with the Auto classes
-    from common.loader import detect, load_model
+    from common.models.loader import detect, load_model
 
     if spec.device == "cpu":
         torch.set_num_threads(max(1, spec.threads))

@@ -31,7 +31,7 @@ class ChatModel:
                  engine_process: bool | None = None):
         import torch
 
-        from common.loader import detect, load_tokenizer, open_model_folder
+        from common.models.loader import detect, load_tokenizer, open_model_folder
         from common.registry import local_model_folder
         from common.templates import get_template
         from serving.engine_process import EngineProcess, EngineSpec, build_engine, load, model_context

@@ -296,7 +296,7 @@ class ChatGLM1Runner(_CacheRunner):
 
     def _positions(self, r: RowInput) -> tuple[torch.Tensor, torch.Tensor]:
         """2D positions [2, n] and the context length for the row's new tokens."""
-        from common.modeling_chatglm1 import positions_and_mask
+        from common.models.modeling_chatglm1 import positions_and_mask
 
         if r.start == 0:
             ids = torch.tensor([r.tokens])

@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from common.tiny_model import build_tiny_model
+    from common.models.tiny_model import build_tiny_model
 
     return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-chatglm2"), str(ROOT / "data/sample.json"))
 
@@ -46,7 +46,7 @@ def reference_cases(version: str) -> dict:
 
 
 def reference_tokenizer(version: str):
-    from common.tokenization_chatglm import ChatGLM1Tokenizer, ChatGLMTokenizer
+    from common.models.tokenization_chatglm import ChatGLM1Tokenizer, ChatGLMTokenizer
 
     d = reference_dir(version)
     if version == "chatglm1":

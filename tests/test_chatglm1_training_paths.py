@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import reference_dir
 
-from common.loader import detect, load_model
+from common.models.loader import detect, load_model
 
 
 @pytest.mark.parametrize("bits", [4, 8])

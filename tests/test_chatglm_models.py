@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import reference_cases, reference_dir
 
-from common.loader import detect, load_model, load_tokenizer
+from common.models.loader import detect, load_model, load_tokenizer
 
 ATOL = 1e-4
 PAD = {"chatglm1": 3, "chatglm2": 0, "chatglm3": 0}

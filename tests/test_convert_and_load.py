@@ -12,7 +12,7 @@ import torch
 from conftest import ROOT, reference_cases, reference_dir, run_job
 
 from common.errors import ModelFilesError
-from common.loader import detect, load_model, open_model_folder
+from common.models.loader import detect, load_model, open_model_folder
 
 
 @pytest.mark.parametrize("version", ["chatglm1", "chatglm2"])
@@ -44,7 +44,7 @@ print(json.dumps({{"cls": type(m).__name__, "new": m.generate(ids, max_new_token
 def test_converted_tokenizer_loads_with_autotokenizer_after_import_common(version, tmp_path):
     from transformers import AutoTokenizer
 
-    from common.convert import convert_to_native
+    from common.models.convert import convert_to_native
 
     out = convert_to_native(detect(reference_dir(version)), tmp_path / "native")
     tok = AutoTokenizer.from_pretrained(out)
@@ -74,7 +74,7 @@ def test_unknown_chatglm_config_is_named(tmp_path):
 
 
 def test_missing_tokenizer_file_is_named(tmp_path):
-    from common.loader import load_tokenizer
+    from common.models.loader import load_tokenizer
 
     d = _copy_reference("chatglm1", tmp_path / "m", drop=("ice_text.model",))
     with pytest.raises(ModelFilesError, match="missing ice_text.model"):
@@ -112,8 +112,8 @@ def test_convert_cli_refuses_a_non_empty_output_dir(tmp_path):
 def test_real_size_configs_give_the_published_parameter_counts(family, expected):
     from transformers import GlmForCausalLM
 
-    from common.convert_glm import glm_config_from_thudm
-    from common.modeling_chatglm1 import ChatGLM1Config, ChatGLM1ForCausalLM
+    from common.models.convert_glm import glm_config_from_thudm
+    from common.models.modeling_chatglm1 import ChatGLM1Config, ChatGLM1ForCausalLM
 
     with torch.device("meta"):
         if family == "chatglm":

@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 OLD_DESIGN = """
 import json, resource, sys
 from common.data import load_dataset
-from common.examples import encode_records
-from common.loader import load_tokenizer, open_model_folder
+from common.training.examples import encode_records
+from common.models.loader import load_tokenizer, open_model_folder
 from common.templates import get_template
 info = open_model_folder(sys.argv[2]); tok = load_tokenizer(info)
 ds = load_dataset(sys.argv[1])

@@ -11,9 +11,9 @@ import json
 import numpy as np
 import pytest
 
-import common.sources as sources
-from common.epochs import BatchReader, ParquetExamples, plan_epoch, step_micro_batches, steps_in
-from common.tokenize_cache import EncodeSpec, pick_eval_ids, tokenize
+import common.training.sources as sources
+from common.training.epochs import BatchReader, ParquetExamples, plan_epoch, step_micro_batches, steps_in
+from common.training.tokenize_cache import EncodeSpec, pick_eval_ids, tokenize
 
 TRICKY = [
     {"instruction": "括号 ] 和 [ 还有 }, {", "output": "逗号, 引号 \" 反斜杠 \\", "history": [["a\nb", "c"]]},

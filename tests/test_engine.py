@@ -72,7 +72,7 @@ def test_greedy_replies_equal_generate_with_staggered_arrivals_and_lengths(tiny)
 def test_chatglm1_greedy_replies_equal_generate_on_the_reference_model():
     import common  # noqa: F401
     from common.data import Conversation
-    from common.loader import load_model, load_tokenizer, open_model_folder
+    from common.models.loader import load_model, load_tokenizer, open_model_folder
     from common.templates import get_template
 
     info = open_model_folder(str(reference_dir("chatglm1")))

@@ -7,7 +7,12 @@ import torch
 from transformers import AutoModelForCausalLM, GlmConfig
 
 from common.config import FinetuneConfig, load_config
-from common.memory import activation_bytes, apply_checkpointing, layers_to_checkpoint, plan_checkpointing
+from common.training.memory import (
+    activation_bytes,
+    apply_checkpointing,
+    layers_to_checkpoint,
+    plan_checkpointing,
+)
 
 GLM2_6B = GlmConfig(vocab_size=65024, hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
                     num_attention_heads=32, num_key_value_heads=2, head_dim=128)

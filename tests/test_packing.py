@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from common.data import Conversation
-from common.epochs import epoch_batches
-from common.packing import pack, packed_batch, padded_batch
 from common.templates import IGNORE, get_template
+from common.training.epochs import epoch_batches
+from common.training.packing import pack, packed_batch, padded_batch
 
 
 def _examples(tok, n=5):
@@ -78,7 +78,7 @@ def test_epoch_order_is_deterministic_and_changes_between_epochs(tiny_tokenizer)
 
 def test_a_model_switched_to_varlen_attention_keeps_sdpa_results_without_boundaries(tiny_model, tiny_tokenizer):
     """Generation and padded batches carry no example boundaries: they must get plain SDPA with masks."""
-    from common.attention import NAME, use_varlen
+    from common.training.attention import NAME, use_varlen
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     batch = padded_batch(_examples(tiny_tokenizer, 3), [0, 1, 2], pad_id=0)
@@ -96,8 +96,8 @@ def test_a_model_switched_to_varlen_attention_keeps_sdpa_results_without_boundar
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen attention needs CUDA")
 def test_varlen_attention_keeps_every_example_to_itself_on_gpu(tiny_model, tiny_tokenizer):
-    from common.attention import varlen_available
-    from common.trainer import CausalLMLoss
+    from common.training.attention import varlen_available
+    from common.training.worker import CausalLMLoss
 
     if not varlen_available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("this PyTorch has no varlen_attn")
@@ -128,7 +128,7 @@ class _Encoded:
 
 
 def _fit(n_examples: int, n_tokens: int = 100, **given):
-    from common.epochs import InMemoryExamples, fit_batching
+    from common.training.epochs import InMemoryExamples, fit_batching
 
     kw = dict(packing=True, workers=1, batch_size=1, seed=0, max_tokens=None, accumulation=None, large_tokens=8192,
               large_accumulation=8, min_steps=10)

@@ -9,7 +9,7 @@ from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer, GlmForCausalLM
 
 from common.data import Conversation
-from common.loader import detect, load_tokenizer
+from common.models.loader import detect, load_tokenizer
 from common.templates import get_template
 
 
@@ -41,7 +41,7 @@ def test_the_folder_describes_its_family_and_template(tiny_model):
 def test_building_twice_gives_identical_weights(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
-    from common.tiny_model import build_tiny_model
+    from common.models.tiny_model import build_tiny_model
 
     again = build_tiny_model(str(tmp_path / "again"), str(ROOT / "data/sample.json"))
     a, b = load_file(tiny_model / "model.safetensors"), load_file(again / "model.safetensors")

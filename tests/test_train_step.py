@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import pytest
 import torch
 from conftest import ROOT
 
 from common.config import FinetuneConfig, load_config
 from common.data import load_dataset
-from common.epochs import epoch_batches
-from common.examples import encode_records
 from common.templates import get_template
-from common.trainer import CausalLMLoss, build_model, evaluate, train_step
+from common.training.epochs import epoch_batches
+from common.training.examples import encode_records
+from common.training.worker import CausalLMLoss, build_model, evaluate, train_step
 
 
 @pytest.mark.parametrize("bits", [4, 8, 16])
@@ -21,8 +19,8 @@ def test_a_few_steps_lower_the_loss_and_survive_an_eval(bits, tiny_model):
     import bitsandbytes as bnb
     from transformers import get_scheduler
 
-    cfg = asdict(load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--bits", str(bits), "--lora_r", "8",
-                                              "--lora_dropout", "0", "--gradient_checkpointing", "true"], "t", "t"))
+    cfg = load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--bits", str(bits), "--lora_r", "8",
+                                       "--lora_dropout", "0", "--gradient_checkpointing", "true"], "t", "t")
     model, tok, info = build_model(cfg, torch.device("cpu"))
     linear = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(linear, {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt, 16: torch.nn.Linear}[bits])
@@ -43,7 +41,7 @@ def test_a_few_steps_lower_the_loss_and_survive_an_eval(bits, tiny_model):
 
 
 def test_the_chunked_loss_equals_plain_cross_entropy_in_value_and_gradient():
-    from common.trainer import chunked_cross_entropy_sum
+    from common.training.worker import chunked_cross_entropy_sum
 
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=False)
@@ -59,8 +57,8 @@ def test_the_chunked_loss_equals_plain_cross_entropy_in_value_and_gradient():
 
 def test_the_training_loss_equals_cross_entropy_over_the_full_logits(tiny_model):
     """CausalLMLoss (decoder, supervised positions only, head slice by slice) changes cost, not the value."""
-    cfg = asdict(load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--bits", "16", "--lora_r", "4",
-                                              "--lora_dropout", "0"], "t", "t"))
+    cfg = load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--bits", "16", "--lora_r", "4",
+                                       "--lora_dropout", "0"], "t", "t")
     model, tok, info = build_model(cfg, torch.device("cpu"))
     records = load_dataset(str(ROOT / "data/sample.json")).records[:6]
     examples = encode_records(records, tok, get_template(info.template), 128, 128).examples

@@ -18,8 +18,8 @@ def register() -> None:
     global _done
     if _done:
         return
-    from common.modeling_chatglm1 import ChatGLM1Config, ChatGLM1ForCausalLM, ChatGLM1Model
-    from common.tokenization_chatglm import ChatGLM1Tokenizer, ChatGLMTokenizer
+    from common.models.modeling_chatglm1 import ChatGLM1Config, ChatGLM1ForCausalLM, ChatGLM1Model
+    from common.models.tokenization_chatglm import ChatGLM1Tokenizer, ChatGLMTokenizer
 
     AutoConfig.register("chatglm1", ChatGLM1Config, exist_ok=True)
     AutoModel.register(ChatGLM1Config, ChatGLM1Model, exist_ok=True)

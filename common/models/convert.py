@@ -13,26 +13,12 @@ from pathlib import Path
 
 import torch
 
-from common.convert_glm import iter_checkpoint, load_thudm_v2_config, map_v2_tensors
 from common.errors import ModelFilesError
-from common.loader import ModelInfo, load_tokenizer
-from common.metadata import write_model_metadata
+from common.models.convert_glm import chatglm1_config_from_thudm, iter_checkpoint, load_thudm_v2_config, map_v2_tensors
+from common.models.folders import ModelInfo, load_tokenizer
+from common.models.metadata import write_model_metadata
 
 SHARD_BYTES = 2 * 1024**3
-
-
-def chatglm1_config_from_thudm(folder: Path):
-    from common.modeling_chatglm1 import ChatGLM1Config
-
-    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    keep = {k: v for k, v in cfg.items() if k not in ("auto_map", "architectures", "model_type",
-                                                       "transformers_version", "torch_dtype", "_name_or_path")}
-    for k in ("hidden_size", "num_layers", "num_attention_heads", "vocab_size"):
-        if k not in keep:
-            raise ModelFilesError(f"{folder / 'config.json'}: a ChatGLM-6B config without {k!r}.")
-    if keep.get("inner_hidden_size") is None:
-        keep["inner_hidden_size"] = 4 * keep["hidden_size"]
-    return ChatGLM1Config(**keep)
 
 
 def _dtype_name(t: torch.dtype) -> str:
@@ -88,7 +74,7 @@ def convert_to_native(info: ModelInfo, out_dir: str | Path, dtype: torch.dtype |
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(info)
     if info.family == "chatglm":
-        from common.modeling_chatglm1 import ChatGLM1ForCausalLM
+        from common.models.modeling_chatglm1 import ChatGLM1ForCausalLM
 
         cfg = chatglm1_config_from_thudm(info.path)
         model = ChatGLM1ForCausalLM.from_pretrained(info.path, config=cfg, dtype=dtype or torch.float16)

@@ -141,3 +141,17 @@ def native_state_dict(folder: Path, config) -> dict[str, torch.Tensor]:
 def load_thudm_v2_config(folder: Path, family: str):
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     return glm_config_from_thudm(cfg, family, str(folder / "config.json"))
+
+
+def chatglm1_config_from_thudm(folder: Path):
+    from common.models.modeling_chatglm1 import ChatGLM1Config
+
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    keep = {k: v for k, v in cfg.items() if k not in ("auto_map", "architectures", "model_type",
+                                                       "transformers_version", "torch_dtype", "_name_or_path")}
+    for k in ("hidden_size", "num_layers", "num_attention_heads", "vocab_size"):
+        if k not in keep:
+            raise ModelFilesError(f"{folder / 'config.json'}: a ChatGLM-6B config without {k!r}.")
+    if keep.get("inner_hidden_size") is None:
+        keep["inner_hidden_size"] = 4 * keep["hidden_size"]
+    return ChatGLM1Config(**keep)

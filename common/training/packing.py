@@ -2,7 +2,7 @@
 
 Packed rows hold several examples back to back with position ids restarting at 0 for each, and carry
 the example boundaries (`cu_seqlens`): on CUDA, attention runs per example through varlen attention
-(common/attention.py); elsewhere transformers' mask builder turns the restarting positions into a
+(common/training/attention.py); elsewhere transformers' mask builder turns the restarting positions into a
 block-diagonal causal mask. Either way no example attends to another (tests/test_packing.py checks
 per-example losses are unchanged).
 Labels are shifted per example before packing (`targets[t]` is what logits[t] must predict), so no
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.attention import cu_seqlens
 from common.templates import IGNORE, Encoded
+from common.training.attention import cu_seqlens
 
 
 @dataclass

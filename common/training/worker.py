@@ -20,13 +20,21 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from common.attention import use_varlen, varlen_available
+from common.config import FinetuneConfig
 from common.data import Conversation
-from common.epochs import BatchReader, ParquetExamples, all_batches, plan_epoch, step_micro_batches, steps_in
 from common.generation import generate_replies
 from common.metrics import SCORES, average, score
-from common.packing import Batch
 from common.templates import IGNORE
+from common.training.attention import use_varlen, varlen_available
+from common.training.epochs import (
+    BatchReader,
+    ParquetExamples,
+    all_batches,
+    plan_epoch,
+    step_micro_batches,
+    steps_in,
+)
+from common.training.packing import Batch
 
 LORA_TARGETS = {
     "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -36,19 +44,19 @@ LORA_TARGETS = {
 
 # -- model ---------------------------------------------------------------------------------------------
 
-def compute_dtype(device: torch.device, cfg: dict) -> torch.dtype:
+def compute_dtype(device: torch.device, cfg: FinetuneConfig) -> torch.dtype:
     """bf16 where the device has it, fp16 only when asked, else fp32 (CPU)."""
     if device.type == "cuda":
-        if cfg.get("fp16"):
+        if cfg.fp16:
             return torch.float16
-        if cfg.get("bf16") is False or not torch.cuda.is_bf16_supported():
+        if cfg.bf16 is False or not torch.cuda.is_bf16_supported():
             return torch.float32
         return torch.bfloat16
     return torch.float32
 
 
-def lora_targets(cfg: dict, family: str) -> list[str] | str:
-    targets = cfg["lora_target"]
+def lora_targets(cfg: FinetuneConfig, family: str) -> list[str] | str:
+    targets = cfg.lora_target
     if targets in (["auto"], "auto"):
         if family == "chatglm":
             return LORA_TARGETS["chatglm"]
@@ -58,38 +66,38 @@ def lora_targets(cfg: dict, family: str) -> list[str] | str:
     return list(targets)
 
 
-def uses_packing(cfg: dict, family: str) -> bool:
+def uses_packing(cfg: FinetuneConfig, family: str) -> bool:
     # ChatGLM-6B builds its 2D positions and prefix mask per row, from one prompt: one example per row
-    return cfg["packing"] and family != "chatglm"
+    return cfg.packing and family != "chatglm"
 
 
-def tokens_per_micro_batch(cfg: dict, family: str) -> int:
+def tokens_per_micro_batch(cfg: FinetuneConfig, family: str) -> int:
     if uses_packing(cfg, family):
-        return cfg["max_tokens_per_batch"]
-    return cfg["per_device_train_batch_size"] * (cfg["max_source_length"] + cfg["max_target_length"])
+        return cfg.max_tokens_per_batch
+    return cfg.per_device_train_batch_size * (cfg.max_source_length + cfg.max_target_length)
 
 
-def build_model(cfg: dict, device: torch.device):
+def build_model(cfg: FinetuneConfig, device: torch.device):
     """Base model through the one loader, then LoRA. Returns (peft model, tokenizer, model info);
     `model.checkpointing_plan` says which layers recompute their activations and why."""
     from peft import LoraConfig, get_peft_model
 
-    from common.loader import load_model, load_tokenizer, open_model_folder
-    from common.memory import apply_checkpointing, cap_memory, plan_checkpointing
+    from common.models.loader import load_model, load_tokenizer, open_model_folder
+    from common.training.memory import apply_checkpointing, cap_memory, plan_checkpointing
 
-    cap_memory(device, cfg.get("gpu_memory_gib"))
+    cap_memory(device, cfg.gpu_memory_gib)
 
-    info = open_model_folder(cfg["base_model"], revision=cfg.get("revision"), cache_dir=cfg.get("cache_dir"),
-                             local_files_only=cfg.get("local_files_only", False))
+    info = open_model_folder(cfg.base_model, revision=cfg.revision, cache_dir=cfg.cache_dir,
+                             local_files_only=cfg.local_files_only)
     dtype = compute_dtype(device, cfg)
-    model = load_model(info, bits=cfg["bits"], dtype=dtype, device=str(device),
-                       trust_remote_code=cfg.get("trust_remote_code", False),
-                       quant_type=cfg.get("quant_type", "nf4"), double_quant=cfg.get("double_quant", True))
+    model = load_model(info, bits=cfg.bits, dtype=dtype, device=str(device),
+                       trust_remote_code=cfg.trust_remote_code,
+                       quant_type=cfg.quant_type, double_quant=cfg.double_quant)
     model.config.use_cache = False
-    n_ckpt, plan = plan_checkpointing(str(cfg.get("gradient_checkpointing", "auto")), model.config, device,
-                                      tokens_per_micro_batch(cfg, info.family), cfg.get("gpu_memory_gib"), LOSS_CHUNK)
+    n_ckpt, plan = plan_checkpointing(str(cfg.gradient_checkpointing), model.config, device,
+                                      tokens_per_micro_batch(cfg, info.family), cfg.gpu_memory_gib, LOSS_CHUNK)
     apply_checkpointing(model, n_ckpt)
-    lora = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_targets(cfg, info.family), task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lora)
     if dtype != torch.float32:
@@ -98,7 +106,7 @@ def build_model(cfg: dict, device: torch.device):
             if p.requires_grad:
                 p.data = p.data.float()
     model.checkpointing_plan = plan
-    return model, load_tokenizer(info, cfg.get("trust_remote_code", False)), info
+    return model, load_tokenizer(info, cfg.trust_remote_code), info
 
 
 # -- one step --------------------------------------------------------------------------------------------
@@ -297,7 +305,7 @@ def train_loop_per_worker(config: dict) -> dict:
     monitor = None
     if ray.train.get_context().get_world_rank() == 0:
         monitor = start_system_metrics(config["tracking_uri"], config["mlflow_run_id"],
-                                       config["cfg"].get("system_metrics_interval", 10.0))
+                                       config["cfg"]["system_metrics_interval"])
     try:
         return _train(config)
     finally:
@@ -319,7 +327,7 @@ def _train(config: dict) -> dict:
 
     warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable).*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    cfg = config["cfg"]
+    cfg = FinetuneConfig(**config["cfg"])  # typed again on this side of the Ray boundary
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ["GLMOPS_WORLD"] = str(world)
@@ -328,8 +336,8 @@ def _train(config: dict) -> dict:
     print(f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]} "
           f"({socket.gethostname()}, {device})", flush=True)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.get("cpus_per_worker", 1))))
-    torch.manual_seed(cfg["seed"])
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
     tracker = Tracker(config["tracking_uri"], config["mlflow_run_id"]) if rank == 0 else NullTracker()
     log = print if rank == 0 else (lambda *a, **k: None)
 
@@ -341,33 +349,33 @@ def _train(config: dict) -> dict:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     # Every worker reads the small columns of the whole set and computes the same epoch plan; tokens are
-    # read a window at a time (common/epochs.py).
+    # read a window at a time (common/training/epochs.py).
     data = config["data"]
     train_src = ParquetExamples(data["train_files"], exclude=_ids_in(data.get("exclude_ids_from")))
     eval_src = ParquetExamples(data["eval_files"])
-    batch_kw = {"packing": packing, "max_tokens": cfg["max_tokens_per_batch"]}
+    batch_kw = {"packing": packing, "max_tokens": cfg.max_tokens_per_batch}
     plans: dict[int, object] = {}
 
     def plan_for(epoch: int):
         if epoch not in plans:
             plans.clear()
-            plans[epoch] = plan_epoch(train_src, epoch=epoch, seed=cfg["seed"],
-                                      batch_size=cfg["per_device_train_batch_size"], **batch_kw)
+            plans[epoch] = plan_epoch(train_src, epoch=epoch, seed=cfg.seed,
+                                      batch_size=cfg.per_device_train_batch_size, **batch_kw)
         return plans[epoch]
 
-    accum = cfg["gradient_accumulation_steps"]
+    accum = cfg.gradient_accumulation_steps
     per_step = world * accum
     steps_per_epoch = steps_in(plan_for(0), per_step)
-    total_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else math.ceil(cfg["num_train_epochs"] * steps_per_epoch)
-    eval_batches = all_batches(eval_src, epoch=0, seed=cfg["seed"], batch_size=cfg["per_device_train_batch_size"],
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    eval_batches = all_batches(eval_src, epoch=0, seed=cfg.seed, batch_size=cfg.per_device_train_batch_size,
                                pad_id=pad_id, **batch_kw)[rank::world]
     log(f"data: {len(train_src):,} training examples, {len(plan_for(0)):,} micro-batches per epoch, "
         f"{steps_per_epoch:,} steps per epoch; {len(eval_src):,} eval examples")
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
-    sched_name = {"constant": "constant_with_warmup"}.get(cfg["lr_scheduler_type"], cfg["lr_scheduler_type"])
-    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=min(cfg["warmup_steps"], total_steps),
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    sched_name = {"constant": "constant_with_warmup"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type)
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=min(cfg.warmup_steps, total_steps),
                               num_training_steps=total_steps)
 
     state = TrainState()
@@ -384,7 +392,7 @@ def _train(config: dict) -> dict:
     ddp = ray.train.torch.prepare_model(loss_fn, move_to_device=False) if world > 1 else loss_fn
     unwrapped = model
     metadata = dict(config["metadata"])
-    template_name = cfg.get("template") or info.template
+    template_name = cfg.template or info.template
     # A fixed sample of the eval split, replied to greedily at every eval and scored (rank 0 generates;
     # every rank reports the same scores, so any rank's report can choose the best checkpoint).
     gen_convs = [Conversation(history=[tuple(h) for h in c["history"]], query=c["query"], answer=c.get("answer"),
@@ -397,7 +405,7 @@ def _train(config: dict) -> dict:
         means = torch.zeros(len(SCORES), dtype=torch.float64, device=device)
         first = ""
         if rank == 0:
-            replies = generate_replies(unwrapped, tok, template_name, gen_convs, device, cfg["eval_max_new_tokens"])
+            replies = generate_replies(unwrapped, tok, template_name, gen_convs, device, cfg.eval_max_new_tokens)
             rows = [score(r, c.answer or "") for r, c in zip(replies, gen_convs)]
             means += torch.tensor([average(rows)[k] for k in SCORES], dtype=torch.float64, device=device)
             first = replies[0]
@@ -450,9 +458,9 @@ def _train(config: dict) -> dict:
             _record_examples(train_src, plan, own, state, rank)
             global_targets = int(plan.targets[group.start:group.stop].sum())
             # Dropout depends only on (seed, step, rank): a resumed run draws exactly the same masks.
-            torch.manual_seed(cfg["seed"] * 100_003 + state.step * 97 + rank)
+            torch.manual_seed(cfg.seed * 100_003 + state.step * 97 + rank)
             t_step = time.time()
-            out = train_step(ddp, optimizer, scheduler, mine, global_targets, world, cfg["max_grad_norm"], weight)
+            out = train_step(ddp, optimizer, scheduler, mine, global_targets, world, cfg.max_grad_norm, weight)
             state.step += 1
             state.step_in_epoch += 1
             step_tokens = int(plan.tokens[group.start:group.stop].sum())
@@ -469,7 +477,7 @@ def _train(config: dict) -> dict:
             window_tokens += step_tokens
             lr = scheduler.get_last_lr()[0]
             tracker.log_metrics({"loss": step_loss, "learning_rate": lr, "grad_norm": out["grad_norm"]}, state.step)
-            if state.step % cfg["logging_steps"] == 0 or state.step == total_steps:
+            if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 dt = time.time() - window_t0
                 tps = window_tokens / max(dt, 1e-9)
                 eta = (time.time() - t_start) / max(state.step - start_step, 1) * (total_steps - state.step)
@@ -479,7 +487,7 @@ def _train(config: dict) -> dict:
                 tracker.log_metrics({"tokens_per_second": tps}, state.step)
                 window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.time()
             hook = _test_hooks(state.step, rank)
-            if state.step % cfg["eval_steps"] == 0 or state.step == total_steps or hook == "stop":
+            if state.step % cfg.eval_steps == 0 or state.step == total_steps or hook == "stop":
                 eval_and_checkpoint(final=state.step == total_steps)
             if hook == "stop":
                 log(f"stopped after step {state.step} (test hook)")

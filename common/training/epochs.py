@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common.packing import Batch, greedy_rows, packed_rows, padded_rows
 from common.templates import IGNORE
+from common.training.packing import Batch, greedy_rows, packed_rows, padded_rows
 
 # Examples shuffled together; a worker holds about two windows of tokens (tests lower it).
 WINDOW_EXAMPLES = int(os.environ.get("GLMOPS_WINDOW_EXAMPLES", "32768"))
@@ -79,7 +79,7 @@ class InMemoryExamples(ExampleSource):
 
 
 class ParquetExamples(ExampleSource):
-    """Examples stored by common.tokenize_cache: one Parquet file per part.
+    """Examples stored by common.training.tokenize_cache: one Parquet file per part.
 
     `exclude` drops ids (the held-out eval examples when they come from the same files)."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from common.data import load_dataset, record_to_conversation
 from common.errors import run_cli
-from common.metadata import write_model_metadata
+from common.models.metadata import write_model_metadata
 
 # Ordered so the ids match ChatGLM2's: 0 <unk> (also pad), 2 </s> (eos).
 SPECIALS = ["<unk>", "<s>", "</s>", "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]

@@ -39,8 +39,8 @@ from common.data import (
     sample_positions,
 )
 from common.errors import DataError
-from common.sources import Chunk, SourcePlan, content_hash_of, plan_sources, resolve_files
 from common.templates import IGNORE, ExampleTooLong, get_template
+from common.training.sources import Chunk, SourcePlan, content_hash_of, plan_sources, resolve_files
 
 PIPELINE_VERSION = 1  # bump when the stored columns or their meaning change
 META_COLUMNS = ["id", "num_tokens", "num_targets", "multi_turn", "dropped_rounds", "answer_truncated"]
@@ -88,7 +88,7 @@ def encode_chunk(chunk: Chunk, tok, template_name: str, spec: EncodeSpec, out_di
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from common.sources import read_chunk
+    from common.training.sources import read_chunk
 
     t0 = time.time()
     template = get_template(template_name) if tok is not None else None
@@ -156,7 +156,7 @@ def part_name(number: int) -> str:
 def _load_tokenizer(spec: EncodeSpec):
     if spec.tokenizer_path is None:
         return None
-    from common.loader import detect, load_tokenizer
+    from common.models.loader import detect, load_tokenizer
 
     return load_tokenizer(detect(Path(spec.tokenizer_path)), spec.trust_remote_code)
 
