@@ -36,7 +36,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 def finetune_args(model, data, out, *extra: str) -> list[str]:
     return ["jobs/finetune.py", "--base_model", str(model), "--data_path", str(data), "--output_dir", str(out),
             "--mlflow_tracking_uri", f"sqlite:///{out}/mlflow.db", "--num_workers", "2", "--cpus_per_worker", "1",
-            "--bits", "4", "--lora_r", "8", "--gradient_checkpointing", "false", "--logging_steps", "1", *extra]
+            "--bits", "4", "--lora_r", "8", "--gradient_checkpointing", "false", "--logging_steps", "1",
+            "--eval_generate_samples", "4", "--eval_max_new_tokens", "8", *extra]  # replies: test_finetune
 
 
 def test_100k_records_train_on_two_workers_in_memory_bounded_by_the_window(tmp_path, tiny_model):

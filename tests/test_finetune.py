@@ -328,7 +328,7 @@ def test_ray_job_submit_runs_the_job_and_streams_its_log(env):
              "python", "jobs/finetune.py", "--base_model", str(env["model"]), "--data_path",
              str(env["root"] / "data.json"), "--eval_ratio", "0.25", "--max_steps", "4", "--eval_steps", "2",
              "--logging_steps", "1", "--max_tokens_per_batch", "128", "--gradient_accumulation_steps", "1",
-             "--num_workers", "2", "--cpus_per_worker", "1",
+             "--eval_generate_samples", "4", "--eval_max_new_tokens", "8", "--num_workers", "2", "--cpus_per_worker", "1",
              "--max_source_length", "64", "--max_target_length", "64", "--lora_r", "4", "--gradient_checkpointing",
              "false", "--output_dir", str(env["root"] / "job-runs"), "--mlflow_tracking_uri", env["server"].uri,
              "--experiment_name", "job-submit"]

@@ -60,6 +60,7 @@ def test_a_job_spans_two_nodes_survives_losing_one_and_registers_its_model(tmp_p
                            "--max_steps", str(STEPS), "--eval_steps", str(EVAL_EVERY), "--logging_steps", "6",
                            "--max_tokens_per_batch", "128", "--gradient_accumulation_steps", "1",
                            "--max_source_length", "64", "--max_target_length", "64",
+                           "--eval_generate_samples", "4", "--eval_max_new_tokens", "8",
                            "--num_workers", "2", "--cpus_per_worker", "1",
                            "--resources_per_worker", '{"trainer_slot": 1}',
                            "--output_dir", str(storage), "--run_name", "multi", "--mlflow_tracking_uri", uri,
