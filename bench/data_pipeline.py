@@ -27,6 +27,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import portable_command
 from bench.make_large_data import write as write_large
 from bench.process_memory import PeakRSS
 
@@ -85,18 +86,6 @@ t0 = time.time(); encode_records(recs, tok, get_template(info.template), 512, 51
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, **ENV})
     return float(out.stdout.split()[-1])
-
-
-def portable_command(script: str, args) -> str:
-    """The command as it was given, with this machine's folders named by their flags (WORKDIR, OUT)."""
-    words = []
-    for w in sys.argv[1:]:
-        if args.workdir and w == str(args.workdir):
-            w = "WORKDIR"
-        elif args.out and w == str(args.out):
-            w = "OUT.json"
-        words.append(w)
-    return f"python bench/{script} " + " ".join(words)
 
 
 def versions() -> dict:

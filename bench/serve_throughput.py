@@ -192,18 +192,6 @@ def engine_steps(model_dir: str, batches: list[int], bucket_tokens: int = 192, s
     return out
 
 
-def portable_command(script: str, args) -> str:
-    """The command as it was given, with this machine's folders named by their flags (WORKDIR, OUT)."""
-    words = []
-    for w in sys.argv[1:]:
-        if args.workdir and w == str(args.workdir):
-            w = "WORKDIR"
-        elif args.out and w == str(args.out):
-            w = "OUT.json"
-        words.append(w)
-    return f"python bench/{script} " + " ".join(words)
-
-
 def versions() -> dict:
     import ray
     import torch
@@ -245,6 +233,8 @@ def main() -> None:
             import torch
 
             torch.cuda.empty_cache()  # the replica sizes its KV cache from the free GPU memory
+    from bench import portable_command
+
     command = portable_command("serve_throughput.py", args)
     prompts = {w: prompt_of(model, p, seed=i) for i, (w, (p, _)) in enumerate(WORKLOADS.items())}
     rows, servers = [], {}

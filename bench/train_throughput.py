@@ -64,6 +64,7 @@ LEVERS = {
 
 # -- data --------------------------------------------------------------------------------------------------
 
+from bench import portable_command  # noqa: E402
 from bench.make_length_mix_data import CHARS as COMMON_CHARS  # noqa: E402
 
 CHARS = COMMON_CHARS[:155]  # the 155 most common characters (~1 token each): the set the committed results used
@@ -491,7 +492,7 @@ def main() -> None:
         "ours": get("ours", "tokens_per_s", "peak_gib", "mfu"),
         "ours_small": get("ours_small", "tokens_per_s", "peak_gib", "mfu"),
         "ratio": round(by["ours"]["tokens_per_s"] / base_tps, 2) if "ours" in by and "error" not in by["ours"] else None,
-        "command": "python3 " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
+        "command": portable_command("train_throughput.py", args),
         "gpu": gpu, "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "steps": args.steps, "warmup": args.warmup, "examples_per_step": args.examples_per_step,
         "varlen_check": check, "runs": rows,

@@ -29,6 +29,12 @@ class Conversation:
     answer: str | None = None
     system: str | None = None
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Conversation:
+        """From its JSON form (the data cache, checkpoint metadata, the server's requests)."""
+        return cls(history=[tuple(h) for h in d.get("history") or []], query=d["query"], answer=d.get("answer"),
+                   system=d.get("system"))
+
 
 @dataclass
 class Problem:

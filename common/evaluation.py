@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 from common.data import Conversation, load_dataset, record_to_conversation
 from common.errors import ModelFilesError, UserError
@@ -59,8 +58,6 @@ def _device(name: str) -> str:
 
 
 def _local(model, tok, template: str, cfg) -> Callable:
-    import torch
-
     from common.generation import generate_replies
 
     device = next(model.parameters()).device
@@ -69,7 +66,6 @@ def _local(model, tok, template: str, cfg) -> Callable:
         return generate_replies(model, tok, cfg.template or template, convs, device, cfg.max_new_tokens,
                                 batch_size=cfg.batch_size, progress=progress)
 
-    torch.set_grad_enabled(False)
     return generate
 
 
@@ -235,7 +231,3 @@ def log_evaluation(uri: str, cfg, results: list[Scored], convs: list[Conversatio
 def _metric_label(label: str) -> str:
     """A label as MLflow accepts it in a metric name (letters, digits, _ - . / and spaces)."""
     return re.sub(r"[^\w\-. /]", "_", label)
-
-
-def scores_as_tags(rows: list[dict[str, Any]]) -> dict[str, str]:
-    return {f"eval.{k}": f"{v:.2f}" for k, v in average(rows).items()}

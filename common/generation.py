@@ -54,6 +54,12 @@ def prompt_text(conv: Conversation) -> str:
     return "\n".join([*turns, f"Q: {conv.query}"])
 
 
+def generations_table(convs: list[Conversation], replies: list[str], rows: list[dict[str, float]]) -> dict[str, list]:
+    """Prompt, reference, reply and the main scores per conversation: the MLflow table of an eval."""
+    return {"prompt": [prompt_text(c) for c in convs], "reference": [c.answer or "" for c in convs],
+            "reply": replies, **{k: [round(r[k], 2) for r in rows] for k in ("bleu-4_chars", "rouge-l_jieba")}}
+
+
 def sample_reply(model, tok, template_name: str, conv: Conversation, device, max_new_tokens: int = 48) -> str:
     """One greedy reply (the training log's sample, the merge report's)."""
     return generate_replies(model, tok, template_name, [conv], device, max_new_tokens)[0]

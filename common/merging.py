@@ -116,8 +116,7 @@ def registered_name_for(base_model: str) -> str:
 
 
 def _prompt_ids(tok, template, prompts: list[dict]) -> list[list[int]]:
-    return [template.prompt(tok, Conversation(history=[tuple(h) for h in p.get("history") or []],
-                                              query=p["query"], system=p.get("system"))) for p in prompts]
+    return [template.prompt(tok, Conversation.from_dict(p)) for p in prompts]
 
 
 @torch.no_grad()
@@ -135,7 +134,7 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
     """Merge, verify and save; returns the report logged with the model."""
     from peft import PeftModel
 
-    from common.generation import generate_replies, prompt_text, sample_reply
+    from common.generation import generate_replies, generations_table, sample_reply
     from common.metrics import average, score
     from common.models.convert import _route_autotokenizer_to_ours
     from common.models.loader import load_model, load_tokenizer, open_model_folder
@@ -205,17 +204,13 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
             gc.collect()
     report["merge_base_comparison"] = comparison
     model = chosen
-    report["sample_reply"] = sample_reply(model, tok, template.name, Conversation(
-        history=[tuple(h) for h in prompts[0].get("history") or []], query=prompts[0]["query"]), device)
-    convs = [Conversation(history=[tuple(h) for h in c["history"]], query=c["query"], answer=c.get("answer"),
-                          system=c.get("system")) for c in meta.get("eval_conversations") or []]
+    report["sample_reply"] = sample_reply(model, tok, template.name, Conversation.from_dict(prompts[0]), device)
+    convs = [Conversation.from_dict(c) for c in meta.get("eval_conversations") or []]
     if convs:  # the training run's eval replies, now from the merged model: the version's scores
         replies = generate_replies(model, tok, template.name, convs, device, int(meta.get("eval_max_new_tokens", 128)))
         rows = [score(r, c.answer or "") for r, c in zip(replies, convs)]
         report["eval_scores"] = average(rows)
-        report["eval_generations"] = {"prompt": [prompt_text(c) for c in convs],
-                                      "reference": [c.answer or "" for c in convs], "reply": replies,
-                                      "rouge-l_jieba": [round(r["rouge-l_jieba"], 2) for r in rows]}
+        report["eval_generations"] = generations_table(convs, replies, rows)
 
     model = model.to(DTYPES[cfg.dtype])
     model.generation_config.eos_token_id = template.stop_token_ids(tok)

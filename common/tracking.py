@@ -86,15 +86,9 @@ class Tracker:
 
         self.client.log_text(self.run_id, json.dumps(rows, ensure_ascii=False, indent=1), name)
 
-
-    def log_generations(self, step: int, convs, replies: list[str], rows: list[dict[str, float]]) -> None:
-        """One MLflow table per eval (the UI's Evaluation / Artifacts): prompt, reference, reply, scores."""
-        from common.generation import prompt_text
-
-        data = {"step": [step] * len(convs), "prompt": [prompt_text(c) for c in convs],
-                "reference": [c.answer or "" for c in convs], "reply": replies,
-                **{k: [round(r[k], 2) for r in rows] for k in ("bleu-4_chars", "rouge-l_jieba")}}
-        self.client.log_table(self.run_id, data=data, artifact_file=f"eval_generations/step-{step:06d}.json")
+    def log_columns(self, data: dict[str, list], name: str) -> None:
+        """An MLflow table (columns of equal length): the UI shows it under Evaluation / Artifacts."""
+        self.client.log_table(self.run_id, data=data, artifact_file=name)
 
 
 class NullTracker(Tracker):
@@ -113,7 +107,7 @@ class NullTracker(Tracker):
     def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
         pass
 
-    def log_generations(self, step: int, convs, replies: list[str], rows: list[dict[str, float]]) -> None:
+    def log_columns(self, data: dict[str, list], name: str) -> None:
         pass
 
 

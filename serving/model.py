@@ -96,8 +96,7 @@ class ChatModel:
         return (await self._engine_state())["metrics"] if self.engine else ""
 
     def _prompt(self, conv: dict) -> list[int]:
-        return self.template.prompt(self.tok, Conversation(history=[tuple(h) for h in conv["history"]],
-                                                           query=conv["query"], system=conv.get("system")))
+        return self.template.prompt(self.tok, Conversation.from_dict(conv))
 
     async def stream(self, conv: dict, sampling: dict):
         from serving.sampling import SamplingParams

@@ -14,7 +14,12 @@ from pathlib import Path
 import torch
 
 from common.errors import ModelFilesError
-from common.models.convert_glm import chatglm1_config_from_thudm, iter_checkpoint, load_thudm_v2_config, map_v2_tensors
+from common.models.convert_glm import (
+    chatglm1_config_from_thudm,
+    iter_checkpoint,
+    load_thudm_v2_config,
+    map_v2_tensors,
+)
 from common.models.folders import ModelInfo, load_tokenizer
 from common.models.metadata import write_model_metadata
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from common.config import FinetuneConfig
 from common.data import Conversation
-from common.generation import generate_replies
+from common.generation import generate_replies, generations_table
 from common.metrics import SCORES, average, score
 from common.templates import IGNORE
 from common.training.attention import use_varlen, varlen_available
@@ -395,8 +395,7 @@ def _train(config: dict) -> dict:
     template_name = cfg.template or info.template
     # A fixed sample of the eval split, replied to greedily at every eval and scored (rank 0 generates;
     # every rank reports the same scores, so any rank's report can choose the best checkpoint).
-    gen_convs = [Conversation(history=[tuple(h) for h in c["history"]], query=c["query"], answer=c.get("answer"),
-                              system=c.get("system")) for c in config.get("generate_conversations") or []]
+    gen_convs = [Conversation.from_dict(c) for c in config.get("generate_conversations") or []]
 
     def eval_generation() -> tuple[dict[str, float], str]:
         """The eval replies' mean scores (eval_<score>) and the first reply (the log's sample)."""
@@ -409,7 +408,8 @@ def _train(config: dict) -> dict:
             rows = [score(r, c.answer or "") for r, c in zip(replies, gen_convs)]
             means += torch.tensor([average(rows)[k] for k in SCORES], dtype=torch.float64, device=device)
             first = replies[0]
-            tracker.log_generations(state.step, gen_convs, replies, rows)
+            tracker.log_columns(generations_table(gen_convs, replies, rows),
+                                f"eval_generations/step-{state.step:06d}.json")
         if world > 1:
             torch.distributed.all_reduce(means)
         return {f"eval_{k}": float(v) for k, v in zip(SCORES, means.tolist())}, first
