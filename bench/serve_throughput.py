@@ -123,16 +123,19 @@ async def one_stream(client, url: str, content: str, tokens: int) -> dict:
             "tpot": ((last - first) / (n - 1)) if first and last and n > 1 else None}
 
 
-def engine_tpot(url: str) -> tuple[float, float] | None:
-    """(sum, count) of the engine's time-per-output-token histogram from /metrics (None: not exported)."""
+ENGINE_HISTOGRAMS = {"engine_tpot_ms": "glmops_time_per_output_token_seconds",
+                     "engine_ttft_ms": "glmops_time_to_first_token_seconds"}
+
+
+def engine_histograms(url: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the engine's own latency histograms from /metrics (empty: not exported). The engine's
+    TTFT runs from a request's arrival in the engine to its first token: the rest of the client's is HTTP."""
     import httpx
 
     text = httpx.get(url + "/metrics", timeout=30).text
-    vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-            if line.startswith("glmops_time_per_output_token_seconds_")}
-    if "glmops_time_per_output_token_seconds_count" not in vals:
-        return None
-    return vals["glmops_time_per_output_token_seconds_sum"], vals["glmops_time_per_output_token_seconds_count"]
+    vals = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("glmops_")}
+    return {key: (vals[f"{name}_sum"], vals[f"{name}_count"]) for key, name in ENGINE_HISTOGRAMS.items()
+            if f"{name}_count" in vals}
 
 
 def pct(values: list[float], q: float) -> float:
@@ -176,7 +179,7 @@ def engine_steps(model_dir: str, batches: list[int], bucket_tokens: int = 192, s
     sampler = Sampler(model.config.vocab_size, top + 1, runner.device)
     out = []
     for b in batches:
-        rows = [RowInput(i, [100 + i], bucket_tokens) for i in range(b)]
+        rows = [RowInput(i, None, bucket_tokens) for i in range(b)]  # decode rows: the graph path
         greedy = [Row(SamplingParams(1, temperature=0), None, i, []) for i in range(b)]
         for _ in range(5):
             sampler(runner.forward(rows), greedy).tolist()
@@ -260,13 +263,13 @@ def main() -> None:
                 for n in (int(x) for x in levels.split(",")):
                     import httpx
 
-                    before = engine_tpot(server.url)
+                    before = engine_histograms(server.url)
                     row = {"path": path, "bits": args.bits, "workload": w,
                            **asyncio.run(measure(server.url, prompts[w], n, tokens))}
-                    after = engine_tpot(server.url)
-                    if before and after and after[1] > before[1]:
-                        # Inside the replica: the engine's own time between two tokens of a stream.
-                        row["engine_tpot_ms"] = round(1000 * (after[0] - before[0]) / (after[1] - before[1]), 2)
+                    after = engine_histograms(server.url)
+                    for key, (total, count) in after.items():
+                        if key in before and count > before[key][1]:  # the engine's own mean over this row
+                            row[key] = round(1000 * (total - before[key][0]) / (count - before[key][1]), 2)
                     h = httpx.get(server.url + "/health").json()
                     row["gpu_memory_reserved_gib"] = h.get("gpu_memory_reserved_gib")
                     rows.append(row)
@@ -275,13 +278,13 @@ def main() -> None:
         finally:
             server.stop()
     head = (f"{'path':<12}{'bits':>5}{'load':>7}{'streams':>8}{'prompt':>7}{'TTFT p50':>9}{'p95':>7}{'TPOT p50':>9}"
-            f"{'p95':>7}{'tok/s/stream':>13}{'tok/s total':>12}{'GPU GiB':>8}{'engine TPOT':>12}")
+            f"{'p95':>7}{'tok/s/stream':>13}{'tok/s total':>12}{'GPU GiB':>8}{'engine TPOT':>12}{'engine TTFT':>12}")
     print("\n" + head)
     for r in rows:
         print(f"{r['path']:<12}{r['bits']:>5}{r['workload']:>7}{r['streams']:>8}{r['prompt_tokens'] or 0:>7}"
               f"{r['ttft_p50_s']:>9.3f}{r['ttft_p95_s']:>7.3f}{r['tpot_p50_ms']:>9.2f}{r['tpot_p95_ms']:>7.2f}"
               f"{r['per_stream_tok_s']:>13.1f}{r['aggregate_tok_s']:>12.1f}{r['gpu_memory_reserved_gib'] or 0:>8}"
-              f"{r.get('engine_tpot_ms') or '-':>12}")
+              f"{r.get('engine_tpot_ms') or '-':>12}{r.get('engine_ttft_ms') or '-':>12}")
     save(args.out, servers, rows, command)
     if args.out:
         print(f"wrote {args.out}")

@@ -10,6 +10,13 @@ thread repeats one iteration:
   4. decode: one token for every running request, in one batched forward (a CUDA graph on GPU);
   5. sample all of them at once on the device, then hand each new token to its stream.
 
+Steps overlap: step n + 1 is launched before step n's tokens are read. A decode row's input is its
+slot's last sampled token, which stays on the device (`Runner.last_token`), and its position is known
+from how many tokens were scheduled; so the host work of a step (reading tokens, stop checks, streaming,
+metrics, planning the next batch) runs while the GPU computes the next one. A request that stops at step n
+has had one more row computed in step n + 1; that token is dropped. Its slot can be reused at once: all
+work goes to one stream in order, and a position the stale row wrote is rewritten before it is read.
+
 Limits, all named and enforced at submit time: `max_num_seqs` running sequences (the KV cache slots),
 `max_model_len` tokens per sequence (prompt + max_tokens), `max_queued_requests` waiting. A request
 over the length limit is refused with `TooLong` (a 400); one that finds the queue full with
@@ -21,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from serving.metrics import EngineMetrics
-from serving.runners import RowInput, Runner
+from serving.runners import RowInput, Runner, to_device
 from serving.sampling import Row, Sampler, SamplingParams
 
 log = logging.getLogger("ray.serve")
@@ -68,6 +77,20 @@ def check_admission(config: EngineConfig, prompt_len: int, params: SamplingParam
                          f"{config.max_queued_requests})")
 
 
+class StreamQueue(asyncio.Queue):
+    """A request's tokens (ints), then its end (a dict); `ended` is set as soon as the end is queued, so a
+    stream that waits to merge tokens into fewer chunks never holds its last chunk back."""
+
+    def __init__(self):
+        super().__init__()
+        self.ended = asyncio.Event()
+
+    def put_nowait(self, item) -> None:
+        super().put_nowait(item)
+        if isinstance(item, dict):
+            self.ended.set()
+
+
 @dataclass
 class Request:
     id: int
@@ -79,6 +102,7 @@ class Request:
     arrived: float = field(default_factory=time.monotonic)
     slot: int = -1
     prefilled: int = 0          # prompt tokens already in the cache
+    scheduled: int = 0          # reply tokens sampled or being sampled (>= len(output))
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     first_token_at: float | None = None
@@ -109,6 +133,11 @@ class Engine:
         self._stopped = False
         self._error: BaseException | None = None
         self._outbox: list[tuple[Request, object]] = []  # tokens and ends of this step, delivered together
+        self._in_flight: Launched | None = None  # the step launched but not yet read
+        self._last_done = time.perf_counter()
+        # GLMOPS_ENGINE_TRACE=FILE: one JSON line per step (what it ran, and where its time went).
+        trace = os.environ.get("GLMOPS_ENGINE_TRACE")
+        self._trace = open(trace, "a", buffering=1) if trace else None
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -124,7 +153,7 @@ class Engine:
             self.metrics.rejected.inc()
             raise
         req = Request(next(self._ids), list(prompt), params, frozenset(stop_ids), asyncio.get_running_loop(),
-                      asyncio.Queue())
+                      StreamQueue())
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(params.seed)
@@ -163,13 +192,16 @@ class Engine:
         try:
             while not self._stopped:
                 self._take_inbox()
-                if not self.running and not self.waiting:
+                if not self.running and not self.waiting and self._in_flight is None:
                     with self._wake:
                         if not self._inbox and not self._stopped:
                             self._wake.wait(timeout=1.0)
                     continue
                 self._admit()
-                self._step()
+                launched = self._launch()
+                if self._in_flight is not None:
+                    self._complete(self._in_flight)
+                self._in_flight = launched
         except BaseException as err:  # noqa: BLE001 - every stream must end, with the cause logged
             log.exception("engine loop failed")
             self._error = err
@@ -198,39 +230,79 @@ class Engine:
         self.metrics.waiting.set(len(self.waiting))
         self.metrics.running.set(len(self.running))
 
-    def _step(self) -> None:
+    def _launch(self) -> Launched | None:
+        """Plan and launch one step: prefill chunks within the budget, one decode row for every request
+        whose next token can be computed, the sampling of all of them. Nothing here waits for the GPU."""
         t0 = time.perf_counter()
         budget = self.config.prefill_chunk
         prefill: list[tuple[Request, RowInput]] = []
+        decode: list[tuple[Request, RowInput]] = []
         for req in self.running:
             left = len(req.prompt) - req.prefilled
-            if left <= 0 or budget <= 0:
-                continue
-            take = left if not getattr(self.runner, "chunked_prefill", True) else min(left, budget)
-            prefill.append((req, RowInput(req.slot, req.prompt[req.prefilled:req.prefilled + take], req.prefilled)))
-            budget -= take
-        decode = [(req, RowInput(req.slot, [req.output[-1] if req.output else req.prompt[-1]], req.length - 1))
-                  for req in self.running if req.prefilled >= len(req.prompt) and req.output]
-        sample: list[tuple[Request, torch.Tensor]] = []
+            if left > 0:
+                if budget > 0:
+                    take = left if not getattr(self.runner, "chunked_prefill", True) else min(left, budget)
+                    prefill.append((req, RowInput(req.slot, req.prompt[req.prefilled:req.prefilled + take],
+                                                  req.prefilled)))
+                    budget -= take
+            elif 0 < req.scheduled < req.params.max_tokens:
+                decode.append((req, RowInput(req.slot, None, len(req.prompt) + req.scheduled - 1)))
+        if not prefill and not decode:
+            return None
+        sampled: list[Request] = []
+        logits: list[torch.Tensor] = []
         if prefill:
-            logits = self.runner.forward([row for _, row in prefill])
+            out = self.runner.forward([row for _, row in prefill])
+            ends = []
             for i, (req, row) in enumerate(prefill):
                 req.prefilled += len(row.tokens)
                 if req.prefilled >= len(req.prompt):
-                    sample.append((req, logits[i]))
+                    sampled.append(req)
+                    ends.append(i)
+            if ends:
+                logits.append(out if len(ends) == len(prefill) else out[to_device(ends, self.device)])
         if decode:
-            logits = self.runner.forward([row for _, row in decode])
-            sample += [(req, logits[i]) for i, (req, _) in enumerate(decode)]
-        if sample:
+            logits.append(self.runner.forward([row for _, row in decode]))
+            sampled += [req for req, _ in decode]
+        tokens = host = event = None
+        if sampled:
             rows = [Row(req.params, req.generator, req.slot,
-                        sorted(req.stop_ids) if len(req.output) < req.params.min_tokens else [])
-                    for req, _ in sample]
-            tokens = self.sampler(torch.stack([lg for _, lg in sample]), rows).tolist()
+                        sorted(req.stop_ids) if req.scheduled < req.params.min_tokens else []) for req in sampled]
+            tokens = self.sampler(logits[0] if len(logits) == 1 else torch.cat(logits), rows)
+            self.runner.last_token[to_device([req.slot for req in sampled], self.device)] = tokens
+            for req in sampled:
+                req.scheduled += 1
+            if self.device.type == "cuda":  # read back without waiting: the next step is launched first
+                host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+                host.copy_(tokens, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host = tokens
+        return Launched(sampled, host, event, t0, len(decode), sum(len(r.tokens) for _, r in prefill), len(prefill),
+                        time.perf_counter())
+
+    def _complete(self, step: Launched) -> None:
+        """Read a launched step's tokens and hand them to their streams."""
+        t0 = time.perf_counter()
+        if step.event is not None:
+            step.event.synchronize()
+        t1 = time.perf_counter()
+        if step.requests:
             now = time.monotonic()
-            for (req, _), tok in zip(sample, tokens):
-                self._emit(req, tok, now)
+            for req, tok in zip(step.requests, step.tokens.tolist()):
+                if not req.done:  # else: it stopped or left while this step ran; the token is dropped
+                    self._emit(req, tok, now)
         self._deliver()
-        self.metrics.step(time.perf_counter() - t0, len(decode), sum(len(r.tokens) for _, r in prefill))
+        done = time.perf_counter()
+        self.metrics.step(done - max(step.started, self._last_done), step.decoded, step.prefilled)
+        if self._trace:
+            self._trace.write(json.dumps({
+                "t": round(step.started, 4), "launch_ms": round(1000 * (step.launched - step.started), 2),
+                "wait_ms": round(1000 * (t1 - t0), 2), "emit_ms": round(1000 * (done - t1), 2),
+                "step_ms": round(1000 * (done - self._last_done), 2), "prefill_rows": step.prefill_rows,
+                "prefill_tokens": step.prefilled, "decode_rows": step.decoded, "waiting": len(self.waiting)}) + "\n")
+        self._last_done = done
         self.metrics.kv_used.set(sum(r.length for r in self.running))
 
     def _emit(self, req: Request, token: int, now: float) -> None:
@@ -277,6 +349,20 @@ class Engine:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(req.params.seed)
         self._post("add", req)
+
+
+@dataclass
+class Launched:
+    """A step on its way: who was sampled, and where their tokens arrive on the host."""
+
+    requests: list[Request]
+    tokens: torch.Tensor | None  # on the host (pinned) once `event` has passed
+    event: object | None          # torch.cuda.Event, None on CPU
+    started: float
+    decoded: int
+    prefilled: int
+    prefill_rows: int = 0
+    launched: float = 0.0
 
 
 def _to_event_loops(items: list) -> None:

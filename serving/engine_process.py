@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from serving.engine import Engine, EngineConfig, Request, check_admission
+from serving.engine import Engine, EngineConfig, Request, StreamQueue, check_admission
 from serving.sampling import SamplingParams
 
 KV_MEMORY_SHARE = 0.85     # of the GPU memory left after the weights, for the KV cache
@@ -93,6 +93,8 @@ def build_engine(model, spec: EngineSpec, sink=None) -> tuple[Engine, str]:
         except Exception as err:  # noqa: BLE001 - e.g. a quantized kernel that cannot be captured
             runner.use_graphs, runner.graphs = False, {}
             graphs = f"; decode steps run eagerly (CUDA graph capture failed: {type(err).__name__}: {err})"
+    if getattr(runner, "ops_note", ""):
+        graphs += f"; {runner.ops_note}"
     chunk = spec.prefill_chunk or (2048 if spec.device == "cuda" else 512)
     engine = Engine(runner, EngineConfig(seqs, length, spec.max_queued_requests, chunk), model.config.vocab_size,
                     sink=sink)
@@ -172,7 +174,7 @@ class Pending:
     """The replica's side of a request: where its tokens go."""
 
     id: int
-    queue: asyncio.Queue
+    queue: StreamQueue
     loop: asyncio.AbstractEventLoop
     max_tokens: int
     done: bool = False
@@ -210,7 +212,7 @@ class EngineProcess:
         if self.proc.exitcode is not None:
             raise RuntimeError(f"the engine process exited (code {self.proc.exitcode})")
         check_admission(self.config, len(prompt), params, len(self.pending), self._retry_after)
-        req = Pending(next(self._ids), asyncio.Queue(), asyncio.get_running_loop(), params.max_tokens)
+        req = Pending(next(self._ids), StreamQueue(), asyncio.get_running_loop(), params.max_tokens)
         self.pending[req.id] = req
         self._send(("add", req.id, list(prompt), params, list(stop_ids)))
         return req

@@ -139,7 +139,11 @@ class ChatModel:
                 if text:
                     yield {"delta": text}
                     if self.stream_interval and not ended:
-                        await asyncio.sleep(self.stream_interval)
+                        # Tokens of the next interval go out as one chunk; the end cuts the wait short.
+                        try:
+                            await asyncio.wait_for(req.queue.ended.wait(), self.stream_interval)
+                        except TimeoutError:
+                            pass
             if finish == "error":
                 raise RuntimeError("generation failed on this replica (see its log)")
             yield {"finish_reason": finish, "completion_tokens": n, "prompt_tokens": len(ids)}

@@ -6,8 +6,9 @@ max_len, head_dim] (the extra slot takes the writes of padding rows). One call r
 each a slot with its new tokens (a prompt chunk or one decode token) at its own position, and returns
 the logits of each row's last token.
 
-Attention reads only the first `bucket` positions of the cache, the next power of two (at least 256)
-above the longest sequence in the batch: a step's cost follows the sequences, not `max_len`.
+Attention reads only the positions a sequence has (GlmRunner), or the first `bucket` positions of the
+cache, the next power of two (at least 256) above the longest sequence in the batch: a step's cost
+follows the sequences, not `max_len`.
 
   GlmRunner       ChatGLM2/3 and GLM-4 as transformers' GlmForCausalLM (and Llama-shaped layouts with
                   the same module names); decode steps captured in CUDA graphs per (batch, bucket)
@@ -32,9 +33,26 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128)
 
 @dataclass
 class RowInput:
+    """One row of a step: `tokens` at positions start, start + 1, ... of the sequence in `slot`.
+    `tokens=None` is a decode row whose one token is the slot's last sampled one, still on the device
+    (`Runner.last_token`): the engine launches step n + 1 before it has read step n's tokens."""
+
     slot: int
-    tokens: list[int]
-    start: int  # position of tokens[0] in the sequence (tokens before it are in the cache)
+    tokens: list[int] | None
+    start: int  # position of the first token (tokens before it are in the cache)
+
+    @property
+    def size(self) -> int:
+        return 1 if self.tokens is None else len(self.tokens)
+
+
+def to_device(data, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host data onto the device without waiting for it: a plain `torch.tensor(..., device="cuda")` copies
+    from pageable memory and so waits for every kernel queued before it (the step in flight included)."""
+    t = data if isinstance(data, torch.Tensor) else torch.as_tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def bucket_for(length: int, max_len: int) -> int:
@@ -52,6 +70,8 @@ class Runner:
         self.model, self.num_slots, self.max_len = model, num_slots, max_len
         self.device = next(model.parameters()).device
         self.scratch = num_slots  # the slot padding rows write to
+        # Each slot's last sampled token, written by the engine after sampling, read by decode rows.
+        self.last_token = torch.zeros(num_slots + 1, dtype=torch.long, device=self.device)
 
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
         raise NotImplementedError
@@ -77,7 +97,7 @@ class _CacheRunner(Runner):
     def _inputs(self, rows: list[RowInput], pad_rows: int = 0):
         """Padded [B, T] tokens and positions, write slots [B, T] (scratch for padding), read slots [B],
         the index of each row's last real token, and the attention bucket."""
-        t = max(len(r.tokens) for r in rows)
+        t = max(r.size for r in rows)
         b = len(rows) + pad_rows
         tokens = torch.zeros(b, t, dtype=torch.long)
         positions = torch.zeros(b, t, dtype=torch.long)
@@ -85,16 +105,22 @@ class _CacheRunner(Runner):
         read = torch.full((b,), self.scratch, dtype=torch.long)
         last = torch.zeros(b, dtype=torch.long)
         for i, r in enumerate(rows):
-            n = len(r.tokens)
-            tokens[i, :n] = torch.tensor(r.tokens)
+            n = r.size
+            if r.tokens is not None:
+                tokens[i, :n] = torch.tensor(r.tokens)
             positions[i, :n] = torch.arange(r.start, r.start + n)
             write[i, :n] = r.slot
             read[i] = r.slot
             last[i] = n - 1
-        longest = max(r.start + len(r.tokens) for r in rows)
-        dev = self.device
-        return (tokens.to(dev), positions.to(dev), write.to(dev), read.to(dev), last.to(dev),
-                bucket_for(longest, self.max_len))
+        longest = max(r.start + r.size for r in rows)
+        packed = to_device(torch.stack([tokens, positions, write]), self.device)
+        tokens, positions, write = packed[0], packed[1], packed[2]
+        read_last = to_device(torch.stack([read, last]), self.device)
+        pending = [i for i, r in enumerate(rows) if r.tokens is None]
+        if pending:  # decode rows: their token is on the device already
+            idx = to_device([[i for i in pending], [rows[i].slot for i in pending]], self.device)
+            tokens[idx[0], 0] = self.last_token[idx[1]]
+        return tokens, positions, write, read_last[0], read_last[1], bucket_for(longest, self.max_len)
 
     def _write(self, layer: int, write: torch.Tensor, positions: torch.Tensor, k, v) -> None:
         """k, v [B, T, kv, d] into the cache at (slot, position) of every token."""
@@ -107,12 +133,18 @@ class _CacheRunner(Runner):
 
 
 class GlmRunner(_CacheRunner):
-    """GlmForCausalLM-shaped models: embed → [RMSNorm → q/k/v → partial rotary → attention → o] + MLP."""
+    """GlmForCausalLM-shaped models: embed → [RMSNorm → q/k/v → partial rotary → attention → o] + MLP.
+
+    Every step runs as a flat list of tokens, each with its slot and position: a decode row is one token,
+    a prompt chunk is several. Per layer: the GEMMs plus five small ops (serving/kernels.py; Triton kernels
+    on a GPU): k and v of every token go into the cache first, then each token attends to its slot's cache
+    up to its own position, read in place. So a prompt chunk needs no padding and no mask, and prefill
+    costs a few kernels per layer, like decode. On a GPU each decode (batch size, attention bucket) is
+    captured once in a CUDA graph and replayed."""
 
     family = "glm"
 
-    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True,
-                 compile_small_ops: bool = True):
+    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True):
         super().__init__(model, num_slots, max_len)
         inner = model.model
         cfg = model.config
@@ -120,69 +152,82 @@ class GlmRunner(_CacheRunner):
         self.heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self._allocate(len(self.layers), cfg.num_key_value_heads, head_dim, kv_dtype(model))
-        from transformers.models.glm.modeling_glm import apply_rotary_pos_emb
-
-        self.apply_rotary, self.rms_norm, self.swiglu = apply_rotary_pos_emb, rms_norm, swiglu
         self.eps = cfg.rms_norm_eps
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
         self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        if self.use_graphs and compile_small_ops:
-            # The GEMMs are cuBLAS either way; what a decode step of a 6B model loses to is ~50 tiny kernels
-            # per layer (norms, rotary, SwiGLU). Compiled, each of those groups is one fused kernel.
-            self.apply_rotary, self.rms_norm, self.swiglu = (torch.compile(f, dynamic=True, fullgraph=True) for f in
-                                                             (apply_rotary_pos_emb, rms_norm, swiglu))
+        from serving.kernels import pick_ops
+
+        rot = self.rotary(torch.zeros(1, dtype=self.k_cache.dtype, device=self.device),
+                          torch.zeros(1, 1, dtype=torch.long, device=self.device))[0].shape[-1]
+        self.ops, self.ops_note = pick_ops(self.device, heads=self.heads, kv_heads=self.kv_heads, head_dim=head_dim,
+                                           rot=rot, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+                                           dtype=self.k_cache.dtype)
         self._pool = None  # one memory pool for all graphs: only one replays at a time
 
+    def _qkv(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        if self.qkv[i] is not None:  # one GEMM instead of three
+            return F.linear(h, *self.qkv[i])
+        attn = self.layers[i].self_attn
+        return torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
+
     @torch.no_grad()
-    def _forward(self, tokens, positions, write, read, last, bucket) -> torch.Tensor:
-        b, t = tokens.shape
-        x = self.embed(tokens)
-        cos, sin = self.rotary(x, positions)
-        keys = torch.arange(bucket, device=tokens.device)
-        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, bucket]
-        groups = self.heads // self.kv_heads
+    def _tokens(self, tokens: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor, bucket: int,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens [N] (None: each slot's last sampled token) at (slot, position) [N]; logits [R, vocab] of the
+        tokens at `last` [R] (all of them when None). `bucket` bounds every position + 1."""
+        ops = self.ops
+        x = self.embed(self.last_token[slots] if tokens is None else tokens)
+        cos, sin = (c[:, 0] for c in self.rotary(x, positions[:, None]))
+        h = None
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = self.rms_norm(x, layer.input_layernorm.weight, self.eps)
-            if self.qkv[i] is not None:  # one GEMM instead of three
-                q, k, v = F.linear(h, *self.qkv[i]).split([self.heads * self.head_dim, self.kv_heads * self.head_dim,
-                                                           self.kv_heads * self.head_dim], dim=-1)
-            else:
-                q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
-            q = q.reshape(b, t, self.heads, self.head_dim).transpose(1, 2)
-            k = k.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            v = v.reshape(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = self.apply_rotary(q, k, cos, sin)
-            self._write(i, write, positions, k.transpose(1, 2), v.transpose(1, 2))
-            kc, vc = self._read(i, read, bucket)
-            # Grouped queries without repeating K/V: each KV head serves its `groups` query heads as rows.
-            qg = q.reshape(b, self.kv_heads, groups * t, self.head_dim)
-            mg = mask.expand(b, 1, t, bucket).repeat(1, 1, groups, 1) if groups > 1 else mask
-            out = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mg, scale=attn.scaling)
-            out = out.reshape(b, self.heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
-            x = x + attn.o_proj(out)
-            h = self.rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
+            x, h = ops.add_rms_norm(x, h, layer.input_layernorm.weight, self.eps)
+            q = ops.rope_write(self._qkv(i, h), cos, sin, self.k_cache[i], self.v_cache[i], slots, positions,
+                               self.heads, self.kv_heads)
+            out = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, positions, attn.scaling, bucket)
+            x, h = ops.add_rms_norm(x, attn.o_proj(out), layer.post_attention_layernorm.weight, self.eps)
             mlp = layer.mlp
-            x = x + (mlp.down_proj(self.swiglu(mlp.gate_up_proj(h))) if self.silu else mlp(h))
-        x = self.rms_norm(x, self.norm.weight, self.eps)
-        return self.model.lm_head(x[torch.arange(b, device=x.device), last]).float()
+            h = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h))) if self.silu else mlp(h)
+        if last is not None:  # only the rows whose logits are wanted go through the final norm and the head
+            x, h = x[last], h[last]
+        _, h = ops.add_rms_norm(x, h, self.norm.weight, self.eps)
+        return self.model.lm_head(h).float()
 
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
-        decode = all(len(r.tokens) == 1 for r in rows)
-        if decode and self.use_graphs:
-            size = next((s for s in GRAPH_BATCH_SIZES if s >= len(rows)), None)
+        longest = max(r.start + r.size for r in rows)
+        bucket = bucket_for(longest, self.max_len)
+        if all(r.tokens is None for r in rows):
+            size = next((s for s in GRAPH_BATCH_SIZES if s >= len(rows)), None) if self.use_graphs else None
             if size is not None:
                 return self._replay(rows, size)
-        return self._forward(*self._inputs(rows))[: len(rows)]
+            slots, positions = to_device([[r.slot for r in rows], [r.start for r in rows]], self.device)
+            return self._tokens(None, slots, positions, bucket)
+        # Prompt chunks (and any decode rows among them): one flat list of tokens; logits of each row's last.
+        flat = torch.empty(3, sum(r.size for r in rows), dtype=torch.long)
+        last = torch.empty(len(rows), dtype=torch.long)
+        at = 0
+        for i, r in enumerate(rows):
+            n = r.size
+            flat[0, at:at + n] = torch.tensor(r.tokens) if r.tokens is not None else 0
+            flat[1, at:at + n] = r.slot
+            flat[2, at:at + n] = torch.arange(r.start, r.start + n)
+            at += n
+            last[i] = at - 1
+        flat = to_device(flat, self.device)
+        tokens = flat[0]
+        pending = [int(last[i]) for i, r in enumerate(rows) if r.tokens is None]
+        if pending:  # decode rows mixed in: their token is on the device already
+            idx = to_device(pending, self.device)
+            tokens[idx] = self.last_token[flat[1][idx]]
+        return self._tokens(tokens, flat[1], flat[2], bucket, to_device(last, self.device))
 
     # -- CUDA graphs for decode steps -----------------------------------------------------------------------
     def warm_up(self) -> None:
-        """Run prefill-shaped batches once on the scratch slot: torch.compile specializes sizes 1 and >1
-        separately, so the first few new shapes recompile; better at start-up than in a user's request."""
-        for rows, length in ((1, 16), (2, 16), (3, 24), (1, 1), (2, 1), (5, 1)):
-            self._forward(*self._inputs([RowInput(self.scratch, [0] * length, 0)] * rows))
+        """A prompt on the scratch slot: Triton compiles its kernels on first use; better at start-up than
+        in a user's request."""
+        self.forward([RowInput(self.scratch, [0] * min(16, self.max_len), 0)])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -206,21 +251,18 @@ class GlmRunner(_CacheRunner):
         if key in self.graphs:
             return self.graphs[key]
         dev = self.device
-        static = {"tokens": torch.zeros(size, 1, dtype=torch.long, device=dev),
-                  "positions": torch.zeros(size, 1, dtype=torch.long, device=dev),
-                  "write": torch.full((size, 1), self.scratch, dtype=torch.long, device=dev),
-                  "read": torch.full((size,), self.scratch, dtype=torch.long, device=dev),
-                  "last": torch.zeros(size, dtype=torch.long, device=dev)}
-        args = (static["tokens"], static["positions"], static["write"], static["read"], static["last"], bucket)
+        static = {"slots": torch.full((size,), self.scratch, dtype=torch.long, device=dev),
+                  "positions": torch.zeros(size, dtype=torch.long, device=dev)}
+        args = (None, static["slots"], static["positions"], bucket)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up kernels (and their autotuning) outside the capture
-                self._forward(*args)
+                self._tokens(*args)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(*args)
+            logits = self._tokens(*args)
         self._pool = graph.pool()
         self.graphs[key] = (graph, static, logits)
         return self.graphs[key]
@@ -229,17 +271,14 @@ class GlmRunner(_CacheRunner):
         longest = max(r.start + 1 for r in rows)
         graph, static, logits = self._graph(size, bucket_for(longest, self.max_len))
         n = len(rows)
-        host = torch.zeros(4, size, dtype=torch.long)
-        host[2:, :] = self.scratch
-        host[0, :n] = torch.tensor([r.tokens[0] for r in rows])
+        host = torch.empty(2, size, dtype=torch.long)
+        host[0, :] = self.scratch
+        host[1, :] = 0
+        host[0, :n] = torch.tensor([r.slot for r in rows])
         host[1, :n] = torch.tensor([r.start for r in rows])
-        host[2, :n] = torch.tensor([r.slot for r in rows])
-        host[3, :n] = host[2, :n]
-        dev = host.to(self.device, non_blocking=True)
-        static["tokens"].copy_(dev[0, :, None])
-        static["positions"].copy_(dev[1, :, None])
-        static["write"].copy_(dev[2, :, None])
-        static["read"].copy_(dev[3])
+        dev = to_device(host, self.device)
+        static["slots"].copy_(dev[0])
+        static["positions"].copy_(dev[1])
         graph.replay()
         return logits[:n]
 
@@ -262,18 +301,6 @@ def _fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
             m.bias.data = bias[start:start + n]
         start += n
     return weight, bias
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """GlmRMSNorm's arithmetic, step for step (fp32 statistics, weight applied in the input dtype)."""
-    xf = x.float()
-    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """GlmMLP's activation: the fused projection's halves, up * silu(gate)."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return up * F.silu(gate)
 
 
 class ChatGLM1Runner(_CacheRunner):
@@ -306,7 +333,7 @@ class ChatGLM1Runner(_CacheRunner):
             self.prompt_info[r.slot] = (sop, int(pos[0, 0, -1]))
             return pos[0]
         sop, mpos = self.prompt_info[r.slot]
-        n = len(r.tokens)
+        n = r.size
         block = torch.arange(r.start - sop + 1, r.start - sop + 1 + n)
         return torch.stack([torch.full((n,), mpos), block])
 
@@ -317,9 +344,9 @@ class ChatGLM1Runner(_CacheRunner):
         pos2d = torch.zeros(b, 2, t, dtype=torch.long)
         context = torch.zeros(b, dtype=torch.long)
         for i, r in enumerate(rows):
-            pos2d[i, :, : len(r.tokens)] = self._positions(r)
+            pos2d[i, :, : r.size] = self._positions(r)
             context[i] = self.prompt_info[r.slot][0]
-        pos2d, context = pos2d.to(self.device), context.to(self.device)
+        pos2d, context = to_device(pos2d, self.device), to_device(context, self.device)
         keys = torch.arange(bucket, device=self.device)
         allowed = (keys[None, None, :] <= positions[:, :, None]) | (keys[None, None, :] < context[:, None, None])
         allowed &= keys[None, None, :] <= (positions.max(dim=1).values)[:, None, None]
@@ -366,8 +393,8 @@ class HFRunner(Runner):
         for r in rows:
             cache = self.caches.get(r.slot) if r.start else None
             cache = cache if cache is not None else DynamicCache()
-            ids = torch.tensor([r.tokens], device=self.device)
-            pos = torch.arange(r.start, r.start + len(r.tokens), device=self.device)[None]
+            ids = self.last_token[r.slot].view(1, 1) if r.tokens is None else to_device([r.tokens], self.device)
+            pos = torch.arange(r.start, r.start + r.size, device=self.device)[None]
             res = self.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
                              logits_to_keep=1)
             self.caches[r.slot] = res.past_key_values

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from serving.runners import to_device
+
 
 @dataclass
 class SamplingParams:
@@ -45,47 +47,51 @@ class Sampler:
         self.seen = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+        # `seen[i, j] = True` would copy the Python True to the device from pageable memory, which waits for
+        # every queued kernel; a device-side constant keeps the step asynchronous.
+        self._true = torch.ones((), dtype=torch.bool, device=device)
 
     def start(self, slot: int, prompt: list[int]) -> None:
         self.seen[slot].zero_()
-        self.seen[slot, torch.tensor(prompt, device=self.device)] = True
+        self.seen[slot].index_put_((to_device(prompt, self.device),), self._true)
 
     def __call__(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        """Token ids [n] for logits [n, vocab] (float32)."""
+        """Token ids [n] for logits [n, vocab] (float32), left on the device: nothing here waits for the GPU."""
         n = len(rows)
-        slots = torch.tensor([r.slot for r in rows], device=self.device)
+        slots = to_device([r.slot for r in rows], self.device)
         penalties = [r.params.repetition_penalty for r in rows]
         if any(p != 1.0 for p in penalties):
-            pen = torch.tensor(penalties, device=self.device)[:, None]
+            pen = to_device(penalties, self.device, torch.float32)[:, None]
             seen = self.seen[slots]
             scaled = torch.where(logits < 0, logits * pen, logits / pen)
             logits = torch.where(seen, scaled, logits)
         banned = [(i, t) for i, r in enumerate(rows) for t in r.suppress]
         if banned:
-            idx = torch.tensor(banned, device=self.device)
-            logits = logits.index_put((idx[:, 0], idx[:, 1]), torch.tensor(float("-inf"), device=self.device))
+            idx = to_device(banned, self.device)
+            logits = logits.index_put((idx[:, 0], idx[:, 1]), torch.full((), float("-inf"), device=self.device))
         greedy = [r.params.greedy for r in rows]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
         else:
-            temps = torch.tensor([max(r.params.temperature, 1e-5) for r in rows], device=self.device)[:, None]
-            probs = torch.softmax(logits / temps, dim=-1)
+            settings = to_device([[max(r.params.temperature, 1e-5) for r in rows], [r.params.top_p for r in rows],
+                                  greedy], self.device, torch.float32)
+            probs = torch.softmax(logits / settings[0][:, None], dim=-1)
             if any(r.params.top_p < 1 for r in rows):
-                probs = self._top_p(probs, torch.tensor([r.params.top_p for r in rows], device=self.device))
+                probs = self._top_p(probs, settings[1])
             noise = torch.empty_like(probs)
             shared = [i for i, r in enumerate(rows) if r.generator is None]
             if len(shared) == n:
                 noise.exponential_(generator=self.generator)
             else:
                 if shared:
-                    noise[shared] = torch.empty(len(shared), probs.shape[1], device=self.device).exponential_(
-                        generator=self.generator)
+                    noise[to_device(shared, self.device)] = torch.empty(
+                        len(shared), probs.shape[1], device=self.device).exponential_(generator=self.generator)
                 for i, r in enumerate(rows):
                     if r.generator is not None:
                         noise[i].exponential_(generator=r.generator)
             sampled = (probs / noise).argmax(dim=-1)
-            tokens = torch.where(torch.tensor(greedy, device=self.device), logits.argmax(dim=-1), sampled)
-        self.seen[slots, tokens] = True
+            tokens = torch.where(settings[2] > 0, logits.argmax(dim=-1), sampled)
+        self.seen.index_put_((slots, tokens), self._true)
         return tokens
 
     @staticmethod
