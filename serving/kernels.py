@@ -52,20 +52,48 @@ class TorchOps:
 
     @staticmethod
     def decode_attention(q, k_cache, v_cache, slots, positions, scale: float, bucket: int):
-        """q [B, H, D] of one token per row; attends to positions 0..position of its slot. Returns [B, H D]."""
-        b, heads, d = q.shape
+        """q [N, H, D], one query token per row; each attends to positions 0..position of its slot.
+        Returns [N, H D]. Rows of one slot next to each other (a prompt chunk) read their slot once."""
+        n, heads, d = q.shape
         kv_heads = k_cache.shape[1]
         groups = heads // kv_heads
-        kc, vc = k_cache[:, :, :bucket][slots], v_cache[:, :, :bucket][slots]
         keys = torch.arange(bucket, device=q.device)
-        mask = (keys[None, :] <= positions[:, None])[:, None, None].expand(b, 1, groups, bucket)
-        out = F.scaled_dot_product_attention(q.view(b, kv_heads, groups, d), kc, vc, attn_mask=mask, scale=scale)
-        return out.reshape(b, heads * d)
+        runs = _slot_runs(slots)
+        if runs is None:  # one token per sequence (decode): gather each row's slot
+            kc, vc = k_cache[:, :, :bucket][slots], v_cache[:, :, :bucket][slots]
+            mask = (keys[None, :] <= positions[:, None])[:, None, None].expand(n, 1, groups, bucket)
+            out = F.scaled_dot_product_attention(q.view(n, kv_heads, groups, d), kc, vc, attn_mask=mask, scale=scale)
+            return out.reshape(n, heads * d)
+        out = q.new_empty(n, heads * d)
+        for slot, start, end in runs:  # prompt chunks: the slot's cache once, its tokens as query rows
+            m = end - start
+            qg = q[start:end].view(m, kv_heads, groups, d).permute(1, 2, 0, 3).reshape(1, kv_heads, groups * m, d)
+            mask = (keys[None, :] <= positions[start:end, None]).repeat(groups, 1)  # rows in (group, token) order
+            o = F.scaled_dot_product_attention(qg, k_cache[slot, :, :bucket][None], v_cache[slot, :, :bucket][None],
+                                               attn_mask=mask, scale=scale)
+            out[start:end] = o.view(kv_heads, groups, m, d).permute(2, 0, 1, 3).reshape(m, heads * d)
+        return out
 
     @staticmethod
     def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return up * F.silu(gate)
+
+
+def _slot_runs(slots: torch.Tensor) -> list[tuple[int, int, int]] | None:
+    """(slot, first row, end row) of each run of equal slots, or None when no slot repeats (or inside a CUDA
+    graph capture, where reading the slots on the host is not allowed: decode steps, one token per slot)."""
+    if slots.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    ids = slots.tolist()
+    if len(set(ids)) == len(ids):
+        return None
+    runs, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or ids[i] != ids[start]:
+            runs.append((ids[start], start, i))
+            start = i
+    return runs
 
 
 try:
@@ -313,11 +341,16 @@ def check_ops(ops, *, heads: int, kv_heads: int, head_dim: int, rot: int, hidden
     close("rope_write k cache", caches[0][0], caches[1][0])
     close("rope_write v cache", caches[0][1], caches[1][1])
     kc, vc, q = caches[1]
+    chunk = (torch.tensor([3, 3, 3, 0], device=device), torch.tensor([10, 11, 12, 200], device=device))
     for bucket in (256, 2048):
         pos = positions.clamp(max=bucket - 1)
         close(f"decode_attention (bucket {bucket})",
               ops.decode_attention(q, kc, vc, slot_ids, pos, head_dim ** -0.5, bucket),
               TorchOps.decode_attention(q, kc, vc, slot_ids, pos, head_dim ** -0.5, bucket))
+        qs = q[[0, 1, 2, 0]]  # a prompt chunk (three tokens of one slot) beside a decode row
+        close(f"decode_attention, prompt chunk (bucket {bucket})",
+              ops.decode_attention(qs, kc, vc, *chunk, head_dim ** -0.5, bucket),
+              TorchOps.decode_attention(qs, kc, vc, *chunk, head_dim ** -0.5, bucket))
     return "; ".join(problems) or None
 
 
