@@ -59,6 +59,8 @@ LEVERS = {
     "ours: fp32 non-quantized weights": {"fp32_rest": True},
     "ours: pad-to-longest, micro-batch 8": {"packing": False},
     "ours: token budget 2048": {"max_tokens_per_batch": 2048},
+    "ours: boolean-mask loss gather (a host sync per micro-batch)": {"host_index": False},
+    "ours: AdamW's per-tensor loop instead of the fused kernel": {"fused_adamw": False},
 }
 
 
@@ -164,11 +166,12 @@ def our_cfg(folder: Path, settings: dict):
     from common.config import LARGE_DATA_ACCUMULATION, LARGE_DATA_TOKENS_PER_BATCH, FinetuneConfig
 
     names = {f.name for f in fields(FinetuneConfig)}
-    return replace(FinetuneConfig(), max_tokens_per_batch=LARGE_DATA_TOKENS_PER_BATCH,
-                   gradient_accumulation_steps=LARGE_DATA_ACCUMULATION, warmup_steps=0, logging_steps=50,
-                   base_model=str(folder), local_files_only=True, lora_r=LORA["r"], lora_alpha=LORA["alpha"],
-                   lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024, max_target_length=1024,
-                   per_device_train_batch_size=SEED_MICRO_BATCH, **{k: v for k, v in settings.items() if k in names})
+    base = dict(max_tokens_per_batch=LARGE_DATA_TOKENS_PER_BATCH, gradient_accumulation_steps=LARGE_DATA_ACCUMULATION,
+                warmup_steps=0, logging_steps=50, base_model=str(folder), local_files_only=True, lora_r=LORA["r"],
+                lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024,
+                max_target_length=1024, per_device_train_batch_size=SEED_MICRO_BATCH)
+    # A run's settings override the benchmark's (e.g. the token-budget lever's max_tokens_per_batch).
+    return replace(FinetuneConfig(), **{**base, **{k: v for k, v in settings.items() if k in names}})
 
 
 # -- one path, in its own process ------------------------------------------------------------------------
@@ -179,7 +182,7 @@ def run_path(name: str, settings: dict, args) -> dict:
     from common.models.loader import load_tokenizer, open_model_folder
     from common.templates import IGNORE
     from common.training.packing import pack, packed_batch, padded_batch
-    from common.training.worker import CausalLMLoss, build_model, compute_dtype, train_step
+    from common.training.worker import CausalLMLoss, build_model, compute_dtype, make_optimizer, train_step
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     folder = Path(args.workdir) / "model"
@@ -236,11 +239,17 @@ def run_path(name: str, settings: dict, args) -> dict:
                 batches = [padded_batch(examples, idx[i:i + SEED_MICRO_BATCH], tok.pad_token_id or 0)
                            for i in range(0, len(idx), SEED_MICRO_BATCH)]
             batches = [b.to(device) for b in batches]
+            if settings.get("host_index", True) is False:
+                for b in batches:
+                    b.supervised = None
             n_targets = sum(b.num_targets for b in batches)
             out = train_step(loss_fn, opt, sched, batches, n_targets, 1, 1.0)
             return out["loss_sum"] / n_targets, sum(b.num_tokens for b in batches), max(b.input_ids.numel() for b in batches)
 
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    if name == "baseline":
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    else:  # the worker's optimizer (fused on CUDA)
+        opt = make_optimizer(params, LR, 0.0, **({"fused": False} if settings.get("fused_adamw") is False else {}))
     if name != "baseline":
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     plan = getattr(model, "checkpointing_plan", "all layers (prepare_model_for_kbit_training)")

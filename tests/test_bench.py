@@ -24,3 +24,16 @@ def test_the_training_benchmark_runs_both_paths_on_the_same_objective(tmp_path):
     # Same objective: the first step (identical adapters, no update yet) agrees closely; later ones stay near.
     assert abs(runs["ours"]["losses"][0] - runs["baseline"]["losses"][0]) < 0.02
     assert runs["ours"]["loss_vs_seed"]["max_abs"] < 0.1
+
+
+def test_every_lever_is_a_valid_setting_of_our_path(tmp_path):
+    """Each `--levers` row changes what it names and nothing else (a setting may override the benchmark's own)."""
+    from bench import train_throughput as tt
+
+    plain = tt.our_cfg(tmp_path, {})
+    for name, settings in {**tt.PATHS, **tt.LEVERS}.items():
+        cfg = tt.our_cfg(tmp_path, settings)
+        for key, value in settings.items():
+            if hasattr(cfg, key):
+                assert getattr(cfg, key) == value, (name, key)
+        assert cfg.lora_r == plain.lora_r and cfg.base_model == plain.base_model, name

@@ -56,7 +56,8 @@ def test_the_chunked_loss_equals_plain_cross_entropy_in_value_and_gradient():
 
 
 def test_the_training_loss_equals_cross_entropy_over_the_full_logits(tiny_model):
-    """CausalLMLoss (decoder, supervised positions only, head slice by slice) changes cost, not the value."""
+    """CausalLMLoss (decoder, supervised positions only, head slice by slice) changes cost, not the value;
+    the same holds whether the supervised positions come from the host or from a boolean mask."""
     cfg = load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--bits", "16", "--lora_r", "4",
                                        "--lora_dropout", "0"], "t", "t")
     model, tok, info = build_model(cfg, torch.device("cpu"))
@@ -68,10 +69,27 @@ def test_the_training_loss_equals_cross_entropy_over_the_full_logits(tiny_model)
         with torch.no_grad():
             ours = CausalLMLoss(model, None)(batch.input_ids, batch.targets, position_ids=batch.position_ids,
                                              attention_mask=batch.attention_mask, cu_seqlens=batch.cu_seqlens,
-                                             max_seqlen=batch.max_seqlen)
+                                             max_seqlen=batch.max_seqlen, supervised=batch.supervised)
             kwargs = {"attention_mask": batch.attention_mask} if not packing else {"position_ids": batch.position_ids}
             logits = model(input_ids=batch.input_ids, **kwargs).logits
             full = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.targets.reshape(-1),
                                                      ignore_index=-100, reduction="sum")
-        assert batch.num_targets > 50
+            # The supervised positions found on the host (no boolean mask on the device) change nothing.
+            assert batch.supervised.tolist() == (batch.targets.reshape(-1) != -100).nonzero()[:, 0].tolist()
+            masked = CausalLMLoss(model, None)(batch.input_ids, batch.targets, position_ids=batch.position_ids,
+                                               attention_mask=batch.attention_mask, cu_seqlens=batch.cu_seqlens,
+                                               max_seqlen=batch.max_seqlen, supervised=None)
+        assert batch.num_targets > 50 and batch.num_targets == len(batch.supervised)
         assert torch.allclose(ours, full, rtol=1e-5), (packing, ours, full)
+        assert torch.equal(ours, masked), (packing, ours, masked)
+
+
+def test_the_optimizer_is_adamw_fused_on_cuda_and_the_per_tensor_loop_elsewhere():
+    from common.training.worker import make_optimizer
+
+    cpu = [torch.nn.Parameter(torch.zeros(3))]
+    assert not make_optimizer(cpu, 1e-3, 0.0).defaults.get("fused")
+    if torch.cuda.is_available():
+        gpu = [torch.nn.Parameter(torch.zeros(3, device="cuda"))]
+        assert make_optimizer(gpu, 1e-3, 0.0).defaults["fused"] is True
+        assert not make_optimizer(gpu, 1e-3, 0.0, fused=False).defaults.get("fused")

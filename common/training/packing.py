@@ -30,13 +30,16 @@ class Batch:
     num_targets: int              # supervised tokens
     cu_seqlens: torch.Tensor | None = None  # packed rows: example boundaries [0, l0, l0+l1, ...] (int32)
     max_seqlen: int = 0                      # packed rows: the longest example
+    # Flat indices of the supervised positions (targets != IGNORE), found on the host while building the
+    # batch: the loss gathers them with a fixed-size index instead of a boolean mask, whose size the GPU
+    # would have to report back mid-step (a host sync).
+    supervised: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
         def move(x):
-            return x.to(device) if x is not None else None
-        return Batch(self.input_ids.to(device), self.position_ids.to(device), self.targets.to(device),
-                     move(self.attention_mask), self.num_tokens, self.num_targets, move(self.cu_seqlens),
-                     self.max_seqlen)
+            return x.to(device, non_blocking=True) if x is not None else None
+        return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
+                     self.num_tokens, self.num_targets, move(self.cu_seqlens), self.max_seqlen, move(self.supervised))
 
 
 def shifted_targets(labels) -> np.ndarray:
@@ -75,9 +78,10 @@ def packed_rows(seqs: list[Seq], max_tokens: int) -> Batch:
         tgt.append(shifted_targets(labels)[:n])
         lengths.append(n)
     t = lambda parts: torch.from_numpy(np.concatenate(parts))[None]  # noqa: E731
-    targets = t(tgt)
-    return Batch(t(ids), t(pos), targets, None, sum(lengths), int((targets != IGNORE).sum()),
-                 cu_seqlens(lengths), max(lengths))
+    flat = np.concatenate(tgt)
+    supervised = np.flatnonzero(flat != IGNORE)
+    return Batch(t(ids), t(pos), t(tgt), None, sum(lengths), len(supervised), cu_seqlens(lengths), max(lengths),
+                 torch.from_numpy(supervised))
 
 
 def padded_rows(seqs: list[Seq], pad_id: int) -> Batch:
@@ -91,7 +95,8 @@ def padded_rows(seqs: list[Seq], pad_id: int) -> Batch:
         n = len(input_ids)
         ids[r, :n], pos[r, :n], tgt[r, :n], mask[r, :n] = input_ids, np.arange(n), shifted_targets(labels), 1
     t = torch.from_numpy
-    return Batch(t(ids), t(pos), t(tgt), t(mask), int(mask.sum()), int((tgt != IGNORE).sum()))
+    supervised = np.flatnonzero(tgt.reshape(-1) != IGNORE)
+    return Batch(t(ids), t(pos), t(tgt), t(mask), int(mask.sum()), len(supervised), supervised=t(supervised))
 
 
 def packed_batch(examples: list[Encoded], row: list[int], max_tokens: int) -> Batch:
