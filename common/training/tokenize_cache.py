@@ -42,7 +42,9 @@ from common.errors import DataError
 from common.templates import IGNORE, ExampleTooLong, get_template
 from common.training.sources import Chunk, SourcePlan, content_hash_of, plan_sources, resolve_files
 
-PIPELINE_VERSION = 1  # bump when the stored columns or their meaning change
+# Bump when the stored columns, or the ids a tokenizer gives the same text, change. 2: ChatGLM-6B splits its
+# registered special strings out of the text (754ca55); caches written before hold the old ids.
+PIPELINE_VERSION = 2
 META_COLUMNS = ["id", "num_tokens", "num_targets", "multi_turn", "dropped_rounds", "answer_truncated"]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
