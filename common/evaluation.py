@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from common.data import Conversation, load_dataset, record_to_conversation
-from common.errors import ModelFilesError, UserError
+from common.data import Conversation, record_to_conversation
+from common.errors import DataError, ModelFilesError, UserError
 from common.generation import prompt_text
 from common.metrics import SCORES, average, score
 
@@ -44,9 +44,37 @@ class Scored:
 
 
 def load_conversations(data_path: str, limit: int) -> list[Conversation]:
-    """The first `limit` records, validated as training data is (a bad record names file, record and field)."""
-    records = load_dataset(data_path, fix="Fix them: every record is scored against its output.").records[:limit]
-    return [record_to_conversation(r) for r in records]
+    """The first `limit` records, validated as training data is (a bad record names file, record and field).
+
+    Read chunk by chunk through the training data's source planner, stopping once `limit` good records are
+    in: scoring 200 records of a 1M-record file never holds the file in memory."""
+    from common.data import MAX_REPORTED, check_record
+    from common.training.sources import plan_sources, read_chunk
+
+    convs: list[Conversation] = []
+    problems: list[str] = []
+    read = 0
+    for chunk in plan_sources(data_path).chunks:
+        for item in read_chunk(chunk):
+            read += 1
+            found = [item.problem] if item.problem else check_record(item.index, item.record)
+            for p in found:
+                p.line = item.line if chunk.kind == "jsonl" else 0
+                problems.append(p.describe(chunk.path))
+            if not found:
+                convs.append(record_to_conversation(item.record))
+            if len(convs) >= limit:
+                break
+        if len(convs) >= limit:
+            break
+    if problems:
+        shown = "\n".join(f"  - {p}" for p in problems[:MAX_REPORTED])
+        more = f"\n  ... and {len(problems) - MAX_REPORTED} more problem(s)" if len(problems) > MAX_REPORTED else ""
+        raise DataError(f"{data_path}: invalid records among the first {read} read:\n{shown}{more}\n"
+                        "Fix them: every record is scored against its output.")
+    if not convs:
+        raise DataError(f"{data_path}: no records to score.")
+    return convs
 
 
 # -- which model --------------------------------------------------------------------------------------------

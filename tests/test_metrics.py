@@ -56,3 +56,25 @@ def test_the_average_is_per_sample_as_llama_factory_reports_it():
     rows = [score("北京", "北京"), score("", "北京")]
     assert average(rows)["rouge-l_jieba"] == pytest.approx(50, abs=1e-3)
     assert average([])["bleu-4_chars"] == 0.0
+
+
+def test_evaluation_reads_only_the_records_it_scores_and_names_a_bad_one(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    from common.errors import DataError
+    from common.evaluation import load_conversations
+    from common.training import sources
+
+    monkeypatch.setattr(sources, "CHUNK_RECORDS", 7)  # several chunks: reading stops in the middle of one
+
+    good = {"instruction": "问", "input": "", "output": "答"}
+    path = tmp_path / "data.jsonl"
+    rows = [dict(good, instruction=f"q{i}") for i in range(50)]
+    rows[40] = {"instruction": 3, "output": "x"}  # beyond the records scored: never read into a conversation
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    convs = load_conversations(str(path), 10)
+    assert [c.query for c in convs] == [f"q{i}" for i in range(10)]
+    with pytest.raises(DataError, match=r"record 40 \(line 41\), field 'instruction'"):
+        load_conversations(str(path), 45)
