@@ -176,7 +176,7 @@ def engine_steps(model_dir: str, batches: list[int], bucket_tokens: int = 192, s
     top = max(batches)
     runner = runner_for(model, top, 4096)
     runner.capture(top, 256)
-    sampler = Sampler(model.config.vocab_size, top + 1, runner.device)
+    sampler = Sampler(model.config.vocab_size, top + 1, runner.device, last_token=runner.last_token)
     out = []
     for b in batches:
         rows = [RowInput(i, None, bucket_tokens) for i in range(b)]  # decode rows: the graph path

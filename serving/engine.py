@@ -122,7 +122,7 @@ class Engine:
         self.runner, self.config = runner, config
         self.sink = sink or _to_event_loops
         self.device = runner.device
-        self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device)
+        self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device, last_token=runner.last_token)
         self.metrics = EngineMetrics(config.max_num_seqs, config.max_model_len)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -268,8 +268,7 @@ class Engine:
         if sampled:
             rows = [Row(req.params, req.generator, req.slot,
                         sorted(req.stop_ids) if req.scheduled < req.params.min_tokens else []) for req in sampled]
-            tokens = self.sampler(logits[0] if len(logits) == 1 else torch.cat(logits), rows)
-            self.runner.last_token[to_device([req.slot for req in sampled], self.device)] = tokens
+            tokens = self.sampler(logits[0] if len(logits) == 1 else torch.cat(logits), rows)  # and last_token
             for req in sampled:
                 req.scheduled += 1
             if self.device.type == "cuda":  # read back without waiting: the next step is launched first

@@ -329,14 +329,11 @@ def check_ops(ops, *, heads: int, kv_heads: int, head_dim: int, rot: int, hidden
     sin = torch.cat([angles.sin(), angles.sin()], -1).to(dtype)
     slot_ids = torch.tensor([2, 0, 3], device=device)
     positions = torch.tensor([0, 700, 1900], device=device)
+    k0, v0 = rand(slots, kv_heads, max_len, head_dim), rand(slots, kv_heads, max_len, head_dim)
     caches = []
-    for impl in (ops, TorchOps):
-        kc = rand(slots, kv_heads, max_len, head_dim)
-        vc = rand(slots, kv_heads, max_len, head_dim)
-        if caches:  # the same random cache for both
-            kc.copy_(caches[0][0]), vc.copy_(caches[0][1])
-        q = impl.rope_write(qkv, cos, sin, kc, vc, slot_ids, positions, heads, kv_heads)
-        caches.append((kc, vc, q))
+    for impl in (ops, TorchOps):  # each writes into its own copy of the same random cache
+        kc, vc = k0.clone(), v0.clone()
+        caches.append((kc, vc, impl.rope_write(qkv, cos, sin, kc, vc, slot_ids, positions, heads, kv_heads)))
     close("rope_write q", caches[0][2], caches[1][2])
     close("rope_write k cache", caches[0][0], caches[1][0])
     close("rope_write v cache", caches[0][1], caches[1][1])

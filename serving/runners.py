@@ -201,7 +201,7 @@ class GlmRunner(_CacheRunner):
         if all(r.tokens is None for r in rows):
             size = next((s for s in GRAPH_BATCH_SIZES if s >= len(rows)), None) if self.use_graphs else None
             if size is not None:
-                return self._replay(rows, size)
+                return self._replay(rows, size, bucket)
             slots, positions = to_device([[r.slot for r in rows], [r.start for r in rows]], self.device)
             return self._tokens(None, slots, positions, bucket)
         # Prompt chunks (and any decode rows among them): one flat list of tokens; logits of each row's last.
@@ -267,9 +267,8 @@ class GlmRunner(_CacheRunner):
         self.graphs[key] = (graph, static, logits)
         return self.graphs[key]
 
-    def _replay(self, rows: list[RowInput], size: int) -> torch.Tensor:
-        longest = max(r.start + 1 for r in rows)
-        graph, static, logits = self._graph(size, bucket_for(longest, self.max_len))
+    def _replay(self, rows: list[RowInput], size: int, bucket: int) -> torch.Tensor:
+        graph, static, logits = self._graph(size, bucket)
         n = len(rows)
         host = torch.empty(2, size, dtype=torch.long)
         host[0, :] = self.scratch

@@ -41,8 +41,11 @@ class Row:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, num_slots: int, device: torch.device, seed: int = 0):
+    def __init__(self, vocab_size: int, num_slots: int, device: torch.device, seed: int = 0,
+                 last_token: torch.Tensor | None = None):
+        """`last_token` [num_slots]: where each slot's newest token is also written (the runner's decode input)."""
         self.device = device
+        self.last_token = last_token
         # Which tokens each slot has seen (prompt + reply): the repetition penalty's domain, as in HF.
         self.seen = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
         self.generator = torch.Generator(device=device)
@@ -92,6 +95,8 @@ class Sampler:
             sampled = (probs / noise).argmax(dim=-1)
             tokens = torch.where(settings[2] > 0, logits.argmax(dim=-1), sampled)
         self.seen.index_put_((slots, tokens), self._true)
+        if self.last_token is not None:
+            self.last_token.index_copy_(0, slots, tokens)
         return tokens
 
     @staticmethod

@@ -37,7 +37,7 @@ class Batch:
 
     def to(self, device) -> Batch:
         def move(x):
-            return x.to(device, non_blocking=True) if x is not None else None
+            return x.to(device) if x is not None else None
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
                      self.num_tokens, self.num_targets, move(self.cu_seqlens), self.max_seqlen, move(self.supervised))
 
