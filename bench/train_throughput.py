@@ -51,6 +51,9 @@ PATHS = {
     "ours": {},
     "ours_small": {"gpu_memory_gib": 16},
     "ours_small_4096": {"gpu_memory_gib": 16, "max_tokens_per_batch": 4096},
+    "ours_16384": {"max_tokens_per_batch": 16384},
+    # the job's own LoRA (r=64 on every linear layer, alpha 16, dropout 0.1) in the benchmark's step
+    "ours_job_lora": {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_target": ["auto"]},
 }
 LEVERS = {
     "ours: checkpoint every layer": {"gradient_checkpointing": "true"},
@@ -61,7 +64,22 @@ LEVERS = {
     "ours: token budget 2048": {"max_tokens_per_batch": 2048},
     "ours: boolean-mask loss gather (a host sync per micro-batch)": {"host_index": False},
     "ours: AdamW's per-tensor loop instead of the fused kernel": {"fused_adamw": False},
+    "ours: transformers builds its packed-row mask (unused by varlen; a host sync)": {"build_masks": True},
+    "ours: eager decoder layers (no torch.compile)": {"torch_compile": "false"},
+    "ours: layers compiled for any shape up front (dynamic=True)": {"compile_dynamic": True},
+    "ours: layers compiled with automatic dynamic shapes": {"compile_dynamic": None},
+    "ours: each step's loss read before the next step's batches are built": {"overlap": False},
+    "ours: token budget 16384": {"max_tokens_per_batch": 16384},
 }
+
+
+def chosen_levers(words: str) -> dict[str, dict]:
+    """The levers whose name contains one of the comma-separated `words` (all of them for none)."""
+    wanted = [w.strip() for w in words.split(",") if w.strip()]
+    chosen = {k: v for k, v in LEVERS.items() if not wanted or any(w in k for w in wanted)}
+    if not chosen:
+        raise SystemExit(f"--levers {words!r} names none of: " + "; ".join(LEVERS))
+    return chosen
 
 
 # -- data --------------------------------------------------------------------------------------------------
@@ -177,10 +195,13 @@ def our_cfg(folder: Path, settings: dict):
 # -- one path, in its own process ------------------------------------------------------------------------
 
 def run_path(name: str, settings: dict, args) -> dict:
+    from dataclasses import replace
+
     import torch
 
     from common.models.loader import load_tokenizer, open_model_folder
     from common.templates import IGNORE
+    from common.training.compiling import compile_layers
     from common.training.packing import pack, packed_batch, padded_batch
     from common.training.worker import CausalLMLoss, build_model, compute_dtype, make_optimizer, train_step
 
@@ -199,10 +220,12 @@ def run_path(name: str, settings: dict, args) -> dict:
         reinit_lora(model)
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def step(idx: list[int]) -> tuple[float, int]:
-            model.train()
+        def prepare(idx: list[int]) -> list:
             groups = [idx[i:i + SEED_MICRO_BATCH] for i in range(0, len(idx), SEED_MICRO_BATCH)]
-            batches = [padded_batch(examples, g, tok.pad_token_id or 0).to(device) for g in groups]
+            return [padded_batch(examples, g, tok.pad_token_id or 0).to(device) for g in groups]
+
+        def run(batches: list) -> tuple[float, int, int]:
+            model.train()
             n_targets = sum(b.num_targets for b in batches)
             total = torch.zeros((), dtype=torch.float64, device=device)
             for b in batches:
@@ -217,8 +240,13 @@ def run_path(name: str, settings: dict, args) -> dict:
             opt.zero_grad(set_to_none=True)
             return float(total) / n_targets, sum(b.num_tokens for b in batches), max(b.input_ids.numel() for b in batches)
     else:
+        overlap = settings.get("overlap", True)
         cfg = our_cfg(folder, settings)
+        if "compile_dynamic" in settings:  # compiled here instead, with the lever's setting
+            cfg = replace(cfg, torch_compile="false")
         model, _, _ = build_model(cfg, device)
+        if "compile_dynamic" in settings and device.type == "cuda":
+            model.compiled_layers = compile_layers(model, dynamic=settings["compile_dynamic"])
         if settings.get("fp32_rest"):
             for p in model.parameters():
                 if not p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
@@ -226,25 +254,29 @@ def run_path(name: str, settings: dict, args) -> dict:
         reinit_lora(model)
         dtype = compute_dtype(device, cfg)
         loss_fn = CausalLMLoss(model, dtype if dtype != torch.float32 else None,
-                               varlen=settings.get("varlen", True), **({"loss_chunk": settings["loss_chunk"]}
-                                                                       if "loss_chunk" in settings else {}))
+                               varlen=settings.get("varlen", True), build_masks=settings.get("build_masks", False),
+                               **({"loss_chunk": settings["loss_chunk"]} if "loss_chunk" in settings else {}))
         params = [p for p in model.parameters() if p.requires_grad]
         sched = None
 
-        def step(idx: list[int]) -> tuple[float, int]:
+        def prepare(idx: list[int]) -> list:
             if cfg.packing:
                 batches = [packed_batch(examples, row, cfg.max_tokens_per_batch)
                            for row in pack(examples, idx, cfg.max_tokens_per_batch)]
             else:
                 batches = [padded_batch(examples, idx[i:i + SEED_MICRO_BATCH], tok.pad_token_id or 0)
                            for i in range(0, len(idx), SEED_MICRO_BATCH)]
-            batches = [b.to(device) for b in batches]
+            batches = [b.to(device, non_blocking=overlap) for b in batches]
             if settings.get("host_index", True) is False:
                 for b in batches:
                     b.supervised = None
+            return batches
+
+        def run(batches: list):
             n_targets = sum(b.num_targets for b in batches)
             out = train_step(loss_fn, opt, sched, batches, n_targets, 1, 1.0)
-            return out["loss_sum"] / n_targets, sum(b.num_tokens for b in batches), max(b.input_ids.numel() for b in batches)
+            loss = out["loss_sum"] / n_targets
+            return loss if overlap else float(loss), sum(b.num_tokens for b in batches), max(b.input_ids.numel() for b in batches)
 
     if name == "baseline":
         opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
@@ -262,25 +294,36 @@ def run_path(name: str, settings: dict, args) -> dict:
 
         use = settings.get("varlen", True) and varlen_available(device, torch.bfloat16)
         attention = "varlen (per example)" if use else "sdpa, block-diagonal mask"
+    # The worker's order: the next step's batches are built and uploaded while the GPU still runs this step,
+    # and losses are read afterwards ("overlap": False reads each step's loss first, as before).
     losses, tokens, t0 = [], 0, None
     biggest = 0
-    for k, idx in enumerate(steps):
+    ready = prepare(steps[0])
+    for k in range(len(steps)):
         if k == args.warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, tokens = time.time(), 0
-        loss, n, widest = step(idx)
+        loss, n, widest = run(ready)
+        if k + 1 < len(steps):
+            ready = prepare(steps[k + 1])
         biggest = max(biggest, widest)
-        losses.append(round(loss, 5))
+        losses.append(loss)
         tokens += n
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - t0
+    losses = [round(float(x), 5) for x in losses]
+    step = lambda idx: run(prepare(idx))  # noqa: E731
     profile = profile_steps(step, steps[:args.profile], device) if args.profile else None
     tps = tokens / seconds
     n_params = param_count(folder)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    from torch._dynamo.utils import counters
+
     return {"name": name, "settings": settings, "tokens_per_s": round(tps), "peak_gib": round(peak, 2),
+            "compiled_layers": getattr(model, "compiled_layers", 0),
+            "compiled_graphs": int(counters["stats"].get("unique_graphs", 0)),
             "mfu": round(tps * 4 * n_params / PEAK_FLOPS, 4), "step_s": round(seconds / (len(steps) - args.warmup), 3),
             "timed_steps": len(steps) - args.warmup, "timed_tokens": tokens, "checkpointing": plan,
             "largest_micro_batch_tokens": biggest, "attention": attention,
@@ -428,12 +471,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     ap.add_argument("--examples_per_step", type=int, default=32)
     ap.add_argument("--paths", default="baseline,ours,ours_small,ours_small_4096")
-    ap.add_argument("--levers", action="store_true", help="also run each lever of our path on its own")
+    ap.add_argument("--levers", nargs="?", const="", default=None, metavar="WORDS",
+                    help="also run each lever of our path on its own (with comma-separated words: only the levers "
+                         "whose name contains one of them)")
     ap.add_argument("--lever_steps", type=int, default=15)
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script, not speed")
     ap.add_argument("--profile", type=int, default=0,
                     help="after the timing, run this many more steps of each path under torch.profiler and "
                          "report GPU busy time, kernel launches, host syncs and the top operators")
+    ap.add_argument("--no_check", action="store_true", help="skip the varlen check (packed = alone) on the GPU")
     ap.add_argument("--out", default=None, help="write the results JSON here")
     ap.add_argument("--_path", help=argparse.SUPPRESS)
     ap.add_argument("--_settings", default="{}", help=argparse.SUPPRESS)
@@ -455,19 +501,26 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
 
+    def report(rows: list[dict]) -> None:
+        """Each finished row at once, and in `--out` marked partial: a run cut short keeps what it measured."""
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"partial": True, "command": portable_command("train_throughput.py", args),
+                                                  "gpu": gpu, "runs": rows}, indent=1))
+
     rows = []
     for name in args.paths.split(","):
         settings = {} if name == "baseline" else PATHS[name]
         rows.append(spawn(name, settings, args))
-        print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
-    if args.levers:
+        report(rows)
+    if args.levers is not None:
         full_steps = args.steps
         args.steps = args.lever_steps
-        for name, settings in LEVERS.items():
+        for name, settings in chosen_levers(args.levers).items():
             rows.append(spawn(name, settings, args))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
+            report(rows)
         args.steps = full_steps
-    check = spawn("varlen_check", {}, args) if torch.cuda.is_available() and not args.smoke else None
+    check = spawn("varlen_check", {}, args) if torch.cuda.is_available() and not (args.smoke or args.no_check) else None
 
     by = {r["name"]: r for r in rows}
     base = by.get("baseline")

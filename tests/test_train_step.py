@@ -34,7 +34,7 @@ def test_a_few_steps_lower_the_loss_and_survive_an_eval(bits, tiny_model):
     losses = []
     for step in range(6):
         out = train_step(loss_fn, opt, sched, batches, n, 1, 1.0)
-        losses.append(out["loss_sum"] / n)
+        losses.append(float(out["loss_sum"]) / n)
         if step == 2:  # an eval pass in between must not break the next training step (stack-notes §1.3)
             evaluate(loss_fn, batches[:1], torch.device("cpu"))
     assert losses[-1] < losses[0]
@@ -93,3 +93,54 @@ def test_the_optimizer_is_adamw_fused_on_cuda_and_the_per_tensor_loop_elsewhere(
         gpu = [torch.nn.Parameter(torch.zeros(3, device="cuda"))]
         assert make_optimizer(gpu, 1e-3, 0.0).defaults["fused"] is True
         assert not make_optimizer(gpu, 1e-3, 0.0, fused=False).defaults.get("fused")
+
+
+def test_compiled_decoder_layers_train_exactly_like_eager_ones_and_generate_eager(tiny_model):
+    """`--torch_compile true`: every decoder layer runs through torch.compile (the same graphs for all of them,
+    and for any row length once a second length was seen), with the same loss and LoRA gradients as the eager layers, through checkpointed layers
+    too; replies generated in between run eager and compile nothing."""
+    from peft import get_peft_model_state_dict
+    from torch._dynamo.utils import counters
+
+    from common.generation import generate_replies
+    from common.training.compiling import eager
+
+    data = load_dataset(str(ROOT / "data/sample.json"))
+    records, convs = data.records[:24], data.conversations()[:2]
+    runs = {}
+    for mode in ("false", "true"):
+        cfg = load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--bits", "16", "--lora_r", "4",
+                                           "--lora_dropout", "0", "--gradient_checkpointing", "true",
+                                           "--torch_compile", mode], "t", "t")
+        torch.manual_seed(0)
+        model, tok, info = build_model(cfg, torch.device("cpu"))
+        examples = encode_records(records, tok, get_template(info.template), 128, 128).examples
+        # rows of different lengths: a graph compiled for one length would recompile for the next
+        batches = epoch_batches(examples, epoch=0, seed=0, packing=True, max_tokens=256, batch_size=1, pad_id=0)
+        lengths = {b.input_ids.shape[1] for b in batches}
+        assert len(lengths) >= 4
+        loss_fn = CausalLMLoss(model, None)
+        losses, grads = [], []
+        graphs = counters["stats"]["unique_graphs"]
+        for b in batches:
+            loss = loss_fn(b.input_ids, b.targets, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens,
+                           max_seqlen=b.max_seqlen, supervised=b.supervised)
+            loss.backward()
+            losses.append(loss.detach())
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        compiled = counters["stats"]["unique_graphs"] - graphs
+        with eager():
+            reply = generate_replies(model, tok, info.template, convs, torch.device("cpu"), 4)
+        runs[mode] = (model.compiled_layers, compiled, torch.stack(losses), grads, reply,
+                      counters["stats"]["unique_graphs"] - graphs, sorted(get_peft_model_state_dict(model)))
+    layers = len(model.base_model.model.model.layers)
+    assert runs["false"][:2] == (0, 0)
+    n_layers, compiled, losses, grads, _, after_generation, saved = runs["true"]
+    assert saved == runs["false"][6]  # a compiled model's adapter checkpoint has the same tensors
+    # compiled once for the first row's length, then once more with the length dynamic, whatever comes next
+    assert n_layers == layers and compiled == 2 and after_generation == compiled
+    assert torch.allclose(losses, runs["false"][2], rtol=1e-5), (losses, runs["false"][2])
+    assert grads.keys() == runs["false"][3].keys() and len(grads) == 2 * 6 * layers  # A and B of q, k, v, o, gate_up, down
+    for name, g in grads.items():  # fp32, summed in another order by the fused kernels
+        ref = runs["false"][3][name]
+        assert (g - ref).norm() <= 1e-4 * ref.norm(), (name, (g - ref).norm() / ref.norm())

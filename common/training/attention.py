@@ -44,10 +44,19 @@ def varlen_available(device: torch.device, dtype: torch.dtype | None) -> bool:
     return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and _varlen() is not None
 
 
+def rows_mask(device) -> torch.Tensor:
+    """What packed rows pass as `attention_mask` on the varlen path: a 4D tensor, which transformers takes as
+    a mask already prepared and hands to the attention untouched. Its one element is never read; the
+    boundaries travel as `cu_seq_lens_q`."""
+    return torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device)
+
+
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
                max_length_q=None, **kwargs):
     """transformers attention-function signature: q [1, H, T, D], k/v [1, Hkv, T, D] → ([1, T, H, D], None)."""
     if cu_seq_lens_q is None:
+        if attention_mask is not None and attention_mask.numel() == 1 and query.shape[2] > 1:
+            raise ValueError("packed rows' placeholder mask came without their example boundaries (cu_seq_lens_q)")
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

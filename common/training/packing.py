@@ -35,9 +35,16 @@ class Batch:
     # would have to report back mid-step (a host sync).
     supervised: torch.Tensor | None = None
 
-    def to(self, device) -> Batch:
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        """On `device`. `non_blocking` on CUDA: copied from pinned memory without waiting, so the host can build
+        and upload the next step's batches while the GPU still runs this one (a copy from pageable memory
+        waits for every kernel already queued)."""
+        pin = non_blocking and torch.device(device).type == "cuda"
+
         def move(x):
-            return x.to(device) if x is not None else None
+            if x is None:
+                return None
+            return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
                      self.num_tokens, self.num_targets, move(self.cu_seqlens), self.max_seqlen, move(self.supervised))
 

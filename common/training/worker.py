@@ -25,7 +25,8 @@ from common.data import Conversation
 from common.generation import generate_replies, generations_table
 from common.metrics import SCORES, average, score
 from common.templates import IGNORE
-from common.training.attention import use_varlen, varlen_available
+from common.training.attention import rows_mask, use_varlen, varlen_available
+from common.training.compiling import compile_layers, eager, wants_compile
 from common.training.epochs import (
     BatchReader,
     ParquetExamples,
@@ -79,7 +80,8 @@ def tokens_per_micro_batch(cfg: FinetuneConfig, family: str) -> int:
 
 def build_model(cfg: FinetuneConfig, device: torch.device):
     """Base model through the one loader, then LoRA. Returns (peft model, tokenizer, model info);
-    `model.checkpointing_plan` says which layers recompute their activations and why."""
+    `model.checkpointing_plan` says which layers recompute their activations and why, `model.compiled_layers`
+    how many decoder layers run through torch.compile."""
     from peft import LoraConfig, get_peft_model
 
     from common.models.loader import load_model, load_tokenizer, open_model_folder
@@ -106,6 +108,7 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
             if p.requires_grad:
                 p.data = p.data.float()
     model.checkpointing_plan = plan
+    model.compiled_layers = compile_layers(model) if wants_compile(cfg.torch_compile, device, info.family) else 0
     return model, load_tokenizer(info, cfg.trust_remote_code), info
 
 
@@ -145,13 +148,16 @@ class CausalLMLoss(torch.nn.Module):
     forward)."""
 
     def __init__(self, model, autocast_dtype: torch.dtype | None, *, varlen: bool = True,
-                 loss_chunk: int = LOSS_CHUNK):
+                 loss_chunk: int = LOSS_CHUNK, build_masks: bool = False):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
         self.loss_chunk = loss_chunk  # 0: the whole batch's logits at once (the benchmark's lever)
         # varlen=False: packed rows use SDPA with a block-diagonal mask (the benchmark's lever)
         self.varlen = varlen and varlen_available(next(model.parameters()).device, autocast_dtype)
+        # build_masks=True: transformers still builds its packed-row mask (unused on the varlen path; the
+        # benchmark's lever)
+        self.build_masks = build_masks
         if self.varlen:
             use_varlen(model)
 
@@ -165,10 +171,12 @@ class CausalLMLoss(torch.nn.Module):
             kwargs["attention_mask"] = attention_mask
         else:
             kwargs["position_ids"] = position_ids
+        device = input_ids.device
         if self.varlen and cu_seqlens is not None and attention_mask is None:
             kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
                           max_length_k=max_seqlen)
-        device = input_ids.device
+            if not self.build_masks:
+                kwargs["attention_mask"] = rows_mask(device)
         with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             hidden = base.get_decoder()(**kwargs).last_hidden_state
             if supervised is not None:
@@ -207,7 +215,10 @@ def train_step(loss_fn, optimizer, scheduler, micro_batches: list[Batch], global
     The loss is normalised by the supervised tokens of the whole step on all workers, so every token
     weighs the same whatever the packing, accumulation or worker count (DDP averages gradients, hence
     the world-size factor). `loss_weight=0` runs a pass that contributes nothing: a worker with no
-    micro-batch in an epoch's short last step still has to join DDP's gradient all-reduce."""
+    micro-batch in an epoch's short last step still has to join DDP's gradient all-reduce.
+
+    Returns the summed loss and the gradient norm as tensors on the device: reading them waits for the whole
+    step, so the caller reads them after it has queued what comes next (the next step's batches)."""
     loss_fn.train()
     total = torch.zeros((), dtype=torch.float64, device=micro_batches[0].input_ids.device)
     scale = world_size / max(global_targets, 1) * loss_weight
@@ -220,7 +231,7 @@ def train_step(loss_fn, optimizer, scheduler, micro_batches: list[Batch], global
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss_sum": float(total), "grad_norm": float(grad_norm)}
+    return {"loss_sum": total, "grad_norm": grad_norm}
 
 
 @torch.no_grad()
@@ -361,6 +372,8 @@ def _train(config: dict) -> dict:
 
     model, tok, info = build_model(cfg, device)
     log(f"gradient checkpointing: {model.checkpointing_plan}")
+    if model.compiled_layers:
+        log(f"torch.compile: {model.compiled_layers} decoder layers (compiled at the first steps)")
     dtype = compute_dtype(device, cfg)
     autocast_dtype = dtype if dtype != torch.float32 else None
     packing = uses_packing(cfg, info.family)
@@ -422,7 +435,8 @@ def _train(config: dict) -> dict:
         means = torch.zeros(len(SCORES), dtype=torch.float64, device=device)
         first = ""
         if rank == 0:
-            replies = generate_replies(unwrapped, tok, template_name, gen_convs, device, cfg.eval_max_new_tokens)
+            with eager():
+                replies = generate_replies(unwrapped, tok, template_name, gen_convs, device, cfg.eval_max_new_tokens)
             rows = [score(r, c.answer or "") for r, c in zip(replies, gen_convs)]
             means += torch.tensor([average(rows)[k] for k in SCORES], dtype=torch.float64, device=device)
             first = replies[0]
@@ -468,11 +482,17 @@ def _train(config: dict) -> dict:
         plan = plan_for(state.epoch)
         reader = BatchReader(train_src, plan, pad_id=pad_id, **batch_kw)
         n_steps = steps_in(plan, per_step)
-        while state.step_in_epoch < n_steps and state.step < total_steps:
-            group = step_micro_batches(plan, state.step_in_epoch, per_step)
+
+        def load(i: int, plan=plan, reader=reader):
+            """Step i's micro-batches of this worker, uploaded without waiting for the GPU."""
+            group = step_micro_batches(plan, i, per_step)
             own = list(group)[rank::world]
+            return i, group, own, [reader.batch(b).to(device, non_blocking=True) for b in (own or [group[0]])]
+
+        ahead = None
+        while state.step_in_epoch < n_steps and state.step < total_steps:
+            _, group, own, mine = ahead if ahead and ahead[0] == state.step_in_epoch else load(state.step_in_epoch)
             weight = 1.0 if own else 0.0  # an epoch's short last step may leave this worker nothing to learn
-            mine = [reader.batch(b).to(device) for b in (own or [group[0]])]
             _record_examples(train_src, plan, own, state, rank)
             global_targets = int(plan.targets[group.start:group.stop].sum())
             # Dropout depends only on (seed, step, rank): a resumed run draws exactly the same masks.
@@ -481,9 +501,13 @@ def _train(config: dict) -> dict:
             out = train_step(ddp, optimizer, scheduler, mine, global_targets, world, cfg.max_grad_norm, weight)
             state.step += 1
             state.step_in_epoch += 1
+            # The next step's batches are read and uploaded while the GPU still runs this one; reading this
+            # step's loss below waits for it.
+            if state.step_in_epoch < n_steps and state.step < total_steps:
+                ahead = load(state.step_in_epoch)
             step_tokens = int(plan.tokens[group.start:group.stop].sum())
             tokens_seen += step_tokens
-            loss_sum = torch.tensor([out["loss_sum"]], dtype=torch.float64, device=device)
+            loss_sum = out["loss_sum"].reshape(1)
             if world > 1:
                 torch.distributed.all_reduce(loss_sum)
             step_loss = float(loss_sum) / max(global_targets, 1)
@@ -494,14 +518,15 @@ def _train(config: dict) -> dict:
             window_targets += global_targets
             window_tokens += step_tokens
             lr = scheduler.get_last_lr()[0]
-            tracker.log_metrics({"loss": step_loss, "learning_rate": lr, "grad_norm": out["grad_norm"]}, state.step)
+            grad_norm = float(out["grad_norm"])
+            tracker.log_metrics({"loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm}, state.step)
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 dt = time.time() - window_t0
                 tps = window_tokens / max(dt, 1e-9)
                 eta = (time.time() - t_start) / max(state.step - start_step, 1) * (total_steps - state.step)
                 log(f"train  {_bar(state.step / total_steps)} step {state.step}/{total_steps} | "
                     f"loss {window_loss / max(window_targets, 1):.4f} | lr {lr:.2e} | "
-                    f"grad {out['grad_norm']:.2f} | {tps:,.0f} tok/s | eta {_fmt_time(eta)}", flush=True)
+                    f"grad {grad_norm:.2f} | {tps:,.0f} tok/s | eta {_fmt_time(eta)}", flush=True)
                 tracker.log_metrics({"tokens_per_second": tps}, state.step)
                 window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.time()
             hook = _test_hooks(state.step, rank)

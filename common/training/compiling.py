@@ -1,0 +1,51 @@
+"""torch.compile of the decoder layers for training.
+
+A training step of the 4-bit model launched ~9,000 kernels (bench/NOTES.md, the profile): RMSNorm as six
+fp32 pieces, rotary as slices, stacks and concatenations, LoRA's dropout, scale and add, SwiGLU, and the
+dtype casts around each, every one a kernel of its own with its own trip through memory, and the GPU idle
+whenever they take less time than their launch. Compiling a decoder layer fuses those into a few Triton
+kernels and leaves the GEMMs (bitsandbytes' dequantisation and cuBLAS, which it registers as custom ops)
+and varlen attention as they are.
+
+All layers run the same code, so one compiled graph serves all of them: dynamo treats a layer's weights
+as inputs. Row lengths change with every micro-batch, so the graph is compiled for any length at once
+(dynamic shapes) instead of again for each new length. Replies generated during evaluation run eager:
+they go through the KV cache a token at a time, which would compile a graph per layer for little gain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from common.training.memory import decoder_layers
+
+
+def wants_compile(setting: str, device: torch.device, family: str) -> bool:
+    """`torch_compile`: auto compiles on a CUDA GPU for the native GLM families (ChatGLM-6B's own model
+    code is left eager); true compiles wherever the layers are found; false never."""
+    if setting == "false":
+        return False
+    if setting == "true":
+        return True
+    return device.type == "cuda" and family != "chatglm"
+
+
+def compile_layers(model, backend: str = "inductor", dynamic: bool | None = None) -> int:
+    """Compile every decoder layer of `model` (a transformers model, or peft around one) in place; returns
+    how many were compiled (0 where the model has no layer list). `dynamic=None`: PyTorch's automatic
+    choice (compiled for the first shapes, again with the dimensions that changed made dynamic)."""
+    layers = decoder_layers(model)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=dynamic)
+    return len(layers)
+
+
+def eager():
+    """A context in which compiled layers run their plain Python code (generation, token by token)."""
+    if hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
