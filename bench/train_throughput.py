@@ -177,14 +177,23 @@ def seed_model(folder: Path, device):
                                             target_modules=QKV, task_type="CAUSAL_LM"))
 
 
-def our_cfg(folder: Path, settings: dict):
-    """The worker's config: the job's defaults, the benchmark's LoRA, and the run's settings."""
+def our_cfg(folder: Path, settings: dict, gpu_bytes: int | None = None):
+    """The worker's config: the job's defaults (its large-data batching for a card of `gpu_bytes`, chosen as
+    the job's driver does), the benchmark's LoRA, and the run's settings."""
+    import json
     from dataclasses import fields, replace
+    from types import SimpleNamespace
 
-    from common.config import LARGE_DATA_ACCUMULATION, LARGE_DATA_TOKENS_PER_BATCH, FinetuneConfig
+    from common.config import FinetuneConfig
+    from common.training.memory import large_data_batching
+    from common.training.worker import LOSS_CHUNK
 
     names = {f.name for f in fields(FinetuneConfig)}
-    base = dict(max_tokens_per_batch=LARGE_DATA_TOKENS_PER_BATCH, gradient_accumulation_steps=LARGE_DATA_ACCUMULATION,
+    if gpu_bytes and settings.get("gpu_memory_gib"):
+        gpu_bytes = min(gpu_bytes, int(settings["gpu_memory_gib"] * 2**30))
+    shape = SimpleNamespace(**json.loads((folder / "config.json").read_text())) if gpu_bytes else None
+    tokens, accumulation = large_data_batching(shape, 4, gpu_bytes, LOSS_CHUNK)
+    base = dict(max_tokens_per_batch=tokens, gradient_accumulation_steps=accumulation,
                 warmup_steps=0, logging_steps=50, base_model=str(folder), local_files_only=True, lora_r=LORA["r"],
                 lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024,
                 max_target_length=1024, per_device_train_batch_size=SEED_MICRO_BATCH)
@@ -241,7 +250,8 @@ def run_path(name: str, settings: dict, args) -> dict:
             return float(total) / n_targets, sum(b.num_tokens for b in batches), max(b.input_ids.numel() for b in batches)
     else:
         overlap = settings.get("overlap", True)
-        cfg = our_cfg(folder, settings)
+        gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+        cfg = our_cfg(folder, settings, gpu_bytes)
         if "compile_dynamic" in settings:  # compiled here instead, with the lever's setting
             cfg = replace(cfg, torch_compile="false")
         model, _, _ = build_model(cfg, device)

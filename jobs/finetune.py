@@ -25,9 +25,8 @@ if __package__ in (None, ""):  # `python jobs/finetune.py` from the project root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common.config import (
-    LARGE_DATA_ACCUMULATION,
-    LARGE_DATA_TOKENS_PER_BATCH,
     MIN_STEPS_PER_EPOCH,
+    ROOMY_TOKENS_PER_BATCH,
     FinetuneConfig,
     format_config,
     load_config,
@@ -48,6 +47,7 @@ from common.tracking import (
 )
 from common.training.epochs import ParquetExamples, fit_batching
 from common.training.examples import length_summary
+from common.training.memory import large_data_batching
 from common.training.tokenize_cache import (
     META_COLUMNS,
     EncodeSpec,
@@ -58,7 +58,7 @@ from common.training.tokenize_cache import (
     tokenize,
     write_subset,
 )
-from common.training.worker import train_loop_per_worker
+from common.training.worker import LOSS_CHUNK, train_loop_per_worker
 
 
 @dataclass
@@ -144,17 +144,31 @@ def print_data_report(cfg: FinetuneConfig, data: PreparedData) -> None:
 AUTO_SETTINGS = ("max_tokens_per_batch", "gradient_accumulation_steps", "warmup_steps", "logging_steps")
 
 
-def fit_to_data(cfg: FinetuneConfig, data: PreparedData) -> tuple[FinetuneConfig, list[str]]:
+BATCHING = ("max_tokens_per_batch", "gradient_accumulation_steps")
+
+
+def fit_to_data(cfg: FinetuneConfig, data: PreparedData, gpu_bytes: int | None = None,
+                resumed: dict | None = None) -> tuple[FinetuneConfig, list[str]]:
     """Choose the settings left unset for this data; the ones given stay. Returns the resolved config and
     the names it chose. Prints one line when it did, and how an epoch divides into optimizer steps
-    (computed exactly as the workers will)."""
+    (computed exactly as the workers will).
+
+    `gpu_bytes`: what one worker's GPU may hold (None on CPU); a card with room gets longer rows.
+    `resumed`: the batching of the checkpoint a run resumes from, which it keeps (the epoch plan, and so
+    where the run stopped in it, depends on it), whatever card it resumes on."""
     packing = cfg.packing and data.info.family != "chatglm"
     src = ParquetExamples(data.train.parts, exclude=data.eval_ids if data.eval_set is None else None)
-    large_tokens = max(LARGE_DATA_TOKENS_PER_BATCH, cfg.max_source_length + cfg.max_target_length)
+    # Longer rows only where rows are packed: padded batches (ChatGLM-6B) hold a number of examples instead.
+    large_tokens, large_accumulation = large_data_batching(model_shape(data.info), cfg.bits,
+                                                           gpu_bytes if packing else None, LOSS_CHUNK)
+    for name in BATCHING:
+        if getattr(cfg, name) is None and (resumed or {}).get(name):
+            cfg = dataclasses.replace(cfg, **{name: int(resumed[name])})
+    large_tokens = max(large_tokens, cfg.max_source_length + cfg.max_target_length)
     fit = fit_batching(src, packing=packing, workers=cfg.num_workers, batch_size=cfg.per_device_train_batch_size,
                        seed=cfg.seed, max_tokens=cfg.max_tokens_per_batch,
                        accumulation=cfg.gradient_accumulation_steps, large_tokens=large_tokens,
-                       large_accumulation=LARGE_DATA_ACCUMULATION, min_steps=MIN_STEPS_PER_EPOCH)
+                       large_accumulation=large_accumulation, min_steps=MIN_STEPS_PER_EPOCH)
     per_step = cfg.num_workers * fit.accumulation
     if cfg.gradient_accumulation_steps and len(fit.plan) < per_step:
         raise UserError(f"the training data makes {len(fit.plan)} micro-batch(es) per epoch, but one optimizer step "
@@ -171,9 +185,13 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData) -> tuple[FinetuneConfig
         why = ""
         if {"max_tokens_per_batch", "gradient_accumulation_steps"} & set(chosen):
             shrank = (fit.max_tokens, fit.accumulation) != (cfg.max_tokens_per_batch or large_tokens,
-                                                           cfg.gradient_accumulation_steps or LARGE_DATA_ACCUMULATION)
-            why = (f" (the large-data {large_tokens} tokens x {LARGE_DATA_ACCUMULATION} would make fewer than "
-                   f"{MIN_STEPS_PER_EPOCH} optimizer steps per epoch)") if shrank else " (the large-data defaults)"
+                                                           cfg.gradient_accumulation_steps or large_accumulation)
+            card = (f" for {gpu_bytes / 2**30:.0f} GiB per worker" if gpu_bytes else "")
+            roomy = (f": {large_tokens}-token rows fit it without recomputing a layer"
+                     if large_tokens >= ROOMY_TOKENS_PER_BATCH else "")
+            why = (f" (the large-data {large_tokens} tokens x {large_accumulation} would make fewer than "
+                   f"{MIN_STEPS_PER_EPOCH} optimizer steps per epoch)") if shrank else \
+                f" (the large-data defaults{card}{roomy})"
         print("auto settings for this data: " + ", ".join(f"--{k} {v}" for k, v in chosen.items()) + why
               + f"; warm-up is {cfg.warmup_ratio:.0%} of {total} steps. Set a flag to choose it yourself.")
     cfg = dataclasses.replace(cfg, **chosen)
@@ -183,6 +201,42 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData) -> tuple[FinetuneConfig
           f"up to {per_step} micro-batches ({cfg.num_workers} worker(s) x {cfg.gradient_accumulation_steps}); "
           f"{total:,} steps in all")
     return cfg, list(chosen)
+
+
+def model_shape(info: ModelInfo):
+    """The model's config.json as attributes (layers, widths, vocabulary), in any of the families' layouts."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(**json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8")))
+
+
+def worker_gpu_bytes(cfg: FinetuneConfig) -> int | None:
+    """GPU memory one training worker may use: a GPU of the cluster (read by a one-GPU task) capped by
+    --gpu_memory_gib; None where the workers train on CPU, or no GPU answered within two minutes."""
+    import ray
+
+    if cfg.use_gpu is False:
+        return None
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        if not torch.cuda.is_available():  # a local cluster on a machine without GPUs: no Ray needed to say so
+            return None
+    init_ray(cfg)
+    if not ray.cluster_resources().get("GPU"):
+        return None
+    try:
+        total = ray.get(ray.remote(num_gpus=1)(_gpu_total_memory).remote(), timeout=120)
+    except ray.exceptions.GetTimeoutError:
+        print("  no GPU of the cluster answered within 2 minutes: batching as for an unknown card")
+        return None
+    return min(total, int(cfg.gpu_memory_gib * 2**30)) if cfg.gpu_memory_gib else total
+
+
+def _gpu_total_memory() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).total_memory
 
 
 def init_ray(cfg: FinetuneConfig) -> int:
@@ -269,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(cfg, start_ray=lambda: init_ray(cfg))
     print_data_report(cfg, data)
     auto: list[str] = []
+    resume_meta = read_checkpoint_metadata(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else {}
     if data.info is not None:
-        cfg, auto = fit_to_data(cfg, data)
+        gpu_bytes = worker_gpu_bytes(cfg) if not all(getattr(cfg, k) for k in BATCHING) else None
+        cfg, auto = fit_to_data(cfg, data, gpu_bytes, resume_meta.get("batching"))
     print("config:\n" + "\n".join("  " + line for line in format_config(cfg).splitlines()))
     if cfg.dry_run:
         print("dry run: config and data are valid; nothing was trained.")
@@ -282,7 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     uri = default_tracking_uri(cfg.mlflow_tracking_uri)
     check_reachable(uri)
     dataset_hash = data.train.content_hash
-    resume_meta = read_checkpoint_metadata(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else {}
     run_name = cfg.run_name or resume_meta.get("ray_run_name") or time.strftime("finetune-%Y%m%d-%H%M%S")
     storage = str(Path(cfg.output_dir).resolve())
     use_gpu = connect_ray(cfg)
@@ -304,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                 "template": template.name, "bits": cfg.bits, "dataset_hash": dataset_hash,
                 "mlflow_run_id": run_id, "ray_run_name": run_name,
                 "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-                         "target": cfg.lora_target}}
+                         "target": cfg.lora_target},
+                "batching": {name: getattr(cfg, name) for name in BATCHING}}
     # The held-out conversations replied to at every eval travel with every checkpoint too: the merge job
     # checks its merge on the first few prompts and scores the merged model on all of them.
     generate = conversations(data.eval_file, cfg.eval_generate_samples)

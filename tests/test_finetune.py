@@ -342,3 +342,24 @@ def test_ray_job_submit_runs_the_job_and_streams_its_log(env):
         assert "step 4/4" in out and "fine-tune finished" in out and "succeeded" in out
     finally:
         head.stop()
+
+
+def test_batching_follows_the_card_and_a_resumed_run_keeps_the_checkpoints(tiny_model, tmp_path, capsys):
+    """Left unset, the batching starts from the large-data values for the workers' card (16384-token rows x 4
+    where they fit without recomputation) before fitting them to the data; a run resumed from a checkpoint
+    keeps the batching written into it, on whatever card it resumes."""
+    from common.config import FinetuneConfig, load_config
+    from jobs.finetune import fit_to_data, prepare_data
+
+    cfg = load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--output_dir", str(tmp_path)], "t", "t")
+    data = prepare_data(cfg, start_ray=lambda: None)
+    resolved, auto = fit_to_data(cfg, data, gpu_bytes=140 * 2**30)
+    assert "the large-data 16384 tokens x 4 would make fewer than 10 optimizer steps" in capsys.readouterr().out
+    assert {"max_tokens_per_batch", "gradient_accumulation_steps"} <= set(auto)
+    fit_to_data(cfg, data, gpu_bytes=None)
+    assert "the large-data 8192 tokens x 8 would make" in capsys.readouterr().out
+    resumed, auto = fit_to_data(cfg, data, gpu_bytes=140 * 2**30,
+                                resumed={"max_tokens_per_batch": 512, "gradient_accumulation_steps": 2})
+    assert (resumed.max_tokens_per_batch, resumed.gradient_accumulation_steps) == (512, 2)
+    assert not {"max_tokens_per_batch", "gradient_accumulation_steps"} & set(auto)
+    assert (resolved.max_tokens_per_batch, resolved.gradient_accumulation_steps) != (512, 2)

@@ -10,8 +10,11 @@ from common.config import FinetuneConfig, load_config
 from common.training.memory import (
     activation_bytes,
     apply_checkpointing,
+    large_data_batching,
     layers_to_checkpoint,
+    model_dims,
     plan_checkpointing,
+    weight_bytes,
 )
 
 GLM2_6B = GlmConfig(vocab_size=65024, hidden_size=4096, intermediate_size=13696, num_hidden_layers=28,
@@ -34,6 +37,29 @@ def test_the_plan_always_fits_and_says_so_when_nothing_does():
                 assert activation_bytes(GLM2_6B, tokens, n) <= free
                 assert n == 0 or activation_bytes(GLM2_6B, tokens, n - 1) > free
     assert layers_to_checkpoint(GLM2_6B, 65536, 1e9) is None
+
+
+def test_a_card_with_room_gets_rows_twice_as_long_and_half_as_many():
+    """Large-data batching: 16384-token rows x 4 (the same tokens per step) where they need no layer recomputed,
+    as on an H200 (bench/NOTES.md: 1.09x there); else 8192 x 8: an 80 GiB card would recompute a third of the
+    layers at 16k, and a card of unknown size (or CPU) keeps what works everywhere."""
+    gib = 2**30
+    assert large_data_batching(GLM2_6B, 4, 139.8 * gib, 2048) == (16384, 4)
+    assert large_data_batching(GLM2_6B, 16, 139.8 * gib, 2048) == (16384, 4)  # bf16 weights: 12 GiB more, still room
+    for budget in (None, 16 * gib, 24 * gib, 48 * gib, 80 * gib):
+        assert large_data_batching(GLM2_6B, 4, budget, 2048) == (8192, 8), budget
+    assert layers_to_checkpoint(GLM2_6B, 16384, 0.9 * 80 * gib - 5.3 * gib) >= 9
+    # The weights are estimated before loading, on the generous side: the 4-bit model with its bf16 embeddings
+    # and head took ~4.5 GiB on the H200 before any activation.
+    assert 4.2 * gib < weight_bytes(GLM2_6B, 4) < 5 * gib
+
+
+def test_thudm_configs_give_the_same_dimensions_as_native_ones():
+    from types import SimpleNamespace
+
+    thudm = SimpleNamespace(num_layers=28, hidden_size=4096, ffn_hidden_size=13696, padded_vocab_size=65024)
+    assert model_dims(thudm) == model_dims(GLM2_6B) == (28, 4096, 13696)
+    assert weight_bytes(thudm, 4) == weight_bytes(GLM2_6B, 4)
 
 
 def test_explicit_switches_and_cpu_need_no_plan():

@@ -17,11 +17,11 @@ HEADROOM = 0.90  # share of the budget the plan may fill (allocator fragmentatio
 
 
 def model_dims(config) -> tuple[int, int, int]:
-    """(layers, hidden, intermediate) for native and ChatGLM-6B configs."""
+    """(layers, hidden, intermediate) for native configs and THUDM's ChatGLM-6B / ChatGLM2-3 ones."""
     layers = getattr(config, "num_hidden_layers", None) or config.num_layers
     hidden = config.hidden_size
     inter = (getattr(config, "intermediate_size", None) or getattr(config, "inner_hidden_size", None)
-             or 4 * hidden)
+             or getattr(config, "ffn_hidden_size", None) or 4 * hidden)
     return layers, hidden, inter
 
 
@@ -32,6 +32,33 @@ def activation_bytes(config, tokens: int, checkpointed: int) -> float:
     kept = tokens * hidden * 2  # a checkpointed layer keeps only its bf16 input
     recompute = full if checkpointed else 0  # one layer's activations exist again while it is recomputed
     return (layers - checkpointed) * full + checkpointed * kept + recompute
+
+
+def weight_bytes(config, bits: int) -> float:
+    """A generous estimate of the frozen model's GPU bytes before any activation: the decoder's linear layers
+    at `bits` (4-bit: half a byte per weight plus block scales), embeddings and the output layer in bf16."""
+    layers, hidden, inter = model_dims(config)
+    vocab = getattr(config, "padded_vocab_size", None) or config.vocab_size
+    linear = layers * (4 * hidden * hidden + 3 * hidden * inter)  # attention as if without grouped KV heads
+    return linear * {4: 0.55, 8: 1.05}.get(bits, 2.0) + 2 * vocab * hidden * 2
+
+
+def rows_fit_without_recompute(config, tokens: int, budget: float, bits: int, loss_chunk: int) -> bool:
+    """Whether micro-batches of `tokens` fit `budget` bytes with no layer recomputed (estimated before the
+    model is loaded, as the job's driver must)."""
+    free = HEADROOM * budget - weight_bytes(config, bits) - loss_bytes(config, loss_chunk)
+    return activation_bytes(config, tokens, 0) <= free
+
+
+def large_data_batching(config, bits: int, budget: float | None, loss_chunk: int) -> tuple[int, int]:
+    """(tokens per micro-batch, micro-batches per step) for large data on a worker with `budget` GPU bytes
+    (None: unknown, or training on CPU): twice-as-long rows, half as many, where they need no recomputation."""
+    from common.config import LARGE_DATA_ACCUMULATION, LARGE_DATA_TOKENS_PER_BATCH, ROOMY_TOKENS_PER_BATCH
+
+    if budget and rows_fit_without_recompute(config, ROOMY_TOKENS_PER_BATCH, budget, bits, loss_chunk):
+        factor = ROOMY_TOKENS_PER_BATCH // LARGE_DATA_TOKENS_PER_BATCH
+        return ROOMY_TOKENS_PER_BATCH, max(1, LARGE_DATA_ACCUMULATION // factor)
+    return LARGE_DATA_TOKENS_PER_BATCH, LARGE_DATA_ACCUMULATION
 
 
 def loss_bytes(config, chunk: int) -> float:
