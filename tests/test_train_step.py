@@ -144,3 +144,37 @@ def test_compiled_decoder_layers_train_exactly_like_eager_ones_and_generate_eage
     for name, g in grads.items():  # fp32, summed in another order by the fused kernels
         ref = runs["false"][3][name]
         assert (g - ref).norm() <= 1e-4 * ref.norm(), (name, (g - ref).norm() / ref.norm())
+
+
+def test_layers_that_fail_to_compile_run_eager_under_auto_and_stop_the_run_under_true(tiny_model):
+    """A compiler that cannot run here (say, no C compiler for Triton) must not cost an `auto` run its training:
+    the layers run eager, with the same loss. Asked for explicitly (`true`), the failure stops the run."""
+    from common.training.compiling import compile_layers
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C compiler found")
+
+    cfg = load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--bits", "16", "--lora_r", "4",
+                                       "--lora_dropout", "0", "--torch_compile", "false"], "t", "t")
+    model, tok, info = build_model(cfg, torch.device("cpu"))
+    records = load_dataset(str(ROOT / "data/sample.json")).records[:6]
+    examples = encode_records(records, tok, get_template(info.template), 128, 128).examples
+    b = epoch_batches(examples, epoch=0, seed=0, packing=True, max_tokens=1024, batch_size=1, pad_id=0)[0]
+    loss_fn = CausalLMLoss(model, None)
+
+    def loss():
+        with torch.no_grad():
+            return loss_fn(b.input_ids, b.targets, position_ids=b.position_ids, cu_seqlens=b.cu_seqlens,
+                           max_seqlen=b.max_seqlen, supervised=b.supervised)
+
+    eager = loss()
+    try:
+        assert compile_layers(model, backend=broken_backend, fallback=True) == len(model.base_model.model.model.layers)
+        assert torch.equal(loss(), eager)
+        torch._dynamo.reset()
+        compile_layers(model, backend=broken_backend, fallback=False)
+        with pytest.raises(Exception, match="no C compiler found"):
+            loss()
+    finally:
+        torch._dynamo.config.suppress_errors = False
+        torch._dynamo.reset()

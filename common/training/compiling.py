@@ -32,13 +32,18 @@ def wants_compile(setting: str, device: torch.device, family: str) -> bool:
     return device.type == "cuda" and family != "chatglm"
 
 
-def compile_layers(model, backend: str = "inductor", dynamic: bool | None = None) -> int:
+def compile_layers(model, backend="inductor", dynamic: bool | None = None, fallback: bool = False) -> int:
     """Compile every decoder layer of `model` (a transformers model, or peft around one) in place; returns
     how many were compiled (0 where the model has no layer list). `dynamic=None`: PyTorch's automatic
-    choice (compiled for the first shapes, again with the dimensions that changed made dynamic)."""
+    choice (compiled for the first shapes, again with the dimensions that changed made dynamic).
+
+    `fallback`: a layer that fails to compile (a machine without a C compiler for Triton's launcher, a GPU
+    Triton does not support) runs eager, with PyTorch's warning, instead of stopping the run; `auto` asks for
+    it, `true` does not. It is a setting of the whole process (dynamo's `suppress_errors`)."""
     layers = decoder_layers(model)
     if layers is None:
         return 0
+    torch._dynamo.config.suppress_errors = fallback
     for layer in layers:
         layer.compile(backend=backend, dynamic=dynamic)
     return len(layers)

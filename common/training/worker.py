@@ -108,7 +108,8 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
             if p.requires_grad:
                 p.data = p.data.float()
     model.checkpointing_plan = plan
-    model.compiled_layers = compile_layers(model) if wants_compile(cfg.torch_compile, device, info.family) else 0
+    model.compiled_layers = (compile_layers(model, fallback=cfg.torch_compile == "auto")
+                             if wants_compile(cfg.torch_compile, device, info.family) else 0)
     return model, load_tokenizer(info, cfg.trust_remote_code), info
 
 
