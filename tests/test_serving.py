@@ -44,8 +44,9 @@ def test_openai_client_non_streamed(client):
 def test_openai_client_streams_chunks_before_generation_ends(client):
     t0 = time.time()
     first, chunks, text = None, 0, ""
+    # Long enough to span many stream intervals (40 ms) however fast the engine runs the tiny model.
     stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "List two colors."}],
-                                            max_tokens=300, extra_body={"min_tokens": 300}, stream=True,
+                                            max_tokens=1500, extra_body={"min_tokens": 1500}, stream=True,
                                             temperature=0.8)
     for chunk in stream:
         delta = chunk.choices[0].delta.content if chunk.choices else None
