@@ -180,19 +180,16 @@ def seed_model(folder: Path, device):
 def our_cfg(folder: Path, settings: dict, gpu_bytes: int | None = None):
     """The worker's config: the job's defaults (its large-data batching for a card of `gpu_bytes`, chosen as
     the job's driver does), the benchmark's LoRA, and the run's settings."""
-    import json
     from dataclasses import fields, replace
-    from types import SimpleNamespace
 
     from common.config import FinetuneConfig
-    from common.training.memory import large_data_batching
+    from common.training.memory import large_data_batching, model_shape
     from common.training.worker import LOSS_CHUNK
 
     names = {f.name for f in fields(FinetuneConfig)}
     if gpu_bytes and settings.get("gpu_memory_gib"):
         gpu_bytes = min(gpu_bytes, int(settings["gpu_memory_gib"] * 2**30))
-    shape = SimpleNamespace(**json.loads((folder / "config.json").read_text())) if gpu_bytes else None
-    tokens, accumulation = large_data_batching(shape, 4, gpu_bytes, LOSS_CHUNK)
+    tokens, accumulation = large_data_batching(model_shape(folder) if gpu_bytes else None, 4, gpu_bytes, LOSS_CHUNK)
     base = dict(max_tokens_per_batch=tokens, gradient_accumulation_steps=accumulation,
                 warmup_steps=0, logging_steps=50, base_model=str(folder), local_files_only=True, lora_r=LORA["r"],
                 lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024,

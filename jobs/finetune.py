@@ -47,7 +47,7 @@ from common.tracking import (
 )
 from common.training.epochs import ParquetExamples, fit_batching
 from common.training.examples import length_summary
-from common.training.memory import large_data_batching
+from common.training.memory import large_data_batching, model_shape
 from common.training.tokenize_cache import (
     META_COLUMNS,
     EncodeSpec,
@@ -159,7 +159,7 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData, gpu_bytes: int | None =
     packing = cfg.packing and data.info.family != "chatglm"
     src = ParquetExamples(data.train.parts, exclude=data.eval_ids if data.eval_set is None else None)
     # Longer rows only where rows are packed: padded batches (ChatGLM-6B) hold a number of examples instead.
-    large_tokens, large_accumulation = large_data_batching(model_shape(data.info), cfg.bits,
+    large_tokens, large_accumulation = large_data_batching(model_shape(data.info.path), cfg.bits,
                                                            gpu_bytes if packing else None, LOSS_CHUNK)
     for name in BATCHING:
         if getattr(cfg, name) is None and (resumed or {}).get(name):
@@ -201,13 +201,6 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData, gpu_bytes: int | None =
           f"up to {per_step} micro-batches ({cfg.num_workers} worker(s) x {cfg.gradient_accumulation_steps}); "
           f"{total:,} steps in all")
     return cfg, list(chosen)
-
-
-def model_shape(info: ModelInfo):
-    """The model's config.json as attributes (layers, widths, vocabulary), in any of the families' layouts."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(**json.loads((Path(info.path) / "config.json").read_text(encoding="utf-8")))
 
 
 def worker_gpu_bytes(cfg: FinetuneConfig) -> int | None:
@@ -325,8 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     auto: list[str] = []
     resume_meta = read_checkpoint_metadata(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else {}
     if data.info is not None:
-        gpu_bytes = worker_gpu_bytes(cfg) if not all(getattr(cfg, k) for k in BATCHING) else None
-        cfg, auto = fit_to_data(cfg, data, gpu_bytes, resume_meta.get("batching"))
+        resumed = resume_meta.get("batching") or {}
+        # The card only matters for batching left to choose (a resumed run keeps its checkpoint's).
+        settled = all(getattr(cfg, k) or resumed.get(k) for k in BATCHING)
+        gpu_bytes = None if settled else worker_gpu_bytes(cfg)
+        cfg, auto = fit_to_data(cfg, data, gpu_bytes, resumed)
     print("config:\n" + "\n".join("  " + line for line in format_config(cfg).splitlines()))
     if cfg.dry_run:
         print("dry run: config and data are valid; nothing was trained.")

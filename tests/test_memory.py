@@ -62,6 +62,19 @@ def test_thudm_configs_give_the_same_dimensions_as_native_ones():
     assert weight_bytes(thudm, 4) == weight_bytes(GLM2_6B, 4)
 
 
+def test_a_thudm_chatglm2_folder_is_sized_from_its_own_config(tmp_path):
+    """THUDM's ChatGLM2/3 config.json has padded_vocab_size and no vocab_size: the driver sizes it before
+    any conversion, so the estimate must read that layout as it is."""
+    import json
+
+    from common.training.memory import model_shape
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_layers": 28, "hidden_size": 4096, "ffn_hidden_size": 13696,
+                                                      "padded_vocab_size": 65024, "multi_query_group_num": 2}))
+    shape = model_shape(tmp_path)
+    assert large_data_batching(shape, 4, 139.8 * 2**30, 2048) == large_data_batching(GLM2_6B, 4, 139.8 * 2**30, 2048)
+
+
 def test_explicit_switches_and_cpu_need_no_plan():
     dev = torch.device("cpu")
     assert plan_checkpointing("true", GLM2_6B, dev, 4096, None, 2048)[0] == 28

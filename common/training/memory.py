@@ -8,6 +8,10 @@ fit the card (or `gpu_memory_gib`); `true` checkpoints all layers, `false` none.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
 import torch
 
 # Activation bytes one token keeps per decoder layer for backward, without checkpointing, in units of
@@ -25,6 +29,16 @@ def model_dims(config) -> tuple[int, int, int]:
     return layers, hidden, inter
 
 
+def vocab_size(config) -> int:
+    """THUDM's ChatGLM2/3 configs name it padded_vocab_size (and have no vocab_size)."""
+    return getattr(config, "padded_vocab_size", None) or config.vocab_size
+
+
+def model_shape(folder) -> SimpleNamespace:
+    """A model folder's config.json as attributes, read before any model loads (any family's layout)."""
+    return SimpleNamespace(**json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
+
+
 def activation_bytes(config, tokens: int, checkpointed: int) -> float:
     """Estimated activation memory of one micro-batch of `tokens` with `checkpointed` layers recomputed."""
     layers, hidden, inter = model_dims(config)
@@ -38,9 +52,8 @@ def weight_bytes(config, bits: int) -> float:
     """A generous estimate of the frozen model's GPU bytes before any activation: the decoder's linear layers
     at `bits` (4-bit: half a byte per weight plus block scales), embeddings and the output layer in bf16."""
     layers, hidden, inter = model_dims(config)
-    vocab = getattr(config, "padded_vocab_size", None) or config.vocab_size
     linear = layers * (4 * hidden * hidden + 3 * hidden * inter)  # attention as if without grouped KV heads
-    return linear * {4: 0.55, 8: 1.05}.get(bits, 2.0) + 2 * vocab * hidden * 2
+    return linear * {4: 0.55, 8: 1.05}.get(bits, 2.0) + 2 * vocab_size(config) * hidden * 2
 
 
 def rows_fit_without_recompute(config, tokens: int, budget: float, bits: int, loss_chunk: int) -> bool:
@@ -63,7 +76,7 @@ def large_data_batching(config, bits: int, budget: float | None, loss_chunk: int
 
 def loss_bytes(config, chunk: int) -> float:
     # one slice of the vocabulary projection: bf16 logits, their fp32 copy and its gradient
-    return chunk * config.vocab_size * (2 + 4 + 4)
+    return chunk * vocab_size(config) * (2 + 4 + 4)
 
 
 def budget_bytes(device: torch.device, gpu_memory_gib: float | None) -> int:
