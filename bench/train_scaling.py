@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import portable_command  # noqa: E402
 from bench.train_throughput import build_checkpoint, make_records  # noqa: E402
 
 STEPS_LINE = re.compile(r"training steps:\s+([\d,]+) tokens/s")
@@ -32,13 +33,24 @@ def run_job(workers: int, args, data: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "jobs/finetune.py"), "--base_model", str(Path(args.workdir) / "model"),
            "--local_files_only", "--data_path", str(data), "--eval_ratio", "0.01", "--num_workers", str(workers),
            "--max_steps", str(args.steps), "--eval_steps", str(args.steps), "--logging_steps", "5",
+           "--eval_generate_samples", "0",  # the figure excludes evals; replies would only lengthen the run
            "--max_source_length", "1024", "--max_target_length", "1024", "--gradient_accumulation_steps", "1",
            "--warmup_steps", "0", "--output_dir", str(Path(args.workdir) / f"runs-{workers}"),
            "--mlflow_tracking_uri", args.mlflow_tracking_uri, "--experiment_name", "glmops-bench-scaling"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # The GPU host's MLflow has no SQLAlchemy (no sqlite store), and MLflow 3 takes a file store only when asked.
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "MLFLOW_ALLOW_FILE_STORE": "true"}
     t0 = time.time()
-    proc = subprocess.run(cmd + args.extra, env=env, capture_output=True, text=True, cwd=ROOT)
-    out = proc.stdout + proc.stderr
+    # The job's log goes through as it comes (a run cut short still shows how far it got), and is kept for parsing.
+    proc = subprocess.Popen(cmd + args.extra, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=ROOT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if not args.quiet and "Warning" not in line:
+            print(f"  [{workers} GPU] {line}", end="", flush=True)
+    proc.wait()
+    out = "".join(lines)
     steps = STEPS_LINE.search(out)
     peak = PEAK_LINE.search(out)
     if proc.returncode != 0 or not steps:
@@ -56,7 +68,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--records", type=int, default=4000)
     ap.add_argument("--mlflow_tracking_uri", default=None)
+    ap.add_argument("--workers", default="1,2", help="comma-separated worker counts (one GPU each), run in order")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quiet", action="store_true", help="do not echo the jobs' logs")
     ap.add_argument("extra", nargs="*", help="more flags for jobs/finetune.py (after --)")
     args = ap.parse_args()
     args.mlflow_tracking_uri = args.mlflow_tracking_uri or f"file://{Path(args.workdir).resolve()}/mlruns"
@@ -65,19 +79,26 @@ def main() -> None:
     data.write_text(json.dumps(make_records(args.records), ensure_ascii=False), encoding="utf-8")
 
     rows = []
-    for workers in (1, 2):
+    for workers in [int(w) for w in args.workers.split(",")]:
         rows.append(run_job(workers, args, data))
         print(json.dumps(rows[-1], ensure_ascii=False), flush=True)
-    ok = all("error" not in r for r in rows)
+    ok = len(rows) > 1 and all("error" not in r for r in rows)
     ratio = round(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], 3) if ok else None
     print("\n| GPUs (Ray Train workers) | tokens/s (training steps) | peak GiB per worker |")
     print("|---|---|---|")
     for r in rows:
         print(f"| {r['workers']} | {r.get('tokens_per_s', 'failed')} | {r.get('peak_gib')} |")
-    print(f"\nscaling 2 GPUs / 1 GPU: {ratio}")
+    if ratio is not None:
+        print(f"\nscaling 2 GPUs / 1 GPU: {ratio}")
     if args.out:
+        import torch
+        import transformers
+
         Path(args.out).write_text(json.dumps({"scaling_2gpu": ratio, "runs": rows, "steps": args.steps,
-                                              "command": "python3 " + " ".join(sys.argv)}, indent=1))
+                                              "command": portable_command("train_scaling.py", args),
+                                              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                                              "versions": {"torch": torch.__version__,
+                                                           "transformers": transformers.__version__}}, indent=1))
 
 
 if __name__ == "__main__":

@@ -179,23 +179,27 @@ def seed_model(folder: Path, device):
 
 def our_cfg(folder: Path, settings: dict, gpu_bytes: int | None = None):
     """The worker's config: the job's defaults (its large-data batching for a card of `gpu_bytes`, chosen as
-    the job's driver does), the benchmark's LoRA, and the run's settings."""
+    the job's driver does, for this LoRA), the benchmark's LoRA, and the run's settings."""
     from dataclasses import fields, replace
+
+    import torch
 
     from common.config import FinetuneConfig
     from common.training.memory import large_data_batching, model_shape
-    from common.training.worker import LOSS_CHUNK
+    from common.training.worker import LOSS_CHUNK, layer_activations
 
     names = {f.name for f in fields(FinetuneConfig)}
     if gpu_bytes and settings.get("gpu_memory_gib"):
         gpu_bytes = min(gpu_bytes, int(settings["gpu_memory_gib"] * 2**30))
-    tokens, accumulation = large_data_batching(model_shape(folder) if gpu_bytes else None, 4, gpu_bytes, LOSS_CHUNK)
-    base = dict(max_tokens_per_batch=tokens, gradient_accumulation_steps=accumulation,
-                warmup_steps=0, logging_steps=50, base_model=str(folder), local_files_only=True, lora_r=LORA["r"],
+    base = dict(warmup_steps=0, logging_steps=50, base_model=str(folder), local_files_only=True, lora_r=LORA["r"],
                 lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024,
                 max_target_length=1024, per_device_train_batch_size=SEED_MICRO_BATCH)
     # A run's settings override the benchmark's (e.g. the token-budget lever's max_tokens_per_batch).
-    return replace(FinetuneConfig(), **{**base, **{k: v for k, v in settings.items() if k in names}})
+    cfg = replace(FinetuneConfig(), **{**base, **{k: v for k, v in settings.items() if k in names}})
+    tokens, accumulation = large_data_batching(model_shape(folder) if gpu_bytes else None, 4, gpu_bytes, LOSS_CHUNK,
+                                               layer_activations(cfg, "chatglm2", torch.device("cuda")))
+    return replace(cfg, max_tokens_per_batch=settings.get("max_tokens_per_batch", tokens),
+                   gradient_accumulation_steps=accumulation)
 
 
 # -- one path, in its own process ------------------------------------------------------------------------

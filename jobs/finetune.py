@@ -58,7 +58,7 @@ from common.training.tokenize_cache import (
     tokenize,
     write_subset,
 )
-from common.training.worker import LOSS_CHUNK, train_loop_per_worker
+from common.training.worker import LOSS_CHUNK, layer_activations, train_loop_per_worker
 
 
 @dataclass
@@ -159,8 +159,11 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData, gpu_bytes: int | None =
     packing = cfg.packing and data.info.family != "chatglm"
     src = ParquetExamples(data.train.parts, exclude=data.eval_ids if data.eval_set is None else None)
     # Longer rows only where rows are packed: padded batches (ChatGLM-6B) hold a number of examples instead.
-    large_tokens, large_accumulation = large_data_batching(model_shape(data.info.path), cfg.bits,
-                                                           gpu_bytes if packing else None, LOSS_CHUNK)
+    import torch
+
+    large_tokens, large_accumulation = large_data_batching(
+        model_shape(data.info.path), cfg.bits, gpu_bytes if packing else None, LOSS_CHUNK,
+        layer_activations(cfg, data.info.family, torch.device("cuda")))  # gpu_bytes: the workers train on GPUs
     for name in BATCHING:
         if getattr(cfg, name) is None and (resumed or {}).get(name):
             cfg = dataclasses.replace(cfg, **{name: int(resumed[name])})

@@ -113,3 +113,57 @@ def test_a_bad_switch_or_budget_is_reported_by_name():
         load_config(FinetuneConfig, ["--gradient_checkpointing", "sometimes", "--gpu_memory_gib", "0"], "t", "t")
     text = str(err.value)
     assert "gradient_checkpointing: must be one of auto, true, false" in text and "gpu_memory_gib: must be > 0" in text
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def test_compiled_layers_are_planned_from_what_they_keep_with_their_lora():
+    """Bytes per token per layer, in units of (hidden + intermediate): eager layers 12 (measured with the job's
+    LoRA); compiled ones what their graph saves plus what the H200 runs kept beyond it, which reproduces the
+    runs' 8.0 (LoRA on q/k/v) and 11.7 (all six linears) with PyTorch's dropout. With LoRA's dropout drawn again
+    in backward, LoRA keeps nothing of its inputs, whichever modules it trains (bench/activation_memory.py)."""
+    from common.training.memory import LayerActivations
+
+    unit = 4096 + 13696
+    per_unit = lambda layer: layer.bytes_per_token(GLM2_6B) / unit  # noqa: E731
+    assert per_unit(LayerActivations()) == 12.0
+    assert per_unit(LayerActivations(QKV, 0.05, compiled=True)) == pytest.approx(8.0, rel=0.01)
+    assert per_unit(LayerActivations("all-linear", 0.1, compiled=True)) == pytest.approx(11.7, rel=0.01)
+    redrawn = [LayerActivations(t, 0.1, compiled=True, dropout_recomputed=True) for t in (QKV, "all-linear")]
+    assert per_unit(redrawn[0]) == per_unit(redrawn[1]) == pytest.approx(5.9, rel=0.01)
+    # no dropout: nothing to draw again, each LoRA module keeps its input
+    assert per_unit(LayerActivations(QKV, 0.0, compiled=True, dropout_recomputed=True)) > per_unit(redrawn[0])
+
+
+def test_what_compiled_layers_keep_decides_the_checkpointing_and_the_rows():
+    """16 GiB (the benchmark's small setting, 8192-token rows): the eager estimate recomputed 25 layers, the compiled
+    one with PyTorch's dropout 22 (13.4 GiB peak on the H200), with the dropout drawn again 19 (13.9 GiB peak,
+    14,160 tokens/s). And the job's LoRA on an 80 GiB card now takes 16384-token rows, where it took 8192 before."""
+    from common.training.memory import LayerActivations, loss_bytes
+
+    gib = 2**30
+    free = 0.9 * 16 * gib - 3.7 * gib - loss_bytes(GLM2_6B, 2048)  # ~3.7 GiB allocated by the 4-bit model
+    kept = LayerActivations(QKV, 0.05, compiled=True)
+    redrawn = LayerActivations(QKV, 0.05, compiled=True, dropout_recomputed=True)
+    assert [layers_to_checkpoint(GLM2_6B, 8192, free, layer) for layer in (LayerActivations(), kept, redrawn)] == \
+        [25, 22, 19]
+    job = LayerActivations("all-linear", 0.1, compiled=True, dropout_recomputed=True)
+    assert large_data_batching(GLM2_6B, 4, 80 * gib, 2048, LayerActivations()) == (8192, 8)
+    assert large_data_batching(GLM2_6B, 4, 80 * gib, 2048, job) == (16384, 4)
+    assert large_data_batching(GLM2_6B, 4, 48 * gib, 2048, job) == (8192, 8)
+
+
+def test_the_worker_describes_its_layers_as_it_builds_them():
+    """The plan's description follows the config: compiled (and the dropout drawn again) only where the worker
+    compiles, the LoRA modules `auto` resolves to for the family."""
+    from common.training.worker import layer_activations
+
+    cfg = load_config(FinetuneConfig, ["--lora_dropout", "0.05"], "t", "t")
+    gpu = layer_activations(cfg, "chatglm2", torch.device("cuda"))
+    assert (gpu.compiled, gpu.dropout_recomputed, gpu.lora_dropout) == (True, True, 0.05)
+    assert gpu.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+    assert not layer_activations(cfg, "chatglm2", torch.device("cpu")).compiled
+    assert not layer_activations(cfg, "chatglm", torch.device("cuda")).compiled  # ChatGLM-6B's own code runs eager
+    off = load_config(FinetuneConfig, ["--torch_compile", "false"], "t", "t")
+    assert layer_activations(off, "chatglm2", torch.device("cuda")).compiled is False

@@ -7,6 +7,10 @@ whenever they take less time than their launch. Compiling a decoder layer fuses 
 kernels and leaves the GEMMs (bitsandbytes' dequantisation and cuBLAS, which it registers as custom ops)
 and varlen attention as they are.
 
+LoRA's dropout is drawn again in backward instead of kept (`recompute_lora_dropout`): inductor cannot
+recompute a random op on its own, so each LoRA module kept its dropped input and the mask, 12 bytes per
+input element: with LoRA on q/k/v, a quarter of a compiled layer's activations (bench/NOTES.md).
+
 All layers run the same code, so one compiled graph serves all of them: dynamo treats a layer's weights
 as inputs. Row lengths change with every micro-batch, so the graph is compiled for any length at once
 (dynamic shapes) instead of again for each new length. Replies generated during evaluation run eager:
@@ -18,8 +22,45 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from common.training.memory import decoder_layers
+
+
+class RecomputedDropout(torch.nn.Dropout):
+    """`nn.Dropout` whose mask is drawn again in backward (from the same random state) instead of kept.
+
+    Inside a compiled layer the checkpoint marks the dropout for recomputation; the partitioner then replays
+    it with the random state it saved, and recomputes its input from the layer's (cheap pointwise work)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return checkpoint(_dropout_for_matmul, x, self.p, use_reentrant=False)
+
+
+def _dropout_for_matmul(x: torch.Tensor, p: float) -> torch.Tensor:
+    # Cast to the autocast dtype here, where it is recomputed too: cast outside, LoRA A's matmul would keep
+    # the cast copy of the dropped input for its weight gradient.
+    out = F.dropout(x, p, True)
+    if torch.is_autocast_enabled(x.device.type):
+        out = out.to(torch.get_autocast_dtype(x.device.type))
+    return out
+
+
+def recompute_lora_dropout(model) -> int:
+    """Swap every LoRA dropout of `model` for `RecomputedDropout`; returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if not isinstance(dropouts, torch.nn.ModuleDict):
+            continue
+        for name, dropout in dropouts.items():
+            if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                dropouts[name] = RecomputedDropout(dropout.p)
+                swapped += 1
+    return swapped
 
 
 def wants_compile(setting: str, device: torch.device, family: str) -> bool:

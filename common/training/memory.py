@@ -9,15 +9,77 @@ fit the card (or `gpu_memory_gib`); `true` checkpoints all layers, `false` none.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-# Activation bytes one token keeps per decoder layer for backward, without checkpointing, in units of
-# (hidden + intermediate) size: measured on an H200 with a 4-bit ChatGLM2-6B and LoRA (bench/NOTES.md).
+# Activation bytes one token keeps per eager decoder layer for backward, without checkpointing, in units of
+# (hidden + intermediate) size: measured on an H200 with a 4-bit ChatGLM2-6B and the job's LoRA (bench/NOTES.md).
 ACTIVATION_BYTES_PER_UNIT = 12.0
 HEADROOM = 0.90  # share of the budget the plan may fill (allocator fragmentation, optimizer, eval)
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    """What decides a decoder layer's activation memory besides its shape: the LoRA modules (each keeps its
+    input, and with dropout the dropped copy and its mask, unless the dropout is drawn again in backward) and
+    whether the layer runs compiled (inductor keeps far fewer intermediates than eager PyTorch). The default
+    is the eager estimate, on the safe side."""
+
+    lora_targets: tuple[str, ...] | str = "all-linear"
+    lora_dropout: float = 0.1
+    compiled: bool = False
+    dropout_recomputed: bool = False
+
+    def bytes_per_token(self, config) -> float:
+        """Bytes one token keeps in one layer for backward. Compiled: the tensors the layer's compiled graph
+        saves (counted with saved-tensor hooks on the real layer shape, bench/activation_memory.py) plus
+        4 x hidden bytes more that the H200 runs kept; with the dropout kept this reproduces the measured 8.0
+        (LoRA on q/k/v) and 11.7 (the job's LoRA on all six linears) bytes per unit to within 1 %. With the
+        dropout recomputed, LoRA's inputs are recomputed from the layer's too and LoRA keeps only its own
+        narrow products (r wide)."""
+        _, hidden, inter = model_dims(config)
+        if not self.compiled:
+            return ACTIVATION_BYTES_PER_UNIT * (hidden + inter)
+        heads = getattr(config, "num_attention_heads", None) or 32
+        kept = 2 * (hidden  # the layer's input, for the first RMSNorm
+                    + hidden + 2 * kv_width(config)  # q, k and v after rotary, for flash attention
+                    + hidden  # attention's output
+                    + hidden  # the second RMSNorm's input
+                    + 2 * inter)  # the gate and up projections, for SwiGLU
+        kept += 4 * heads + 4 * hidden  # attention's fp32 log-sum-exp; what the GPU runs kept beyond the graph
+        if self.dropout_recomputed and self.lora_dropout > 0:
+            return kept
+        per_input = 3 if self.lora_dropout > 0 else 2  # the dropped bf16 input and its bool mask, or the input
+        return kept + sum(per_input * width for width in lora_input_widths(config, self.lora_targets))
+
+
+# The input width of each linear layer LoRA can train in the native GLM layout (peft's "all-linear": all six).
+def _native_inputs(config) -> dict[str, int]:
+    _, hidden, inter = model_dims(config)
+    return {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": hidden, "gate_up_proj": hidden,
+            "down_proj": inter}
+
+
+def lora_input_widths(config, targets: tuple[str, ...] | str) -> list[int]:
+    """One input width per LoRA module of a layer (a name not of the native layout counts as hidden wide)."""
+    widths = _native_inputs(config)
+    if isinstance(targets, str):
+        return list(widths.values())
+    _, hidden, _ = model_dims(config)
+    return [widths.get(name, hidden) for name in targets]
+
+
+def kv_width(config) -> int:
+    """Width of the keys (= values) of one token: grouped heads x head size, in the native or THUDM layout."""
+    _, hidden, _ = model_dims(config)
+    heads = getattr(config, "num_attention_heads", None) or 32
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "kv_channels", None) or hidden // heads
+    groups = (getattr(config, "num_key_value_heads", None) or getattr(config, "multi_query_group_num", None)
+              or heads)
+    return groups * head_dim
 
 
 def model_dims(config) -> tuple[int, int, int]:
@@ -39,10 +101,10 @@ def model_shape(folder) -> SimpleNamespace:
     return SimpleNamespace(**json.loads((Path(folder) / "config.json").read_text(encoding="utf-8")))
 
 
-def activation_bytes(config, tokens: int, checkpointed: int) -> float:
+def activation_bytes(config, tokens: int, checkpointed: int, layer: LayerActivations = LayerActivations()) -> float:
     """Estimated activation memory of one micro-batch of `tokens` with `checkpointed` layers recomputed."""
     layers, hidden, inter = model_dims(config)
-    full = tokens * ACTIVATION_BYTES_PER_UNIT * (hidden + inter)
+    full = tokens * layer.bytes_per_token(config)
     kept = tokens * hidden * 2  # a checkpointed layer keeps only its bf16 input
     recompute = full if checkpointed else 0  # one layer's activations exist again while it is recomputed
     return (layers - checkpointed) * full + checkpointed * kept + recompute
@@ -56,19 +118,21 @@ def weight_bytes(config, bits: int) -> float:
     return linear * {4: 0.55, 8: 1.05}.get(bits, 2.0) + 2 * vocab_size(config) * hidden * 2
 
 
-def rows_fit_without_recompute(config, tokens: int, budget: float, bits: int, loss_chunk: int) -> bool:
+def rows_fit_without_recompute(config, tokens: int, budget: float, bits: int, loss_chunk: int,
+                               layer: LayerActivations = LayerActivations()) -> bool:
     """Whether micro-batches of `tokens` fit `budget` bytes with no layer recomputed (estimated before the
     model is loaded, as the job's driver must)."""
     free = HEADROOM * budget - weight_bytes(config, bits) - loss_bytes(config, loss_chunk)
-    return activation_bytes(config, tokens, 0) <= free
+    return activation_bytes(config, tokens, 0, layer) <= free
 
 
-def large_data_batching(config, bits: int, budget: float | None, loss_chunk: int) -> tuple[int, int]:
+def large_data_batching(config, bits: int, budget: float | None, loss_chunk: int,
+                        layer: LayerActivations = LayerActivations()) -> tuple[int, int]:
     """(tokens per micro-batch, micro-batches per step) for large data on a worker with `budget` GPU bytes
     (None: unknown, or training on CPU): twice-as-long rows, half as many, where they need no recomputation."""
     from common.config import LARGE_DATA_ACCUMULATION, LARGE_DATA_TOKENS_PER_BATCH, ROOMY_TOKENS_PER_BATCH
 
-    if budget and rows_fit_without_recompute(config, ROOMY_TOKENS_PER_BATCH, budget, bits, loss_chunk):
+    if budget and rows_fit_without_recompute(config, ROOMY_TOKENS_PER_BATCH, budget, bits, loss_chunk, layer):
         factor = ROOMY_TOKENS_PER_BATCH // LARGE_DATA_TOKENS_PER_BATCH
         return ROOMY_TOKENS_PER_BATCH, max(1, LARGE_DATA_ACCUMULATION // factor)
     return LARGE_DATA_TOKENS_PER_BATCH, LARGE_DATA_ACCUMULATION
@@ -94,7 +158,7 @@ def cap_memory(device: torch.device, gpu_memory_gib: float | None) -> None:
 
 
 def plan_checkpointing(mode: str, config, device: torch.device, tokens: int, gpu_memory_gib: float | None,
-                       loss_chunk: int) -> tuple[int, str]:
+                       loss_chunk: int, layer: LayerActivations = LayerActivations()) -> tuple[int, str]:
     """How many decoder layers to checkpoint, and why (one line for the log)."""
     layers, _, _ = model_dims(config)
     if mode == "true":
@@ -105,17 +169,18 @@ def plan_checkpointing(mode: str, config, device: torch.device, tokens: int, gpu
         return 0, "off (auto: not on a GPU)"
     budget = budget_bytes(device, gpu_memory_gib)
     free = HEADROOM * budget - torch.cuda.memory_allocated(device) - loss_bytes(config, loss_chunk)
-    n = layers_to_checkpoint(config, tokens, free)
+    n = layers_to_checkpoint(config, tokens, free, layer)
     if n is None:
         return layers, (f"all {layers} layers (auto), and {tokens} tokens per micro-batch may still not fit "
                         f"{budget / 2**30:.1f} GiB: lower max_tokens_per_batch if it runs out of memory")
     return n, f"{n} of {layers} layers (auto: {tokens} tokens per micro-batch, {budget / 2**30:.1f} GiB budget)"
 
 
-def layers_to_checkpoint(config, tokens: int, free_bytes: float) -> int | None:
+def layers_to_checkpoint(config, tokens: int, free_bytes: float,
+                         layer: LayerActivations = LayerActivations()) -> int | None:
     """The fewest layers to checkpoint so one micro-batch's activations fit `free_bytes` (None: none fits)."""
     layers, _, _ = model_dims(config)
-    return next((n for n in range(layers + 1) if activation_bytes(config, tokens, n) <= free_bytes), None)
+    return next((n for n in range(layers + 1) if activation_bytes(config, tokens, n, layer) <= free_bytes), None)
 
 
 def decoder_layers(model) -> torch.nn.ModuleList | None:

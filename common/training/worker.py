@@ -26,7 +26,7 @@ from common.generation import generate_replies, generations_table
 from common.metrics import SCORES, average, score
 from common.templates import IGNORE
 from common.training.attention import rows_mask, use_varlen, varlen_available
-from common.training.compiling import compile_layers, eager, wants_compile
+from common.training.compiling import compile_layers, eager, recompute_lora_dropout, wants_compile
 from common.training.epochs import (
     BatchReader,
     ParquetExamples,
@@ -67,6 +67,16 @@ def lora_targets(cfg: FinetuneConfig, family: str) -> list[str] | str:
     return list(targets)
 
 
+def layer_activations(cfg: FinetuneConfig, family: str, device: torch.device):
+    """What the memory plan needs to know of a layer besides its shape: the LoRA modules, and compiled or not."""
+    from common.training.memory import LayerActivations
+
+    targets = lora_targets(cfg, family)
+    compiled = wants_compile(cfg.torch_compile, device, family)
+    return LayerActivations(targets if isinstance(targets, str) else tuple(targets), cfg.lora_dropout, compiled,
+                            dropout_recomputed=compiled)  # build_model recomputes LoRA's dropout where it compiles
+
+
 def uses_packing(cfg: FinetuneConfig, family: str) -> bool:
     # ChatGLM-6B builds its 2D positions and prefix mask per row, from one prompt: one example per row
     return cfg.packing and family != "chatglm"
@@ -97,7 +107,8 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
                        quant_type=cfg.quant_type, double_quant=cfg.double_quant)
     model.config.use_cache = False
     n_ckpt, plan = plan_checkpointing(str(cfg.gradient_checkpointing), model.config, device,
-                                      tokens_per_micro_batch(cfg, info.family), cfg.gpu_memory_gib, LOSS_CHUNK)
+                                      tokens_per_micro_batch(cfg, info.family), cfg.gpu_memory_gib, LOSS_CHUNK,
+                                      layer_activations(cfg, info.family, device))
     apply_checkpointing(model, n_ckpt)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_targets(cfg, info.family), task_type="CAUSAL_LM", bias="none")
@@ -108,8 +119,10 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
             if p.requires_grad:
                 p.data = p.data.float()
     model.checkpointing_plan = plan
-    model.compiled_layers = (compile_layers(model, fallback=cfg.torch_compile == "auto")
-                             if wants_compile(cfg.torch_compile, device, info.family) else 0)
+    model.compiled_layers = 0
+    if wants_compile(cfg.torch_compile, device, info.family):
+        recompute_lora_dropout(model)
+        model.compiled_layers = compile_layers(model, fallback=cfg.torch_compile == "auto")
     return model, load_tokenizer(info, cfg.trust_remote_code), info
 
 
