@@ -70,6 +70,7 @@ LEVERS = {
     "ours: layers compiled with automatic dynamic shapes": {"compile_dynamic": None},
     "ours: each step's loss read before the next step's batches are built": {"overlap": False},
     "ours: token budget 16384": {"max_tokens_per_batch": 16384},
+    "ours: LoRA dropout kept for backward (PyTorch's dropout in the compiled layers)": {"redraw_dropout": False},
 }
 
 
@@ -211,7 +212,7 @@ def run_path(name: str, settings: dict, args) -> dict:
 
     from common.models.loader import load_tokenizer, open_model_folder
     from common.templates import IGNORE
-    from common.training.compiling import compile_layers
+    from common.training.compiling import compile_layers, recompute_lora_dropout
     from common.training.packing import pack, packed_batch, padded_batch
     from common.training.worker import CausalLMLoss, build_model, compute_dtype, make_optimizer, train_step
 
@@ -253,11 +254,15 @@ def run_path(name: str, settings: dict, args) -> dict:
         overlap = settings.get("overlap", True)
         gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
         cfg = our_cfg(folder, settings, gpu_bytes)
-        if "compile_dynamic" in settings:  # compiled here instead, with the lever's setting
+        # compiled here instead of by build_model, with the lever's setting (plans as for eager layers)
+        own_compile = "compile_dynamic" in settings or settings.get("redraw_dropout") is False
+        if own_compile:
             cfg = replace(cfg, torch_compile="false")
         model, _, _ = build_model(cfg, device)
-        if "compile_dynamic" in settings and device.type == "cuda":
-            model.compiled_layers = compile_layers(model, dynamic=settings["compile_dynamic"])
+        if own_compile and device.type == "cuda":
+            if settings.get("redraw_dropout", True):
+                recompute_lora_dropout(model)
+            model.compiled_layers = compile_layers(model, dynamic=settings.get("compile_dynamic"))
         if settings.get("fp32_rest"):
             for p in model.parameters():
                 if not p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):

@@ -306,7 +306,8 @@ class FinetuneConfig:
     gpu_memory_gib: float | None = opt(None, "GPU memory a worker may use (default: the whole card); "
                                        "auto checkpointing plans for it and it is enforced")
     torch_compile: str = opt("auto", "torch.compile the decoder layers (fuses the small kernels around the 4-bit "
-                             "matmuls): auto (on a CUDA GPU), true or false", choices=("auto", "true", "false"))
+                             "matmuls; LoRA's dropout is then drawn again in backward instead of kept): auto "
+                             "(on a CUDA GPU), true or false", choices=("auto", "true", "false"))
     # LoRA
     lora_r: int = opt(64, "LoRA rank")
     lora_alpha: float = opt(16.0, "LoRA scaling numerator (scale = alpha / r)")

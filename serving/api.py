@@ -73,6 +73,34 @@ async def _limit_body(request: Request, call_next):
     return await call_next(request)
 
 
+class ClientLeftIsADisconnect:
+    """ASGI middleware: a client that hung up is an `http.disconnect` message, never an error.
+
+    Ray Serve's replica reads a request's messages from the proxy in the background. When the client leaves
+    while that read is in flight, the read can fail with Ray's TaskCancelledError, which Ray then raises from
+    the app's next `receive()`. A streaming response waits in `receive()` for exactly that disconnect, so
+    the error escaped through its task group and Ray logged the finished, cancelled request as failed."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from ray.exceptions import TaskCancelledError
+
+        async def receive_or_disconnect():
+            try:
+                return await receive()
+            except TaskCancelledError:
+                return {"type": "http.disconnect"}
+
+        await self.app(scope, receive_or_disconnect, send)
+
+
+api.add_middleware(ClientLeftIsADisconnect)  # outermost: the body limit and the routes see the disconnect
+
+
 @api.exception_handler(APIError)
 async def _api_error(_: Request, err: APIError):
     return error_response(err.status, err.message, err.param, err.kind, err.headers)
