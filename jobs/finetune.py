@@ -156,11 +156,11 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData, gpu_bytes: int | None =
     `gpu_bytes`: what one worker's GPU may hold (None on CPU); a card with room gets longer rows.
     `resumed`: the batching of the checkpoint a run resumes from, which it keeps (the epoch plan, and so
     where the run stopped in it, depends on it), whatever card it resumes on."""
+    import torch
+
     packing = cfg.packing and data.info.family != "chatglm"
     src = ParquetExamples(data.train.parts, exclude=data.eval_ids if data.eval_set is None else None)
     # Longer rows only where rows are packed: padded batches (ChatGLM-6B) hold a number of examples instead.
-    import torch
-
     large_tokens, large_accumulation = large_data_batching(
         model_shape(data.info.path), cfg.bits, gpu_bytes if packing else None, LOSS_CHUNK,
         layer_activations(cfg, data.info.family, torch.device("cuda")))  # gpu_bytes: the workers train on GPUs

@@ -43,13 +43,12 @@ class LayerActivations:
         _, hidden, inter = model_dims(config)
         if not self.compiled:
             return ACTIVATION_BYTES_PER_UNIT * (hidden + inter)
-        heads = getattr(config, "num_attention_heads", None) or 32
         kept = 2 * (hidden  # the layer's input, for the first RMSNorm
                     + hidden + 2 * kv_width(config)  # q, k and v after rotary, for flash attention
                     + hidden  # attention's output
                     + hidden  # the second RMSNorm's input
                     + 2 * inter)  # the gate and up projections, for SwiGLU
-        kept += 4 * heads + 4 * hidden  # attention's fp32 log-sum-exp; what the GPU runs kept beyond the graph
+        kept += 4 * _heads(config) + 4 * hidden  # attention's fp32 log-sum-exp; what the GPU runs kept beyond the graph
         if self.dropout_recomputed and self.lora_dropout > 0:
             return kept
         per_input = 3 if self.lora_dropout > 0 else 2  # the dropped bf16 input and its bool mask, or the input
@@ -75,11 +74,15 @@ def lora_input_widths(config, targets: tuple[str, ...] | str) -> list[int]:
 def kv_width(config) -> int:
     """Width of the keys (= values) of one token: grouped heads x head size, in the native or THUDM layout."""
     _, hidden, _ = model_dims(config)
-    heads = getattr(config, "num_attention_heads", None) or 32
+    heads = _heads(config)
     head_dim = getattr(config, "head_dim", None) or getattr(config, "kv_channels", None) or hidden // heads
     groups = (getattr(config, "num_key_value_heads", None) or getattr(config, "multi_query_group_num", None)
               or heads)
     return groups * head_dim
+
+
+def _heads(config) -> int:
+    return getattr(config, "num_attention_heads", None) or 32
 
 
 def model_dims(config) -> tuple[int, int, int]:

@@ -106,9 +106,9 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
                        trust_remote_code=cfg.trust_remote_code,
                        quant_type=cfg.quant_type, double_quant=cfg.double_quant)
     model.config.use_cache = False
+    layer = layer_activations(cfg, info.family, device)  # what the plan assumes is what is built below
     n_ckpt, plan = plan_checkpointing(str(cfg.gradient_checkpointing), model.config, device,
-                                      tokens_per_micro_batch(cfg, info.family), cfg.gpu_memory_gib, LOSS_CHUNK,
-                                      layer_activations(cfg, info.family, device))
+                                      tokens_per_micro_batch(cfg, info.family), cfg.gpu_memory_gib, LOSS_CHUNK, layer)
     apply_checkpointing(model, n_ckpt)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_targets(cfg, info.family), task_type="CAUSAL_LM", bias="none")
@@ -120,7 +120,7 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
                 p.data = p.data.float()
     model.checkpointing_plan = plan
     model.compiled_layers = 0
-    if wants_compile(cfg.torch_compile, device, info.family):
+    if layer.compiled:
         recompute_lora_dropout(model)
         model.compiled_layers = compile_layers(model, fallback=cfg.torch_compile == "auto")
     return model, load_tokenizer(info, cfg.trust_remote_code), info
