@@ -35,6 +35,9 @@ LARGE_DATA_ACCUMULATION = 8
 # per step (the same tokens per step): each micro-batch has a fixed cost, so fewer, longer ones are faster
 # (bench/NOTES.md: 1.09x on an H200).
 ROOMY_TOKENS_PER_BATCH = 16384
+# On a card where 8192-token rows must recompute many layers, rows half as long (twice as many per step) may
+# need far fewer: the job takes them where its cost model says the step is faster (common/training/memory.py).
+TIGHT_TOKENS_PER_BATCH = 4096
 MIN_STEPS_PER_EPOCH = 10
 
 
@@ -285,7 +288,8 @@ class FinetuneConfig:
     gradient_accumulation_steps: int | None = opt(None, "micro-batches per optimizer step (default: "
                                                   f"{LARGE_DATA_ACCUMULATION}, fewer when the data is small)")
     max_tokens_per_batch: int | None = opt(None, "token budget of one packed micro-batch per worker (packing mode; "
-                                           f"default: {LARGE_DATA_TOKENS_PER_BATCH}, less when the data is small)")
+                                           f"default: {LARGE_DATA_TOKENS_PER_BATCH}; {ROOMY_TOKENS_PER_BATCH} on a GPU with room, "
+                                           f"{TIGHT_TOKENS_PER_BATCH} on a tight one; less when the data is small)")
     packing: bool = opt(True, "pack several examples into one row without attention across them")
     learning_rate: float = opt(5e-4, "peak learning rate")
     lr_scheduler_type: str = opt("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
@@ -306,7 +310,7 @@ class FinetuneConfig:
     gpu_memory_gib: float | None = opt(None, "GPU memory a worker may use (default: the whole card); "
                                        "auto checkpointing plans for it and it is enforced")
     torch_compile: str = opt("auto", "torch.compile the decoder layers (fuses the small kernels around the 4-bit "
-                             "matmuls; LoRA's dropout is then drawn again in backward instead of kept): auto "
+                             "matmuls; where memory is short, LoRA's dropout is then drawn again in backward instead of kept): auto "
                              "(on a CUDA GPU), true or false", choices=("auto", "true", "false"))
     # LoRA
     lora_r: int = opt(64, "LoRA rank")

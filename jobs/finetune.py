@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # `python jobs/finetune.py` from the project root
 from common.config import (
     MIN_STEPS_PER_EPOCH,
     ROOMY_TOKENS_PER_BATCH,
+    TIGHT_TOKENS_PER_BATCH,
     FinetuneConfig,
     format_config,
     load_config,
@@ -191,7 +192,9 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData, gpu_bytes: int | None =
                                                            cfg.gradient_accumulation_steps or large_accumulation)
             card = (f" for {gpu_bytes / 2**30:.0f} GiB per worker" if gpu_bytes else "")
             roomy = (f": {large_tokens}-token rows fit it without recomputing a layer"
-                     if large_tokens >= ROOMY_TOKENS_PER_BATCH else "")
+                     if large_tokens >= ROOMY_TOKENS_PER_BATCH else
+                     f": {large_tokens}-token rows recompute fewer layers there, which is faster"
+                     if large_tokens <= TIGHT_TOKENS_PER_BATCH else "")
             why = (f" (the large-data {large_tokens} tokens x {large_accumulation} would make fewer than "
                    f"{MIN_STEPS_PER_EPOCH} optimizer steps per epoch)") if shrank else \
                 f" (the large-data defaults{card}{roomy})"

@@ -7,10 +7,12 @@ whenever they take less time than their launch. Compiling a decoder layer fuses 
 kernels and leaves the GEMMs (bitsandbytes' dequantisation and cuBLAS, which it registers as custom ops)
 and varlen attention as they are.
 
-LoRA's dropout is drawn again in backward instead of kept (`recompute_lora_dropout`): inductor never
-recomputes a random op on its own, so each LoRA module kept its dropped input (bf16) and the mask (bool),
-3 bytes per element of its input and token: with LoRA on q/k/v, 29 % of a compiled layer's activations,
-with the job's LoRA on all six linears 54 % (bench/NOTES.md, "Round 3").
+Where memory is short, LoRA's dropout is drawn again in backward instead of kept (`recompute_lora_dropout`;
+the worker decides with `memory.keep_dropout_where_it_fits`): inductor never recomputes a random op on its
+own, so each LoRA module keeps its dropped input (bf16) and the mask (bool), 3 bytes per element of its
+input and token: with LoRA on q/k/v, 29 % of a compiled layer's activations, with the job's LoRA on all six
+linears 54 % (bench/NOTES.md, "Round 3"). Drawing it again costs time (1.08x with the job's LoRA, "Round 4"),
+so a card with room keeps it.
 
 All layers run the same code, so one compiled graph serves all of them: dynamo treats a layer's weights
 as inputs. Row lengths change with every micro-batch, so the graph is compiled for any length at once

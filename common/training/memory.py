@@ -9,7 +9,8 @@ fit the card (or `gpu_memory_gib`); `true` checkpoints all layers, `false` none.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,20 +126,54 @@ def rows_fit_without_recompute(config, tokens: int, budget: float, bits: int, lo
                                layer: LayerActivations = LayerActivations()) -> bool:
     """Whether micro-batches of `tokens` fit `budget` bytes with no layer recomputed (estimated before the
     model is loaded, as the job's driver must)."""
-    free = HEADROOM * budget - weight_bytes(config, bits) - loss_bytes(config, loss_chunk)
-    return activation_bytes(config, tokens, 0, layer) <= free
+    return layers_to_checkpoint(config, tokens, free_for_activations(config, budget, bits, loss_chunk), layer) == 0
+
+
+def free_for_activations(config, budget: float, bits: int, loss_chunk: int) -> float:
+    """What a card of `budget` bytes leaves for activations, estimated before the model is loaded."""
+    return HEADROOM * budget - weight_bytes(config, bits) - loss_bytes(config, loss_chunk)
+
+
+# The cost model that picks the row length on a tight card, fitted to the H200 runs of bench/NOTES.md (round 4):
+# recomputing every layer's forward adds 60 % to a token's compute (19 of 28 layers: 0.536 s per step against
+# 0.406 s with none), and a micro-batch costs as much as ~1,400 tokens whatever its size (launches, loss, host).
+RECOMPUTE_COST = 0.6
+MICRO_BATCH_COST_TOKENS = 1400
+
+
+def step_cost_per_token(tokens: int, checkpointed: int, layers: int) -> float:
+    """Relative time per token of micro-batches of `tokens` with `checkpointed` of `layers` layers recomputed."""
+    return 1 + RECOMPUTE_COST * checkpointed / layers + MICRO_BATCH_COST_TOKENS / tokens
 
 
 def large_data_batching(config, bits: int, budget: float | None, loss_chunk: int,
                         layer: LayerActivations = LayerActivations()) -> tuple[int, int]:
     """(tokens per micro-batch, micro-batches per step) for large data on a worker with `budget` GPU bytes
-    (None: unknown, or training on CPU): twice-as-long rows, half as many, where they need no recomputation."""
-    from common.config import LARGE_DATA_ACCUMULATION, LARGE_DATA_TOKENS_PER_BATCH, ROOMY_TOKENS_PER_BATCH
+    (None: unknown, or training on CPU), always the same tokens per step:
+    - twice-as-long rows, half as many, where they need no recomputation;
+    - else 8192-token rows, or half as long and twice as many where that recomputes so many fewer layers
+      that the step is faster (on an H200 within 16 GiB: 6 of 28 layers instead of 19, 1.07x)."""
+    from common.config import (
+        LARGE_DATA_ACCUMULATION,
+        LARGE_DATA_TOKENS_PER_BATCH,
+        ROOMY_TOKENS_PER_BATCH,
+        TIGHT_TOKENS_PER_BATCH,
+    )
 
-    if budget and rows_fit_without_recompute(config, ROOMY_TOKENS_PER_BATCH, budget, bits, loss_chunk, layer):
-        factor = ROOMY_TOKENS_PER_BATCH // LARGE_DATA_TOKENS_PER_BATCH
-        return ROOMY_TOKENS_PER_BATCH, max(1, LARGE_DATA_ACCUMULATION // factor)
-    return LARGE_DATA_TOKENS_PER_BATCH, LARGE_DATA_ACCUMULATION
+    step_tokens = LARGE_DATA_TOKENS_PER_BATCH * LARGE_DATA_ACCUMULATION
+    if not budget:
+        return LARGE_DATA_TOKENS_PER_BATCH, LARGE_DATA_ACCUMULATION
+    if rows_fit_without_recompute(config, ROOMY_TOKENS_PER_BATCH, budget, bits, loss_chunk, layer):
+        return ROOMY_TOKENS_PER_BATCH, max(1, step_tokens // ROOMY_TOKENS_PER_BATCH)
+    layers, _, _ = model_dims(config)
+    free = free_for_activations(config, budget, bits, loss_chunk)
+    costs = {}
+    for tokens in (LARGE_DATA_TOKENS_PER_BATCH, TIGHT_TOKENS_PER_BATCH):
+        n = layers_to_checkpoint(config, tokens, free, layer)
+        costs[tokens] = step_cost_per_token(tokens, n, layers) if n is not None else math.inf
+    # the longer rows unless the shorter ones are faster (ties, and nothing fitting at all, keep 8192)
+    tokens = min(costs, key=lambda t: (costs[t], -t))
+    return tokens, max(1, step_tokens // tokens)
 
 
 def loss_bytes(config, chunk: int) -> float:
@@ -171,12 +206,30 @@ def plan_checkpointing(mode: str, config, device: torch.device, tokens: int, gpu
     if device.type != "cuda":
         return 0, "off (auto: not on a GPU)"
     budget = budget_bytes(device, gpu_memory_gib)
-    free = HEADROOM * budget - torch.cuda.memory_allocated(device) - loss_bytes(config, loss_chunk)
-    n = layers_to_checkpoint(config, tokens, free, layer)
+    n = layers_to_checkpoint(config, tokens, free_on_gpu(device, gpu_memory_gib, config, loss_chunk), layer)
     if n is None:
         return layers, (f"all {layers} layers (auto), and {tokens} tokens per micro-batch may still not fit "
                         f"{budget / 2**30:.1f} GiB: lower max_tokens_per_batch if it runs out of memory")
     return n, f"{n} of {layers} layers (auto: {tokens} tokens per micro-batch, {budget / 2**30:.1f} GiB budget)"
+
+
+def keep_dropout_where_it_fits(layer: LayerActivations, config, tokens: int, free_bytes: float | None) -> LayerActivations:
+    """LoRA's dropout kept for backward where the layers need no recompute with it (`free_bytes` for one micro-batch
+    of `tokens`; None: no GPU to plan for), drawn again in backward elsewhere. Drawing it again saves memory but
+    costs time: with the job's LoRA on the H200, 16,957 tokens/s against 18,328 kept (bench/NOTES.md, round 4),
+    less than recomputing the layers it spares."""
+    kept = replace(layer, dropout_recomputed=False)
+    if layer.dropout_recomputed and free_bytes is not None and layers_to_checkpoint(config, tokens, free_bytes, kept) == 0:
+        return kept
+    return layer
+
+
+def free_on_gpu(device: torch.device, gpu_memory_gib: float | None, config, loss_chunk: int) -> float | None:
+    """What one micro-batch's activations may take on `device` now that the model is loaded (None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    budget = budget_bytes(device, gpu_memory_gib)
+    return HEADROOM * budget - torch.cuda.memory_allocated(device) - loss_bytes(config, loss_chunk)
 
 
 def layers_to_checkpoint(config, tokens: int, free_bytes: float,

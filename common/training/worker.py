@@ -73,8 +73,10 @@ def layer_activations(cfg: FinetuneConfig, family: str, device: torch.device):
 
     targets = lora_targets(cfg, family)
     compiled = wants_compile(cfg.torch_compile, device, family)
+    # compiled layers can draw LoRA's dropout again in backward: the leanest layer, which the rows are chosen
+    # for; build_model keeps the dropout instead where the card has room (memory.keep_dropout_where_it_fits)
     return LayerActivations(targets if isinstance(targets, str) else tuple(targets), cfg.lora_dropout, compiled,
-                            dropout_recomputed=compiled)  # build_model recomputes LoRA's dropout where it compiles
+                            dropout_recomputed=compiled)
 
 
 def uses_packing(cfg: FinetuneConfig, family: str) -> bool:
@@ -95,7 +97,13 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
     from peft import LoraConfig, get_peft_model
 
     from common.models.loader import load_model, load_tokenizer, open_model_folder
-    from common.training.memory import apply_checkpointing, cap_memory, plan_checkpointing
+    from common.training.memory import (
+        apply_checkpointing,
+        cap_memory,
+        free_on_gpu,
+        keep_dropout_where_it_fits,
+        plan_checkpointing,
+    )
 
     cap_memory(device, cfg.gpu_memory_gib)
 
@@ -106,9 +114,15 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
                        trust_remote_code=cfg.trust_remote_code,
                        quant_type=cfg.quant_type, double_quant=cfg.double_quant)
     model.config.use_cache = False
-    layer = layer_activations(cfg, info.family, device)  # what the plan assumes is what is built below
-    n_ckpt, plan = plan_checkpointing(str(cfg.gradient_checkpointing), model.config, device,
-                                      tokens_per_micro_batch(cfg, info.family), cfg.gpu_memory_gib, LOSS_CHUNK, layer)
+    tokens = tokens_per_micro_batch(cfg, info.family)
+    # what the plan assumes is what is built below
+    layer = keep_dropout_where_it_fits(layer_activations(cfg, info.family, device), model.config, tokens,
+                                       free_on_gpu(device, cfg.gpu_memory_gib, model.config, LOSS_CHUNK))
+    n_ckpt, plan = plan_checkpointing(str(cfg.gradient_checkpointing), model.config, device, tokens,
+                                      cfg.gpu_memory_gib, LOSS_CHUNK, layer)
+    if layer.compiled and layer.lora_dropout > 0:
+        plan += ("; LoRA's dropout drawn again in backward (less memory)" if layer.dropout_recomputed
+                 else "; LoRA's dropout kept for backward (room enough)")
     apply_checkpointing(model, n_ckpt)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_targets(cfg, info.family), task_type="CAUSAL_LM", bias="none")
@@ -121,7 +135,8 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
     model.checkpointing_plan = plan
     model.compiled_layers = 0
     if layer.compiled:
-        recompute_lora_dropout(model)
+        if layer.dropout_recomputed:
+            recompute_lora_dropout(model)
         model.compiled_layers = compile_layers(model, fallback=cfg.torch_compile == "auto")
     return model, load_tokenizer(info, cfg.trust_remote_code), info
 
