@@ -122,15 +122,9 @@ def weight_bytes(config, bits: int) -> float:
     return linear * {4: 0.55, 8: 1.05}.get(bits, 2.0) + 2 * vocab_size(config) * hidden * 2
 
 
-def rows_fit_without_recompute(config, tokens: int, budget: float, bits: int, loss_chunk: int,
-                               layer: LayerActivations = LayerActivations()) -> bool:
-    """Whether micro-batches of `tokens` fit `budget` bytes with no layer recomputed (estimated before the
-    model is loaded, as the job's driver must)."""
-    return layers_to_checkpoint(config, tokens, free_for_activations(config, budget, bits, loss_chunk), layer) == 0
-
-
 def free_for_activations(config, budget: float, bits: int, loss_chunk: int) -> float:
-    """What a card of `budget` bytes leaves for activations, estimated before the model is loaded."""
+    """What a card of `budget` bytes leaves for activations, estimated before the model is loaded (as the
+    job's driver must)."""
     return HEADROOM * budget - weight_bytes(config, bits) - loss_bytes(config, loss_chunk)
 
 
@@ -163,10 +157,10 @@ def large_data_batching(config, bits: int, budget: float | None, loss_chunk: int
     step_tokens = LARGE_DATA_TOKENS_PER_BATCH * LARGE_DATA_ACCUMULATION
     if not budget:
         return LARGE_DATA_TOKENS_PER_BATCH, LARGE_DATA_ACCUMULATION
-    if rows_fit_without_recompute(config, ROOMY_TOKENS_PER_BATCH, budget, bits, loss_chunk, layer):
+    free = free_for_activations(config, budget, bits, loss_chunk)
+    if layers_to_checkpoint(config, ROOMY_TOKENS_PER_BATCH, free, layer) == 0:
         return ROOMY_TOKENS_PER_BATCH, max(1, step_tokens // ROOMY_TOKENS_PER_BATCH)
     layers, _, _ = model_dims(config)
-    free = free_for_activations(config, budget, bits, loss_chunk)
     costs = {}
     for tokens in (LARGE_DATA_TOKENS_PER_BATCH, TIGHT_TOKENS_PER_BATCH):
         n = layers_to_checkpoint(config, tokens, free, layer)
