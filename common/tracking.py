@@ -3,13 +3,20 @@
 Step metrics are buffered and written when a checkpoint is kept: if a worker dies, Ray restores the
 last checkpoint and the steps after it run again; since only steps up to a kept checkpoint were ever
 written, nothing is logged twice.
+
+A tracking server that goes away in the middle of a run (restarted, redeployed, its database failing over)
+does not fail the run: every call waits for it with backoff (`retrying`), up to TRACKING_PATIENCE_S, and
+the buffered metrics stay buffered until they are written. A retried write sends the same metric
+timestamps, so a write that reached the store before the connection broke is not stored twice.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from common.config import PROJECT_ROOT
 from common.errors import UserError
@@ -31,6 +38,43 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
+TRACKING_PATIENCE_S = float(os.environ.get("GLMOPS_TRACKING_PATIENCE_S", 3600))  # how long a run waits for MLflow
+_T = TypeVar("_T")
+
+
+def _transient(err: Exception) -> bool:
+    """A failure worth waiting out: the server unreachable or failing, not a request it refused."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.error_code in ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
+    return isinstance(err, OSError) or type(err).__module__.startswith(("requests", "urllib3"))
+
+
+def retrying(what: str, call: Callable[[], _T], patience_s: float | None = None, log=print) -> _T:
+    """`call()`, retried with backoff (1 s doubling to 10 s) while the tracking server is unreachable; says so
+    once per outage and when it is back. Past `patience_s` (TRACKING_PATIENCE_S) the last error is raised."""
+    patience_s = TRACKING_PATIENCE_S if patience_s is None else patience_s
+    start, delay, tries = time.monotonic(), 1.0, 0
+    while True:
+        try:
+            result = call()
+        except Exception as err:  # noqa: BLE001 - sorted by _transient below
+            if not _transient(err) or time.monotonic() - start + delay > patience_s:
+                raise
+            tries += 1
+            if tries == 1:
+                log(f"MLflow tracking server unreachable while {what} ({type(err).__name__}); nothing is lost: "
+                    f"retrying every {delay:.0f}-10 s for up to {patience_s / 60:.0f} min "
+                    "(GLMOPS_TRACKING_PATIENCE_S)", flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            continue
+        if tries:
+            log(f"MLflow tracking server is back: {what} done after {time.monotonic() - start:.0f} s", flush=True)
+        return result
+
+
 def check_reachable(uri: str) -> None:
     """Fail early, in one line, when an MLflow server does not answer."""
     if not uri.startswith(("http://", "https://")):
@@ -45,50 +89,116 @@ def check_reachable(uri: str) -> None:
 
 
 class Tracker:
-    """Writes to one MLflow run (created by the driver) from rank 0 of the workers."""
+    """Writes to one MLflow run (created by the driver) from rank 0 of the workers.
+
+    Writes go through a thread of their own, in order, so training never waits for the tracking server;
+    `close()` at the end waits until everything is written. Metrics not yet written when a checkpoint is
+    kept travel in it (`save_unwritten`, `restore_unwritten`), so a worker restored during an outage loses none."""
+
+    UNWRITTEN = "unwritten_metrics.json"
 
     def __init__(self, uri: str, run_id: str):
+        import queue
+        import threading
+
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
-        self._pending: list[tuple[str, float, int]] = []
+        self._pending: list[tuple[str, float, int, int]] = []  # key, value, step, timestamp (ms); not yet flushed
+        self._queued: list[tuple[str, float, int, int]] = []   # flushed, not yet written
+        self._lock = threading.Lock()
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
         # Steps already written (an earlier attempt of this run): a restart may replay them; skip them.
-        history = self.client.get_metric_history(run_id, "loss")
+        history = retrying("reading the run's history", lambda: self.client.get_metric_history(run_id, "loss"))
         self.written_upto = max((m.step for m in history), default=0)
+        self._writer = threading.Thread(target=self._write, name="mlflow-writer", daemon=True)
+        self._writer.start()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if step > self.written_upto:
-            self._pending += [(k, float(v), step) for k, v in metrics.items()]
+            now = int(time.time() * 1000)  # fixed here: a retried write repeats it, so the store keeps one copy
+            self._pending += [(k, float(v), step, now) for k, v in metrics.items()]
 
     def flush(self) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        if not self._pending:
-            return
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, s) for k, v, s in self._pending]
-        for i in range(0, len(metrics), 500):
-            self.client.log_batch(self.run_id, metrics=metrics[i: i + 500])
-        self.written_upto = max(self.written_upto, max(s for _, _, s in self._pending))
-        self._pending.clear()
+        """Hand the buffered metrics to the writer (called once a checkpoint covering them is kept)."""
+        self._raise_writer_error()
+        if self._pending:
+            with self._lock:
+                self._queued += self._pending
+            self._pending = []
+            self._jobs.put(self._write_metrics)
 
     def drop_pending(self) -> None:
         self._pending.clear()
 
+    def save_unwritten(self, folder: Path) -> None:
+        """Into a checkpoint being saved: every metric not yet in the store (the writer may be waiting)."""
+        import json
+
+        with self._lock:
+            rows = self._queued + self._pending
+        if rows:
+            (folder / self.UNWRITTEN).write_text(json.dumps(rows))
+
+    def restore_unwritten(self, folder: Path) -> None:
+        """From a restored checkpoint: write what it carries (the store drops what it already has)."""
+        import json
+
+        path = folder / self.UNWRITTEN
+        if path.is_file():
+            with self._lock:
+                self._queued += [tuple(r) for r in json.loads(path.read_text())]
+            self._jobs.put(self._write_metrics)
+
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._jobs.put(lambda: retrying(f"writing {name}", lambda: self.client.log_text(self.run_id, text, name)))
 
     def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
         import json
 
-        self.client.log_text(self.run_id, json.dumps(rows, ensure_ascii=False, indent=1), name)
+        self.log_text(json.dumps(rows, ensure_ascii=False, indent=1), name)
 
     def log_columns(self, data: dict[str, list], name: str) -> None:
         """An MLflow table (columns of equal length): the UI shows it under Evaluation / Artifacts."""
-        self.client.log_table(self.run_id, data=data, artifact_file=name)
+        self._jobs.put(lambda: retrying(f"writing {name}", lambda: self.client.log_table(
+            self.run_id, data=data, artifact_file=name)))
+
+    def close(self) -> None:
+        """Wait until everything handed over is written (the end of training)."""
+        self._jobs.put(None)
+        self._writer.join()
+        self._raise_writer_error()
+
+    # -- the writer thread --------------------------------------------------------------------------------
+    def _write(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except BaseException as err:  # noqa: BLE001 - raised in the training thread at its next flush
+                self._error = err
+                return
+
+    def _write_metrics(self) -> None:
+        from mlflow.entities import Metric
+
+        while True:  # a batch at a time, dropped from the buffer only once written
+            with self._lock:
+                batch = self._queued[:500]
+            if not batch:
+                return
+            metrics = [Metric(k, v, t, s) for k, v, s, t in batch]
+            retrying(f"logging the metrics of steps {batch[0][2]}-{batch[-1][2]}",
+                     lambda m=metrics: self.client.log_batch(self.run_id, metrics=m))
+            with self._lock:
+                del self._queued[:len(batch)]
+            self.written_upto = max(self.written_upto, max(s for _, _, s, _ in batch))
+
+    def _raise_writer_error(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"could not write to MLflow: {type(self._error).__name__}: {self._error}") \
+                from self._error
 
 
 class NullTracker(Tracker):
@@ -101,6 +211,12 @@ class NullTracker(Tracker):
     def flush(self) -> None:
         pass
 
+    def save_unwritten(self, folder: Path) -> None:
+        pass
+
+    def restore_unwritten(self, folder: Path) -> None:
+        pass
+
     def log_text(self, text: str, name: str) -> None:
         pass
 
@@ -108,6 +224,9 @@ class NullTracker(Tracker):
         pass
 
     def log_columns(self, data: dict[str, list], name: str) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

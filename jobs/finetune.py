@@ -44,6 +44,7 @@ from common.tracking import (
     default_tracking_uri,
     log_dataset,
     mark_model_training,
+    retrying,
     source_tags,
 )
 from common.training.epochs import ParquetExamples, fit_batching
@@ -423,28 +424,31 @@ def read_checkpoint_metadata(path: str) -> dict:
 
 def log_final_artifacts(uri: str, run_id: str, best, cfg: FinetuneConfig, summary: dict) -> None:
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, RunTag
 
     client = MlflowClient(tracking_uri=uri)
-    client.log_text(run_id, format_config(cfg), "config.yaml")
+    retrying("writing config.yaml", lambda: client.log_text(run_id, format_config(cfg), "config.yaml"))
     if best is None:
         return
     with best.as_directory() as d:
-        client.log_artifacts(run_id, str(Path(d) / "adapter"), "adapter")
+        retrying("uploading the best adapter",
+                 lambda: client.log_artifacts(run_id, str(Path(d) / "adapter"), "adapter"))
         meta = json.loads((Path(d) / "adapter" / "glmops.json").read_text(encoding="utf-8"))
-    client.set_tag(run_id, "best_checkpoint", best.path)
-    client.log_metric(run_id, "best_eval_loss", float(meta["eval_loss"]), step=int(meta["step"]))
-    client.set_tag(run_id, "best_metric", cfg.best_metric)
-    for key, value in (meta.get("eval_scores") or {}).items():  # the best checkpoint's reply scores
-        client.log_metric(run_id, f"best_{key}", float(value), step=int(meta["step"]))
-    for key in ("wall_seconds", "peak_memory_gib", "tokens_per_second", "train_tokens_per_second"):
-        if summary.get(key) is not None:
-            client.log_metric(run_id, f"summary_{key}", float(summary[key]))
+    step, now = int(meta["step"]), int(time.time() * 1000)
+    metrics = [Metric("best_eval_loss", float(meta["eval_loss"]), now, step)]
+    metrics += [Metric(f"best_{key}", float(value), now, step)  # the best checkpoint's reply scores
+                for key, value in (meta.get("eval_scores") or {}).items()]
+    metrics += [Metric(f"summary_{key}", float(summary[key]), now, 0) for key in
+                ("wall_seconds", "peak_memory_gib", "tokens_per_second", "train_tokens_per_second")
+                if summary.get(key) is not None]
+    tags = [RunTag("best_checkpoint", best.path), RunTag("best_metric", cfg.best_metric)]
+    retrying("logging the best checkpoint", lambda: client.log_batch(run_id, metrics=metrics, tags=tags))
 
 
 def finish_mlflow_run(uri: str, run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 
-    MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status)
+    retrying(f"marking the run {status}", lambda: MlflowClient(tracking_uri=uri).set_terminated(run_id, status=status))
 
 
 def print_summary(best, run_id: str, uri: str, summary: dict, wall: float) -> None:

@@ -38,16 +38,28 @@ class AppArgs(BaseModel):
     template: str | None = None
     tracking_uri: str | None = None
     ui: bool = True  # the Gradio page at /ui
+    # Staying up (README, "When things fail"):
+    request_timeout_s: float | None = None    # every request ends with a timeout error after this many seconds
+    graceful_shutdown_timeout_s: float = 30.0  # on shutdown or redeploy, running streams get this long to finish
+    stalled_client_timeout_s: float = 10.0     # a client that takes no output for this long is cut off (0: never)
 
 
 def app(args: AppArgs):
     from ray import serve
 
     from serving.api import Ingress
-    from serving.model import deployment
+    from serving.model import DRAIN_MARGIN_S, deployment
+    from serving.slow_clients import install_in_proxy
 
     if args.bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, not {args.bits}")
+    if args.request_timeout_s is not None and args.request_timeout_s <= 0:
+        raise ValueError(f"request_timeout_s must be > 0 seconds, not {args.request_timeout_s}")
+    if args.graceful_shutdown_timeout_s < 0 or args.stalled_client_timeout_s < 0:
+        raise ValueError("graceful_shutdown_timeout_s and stalled_client_timeout_s must be >= 0 seconds")
+    # The proxy cuts off clients that stop reading (serving/slow_clients.py): set before Ray starts.
+    if args.stalled_client_timeout_s:
+        install_in_proxy(args.stalled_client_timeout_s)  # the ingress warns if the cluster's proxy lacks it
     # Bind where asked (loopback by default) before `serve run` would start HTTP on its defaults.
     serve.start(http_options={"host": args.host, "port": args.port})
     if args.engine not in ("batch", "per_request"):
@@ -57,14 +69,55 @@ def app(args: AppArgs):
     # everything up to that (plus room for /health and /metrics calls).
     seqs = args.max_num_seqs or 128
     ongoing = seqs + args.max_queued_requests + 16 if args.engine == "batch" else args.max_concurrent_requests
-    model = deployment(args.replicas, ongoing, gpus).bind(
+    model = deployment(args.replicas, ongoing, gpus, args.graceful_shutdown_timeout_s).bind(
         args.model, bits=args.bits, dtype=args.dtype, device=args.device, template=args.template,
         tracking_uri=args.tracking_uri, engine=args.engine, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests,
-        prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, engine_process=args.engine_process)
+        prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, engine_process=args.engine_process,
+        request_timeout_s=args.request_timeout_s, drain_timeout_s=args.graceful_shutdown_timeout_s)
+    _stop_by_draining(args)
     ingress = args.ingress_replicas or (2 if gpus else 1)
-    return Ingress.options(num_replicas=ingress).bind(model, api_key=args.api_key,
-                                                                    model_name=args.model, ui=args.ui)
+    # The ingress holds the HTTP streams: it drains as long as the model, and a little longer.
+    return Ingress.options(num_replicas=ingress, graceful_shutdown_wait_loop_s=0.5,
+                           graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s + 2 * DRAIN_MARGIN_S
+                           ).bind(model, api_key=args.api_key, model_name=args.model, ui=args.ui,
+                                  stalled_client_timeout_s=args.stalled_client_timeout_s)
+
+
+def _stop_by_draining(args: AppArgs) -> None:
+    """Ctrl-C or SIGTERM to `serve run` (what a container runtime sends) drains before Serve shuts down.
+
+    Ray 2.60's own shutdown kills the HTTP proxies first, which cuts every stream at once. So the first signal
+    asks the model replicas to drain (serving/events.py): they refuse new requests with 503, let their
+    streams finish within `graceful_shutdown_timeout_s`, then end the rest with an error event; only then
+    does `serve run` shut Serve down. A second signal stops at once. Only in `serve run`'s main thread;
+    elsewhere (the builder run by `serve deploy`) Serve's own replica drain applies."""
+    import signal
+    import threading
+
+    from ray._private.worker import SCRIPT_MODE, global_worker
+
+    from serving import events
+    from serving.model import DRAIN_MARGIN_S
+
+    if threading.current_thread() is not threading.main_thread() or global_worker.mode != SCRIPT_MODE:
+        return  # a Ray worker building the app for `serve deploy`: Ray owns its signals
+    events.set_draining(False)  # a new app on a cluster that drained an earlier one
+    stopping = []
+
+    def drain(signum, frame):
+        if stopping:
+            raise KeyboardInterrupt  # the second signal: stop now
+        stopping.append(signum)
+        print(f"draining: running replies may finish within {args.graceful_shutdown_timeout_s:g} s "
+              "(graceful_shutdown_timeout_s); new requests get 503. Signal again to stop at once.", flush=True)
+        events.set_draining(True)
+        left = events.wait_for_streams(args.replicas, args.graceful_shutdown_timeout_s + DRAIN_MARGIN_S)
+        print(f"drained ({sum(left.values())} streams left); shutting down", flush=True)
+        raise KeyboardInterrupt  # `serve run` answers it with serve.shutdown()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
 
 
 def _has_gpu() -> bool:

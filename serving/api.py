@@ -1,8 +1,10 @@
 """The HTTP ingress: an OpenAI-compatible chat API, /health, and the Gradio page at /ui."""
 
 
+import asyncio
 import hmac
 import json
+import logging
 import math
 import time
 import uuid
@@ -13,9 +15,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.exceptions import TaskCancelledError
+from ray.exceptions import RayError, TaskCancelledError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving import events
+
+log = logging.getLogger("ray.serve")
 
 # Request limits (named so the errors can quote them).
 MAX_TOKENS_LIMIT = 4096
@@ -23,24 +29,56 @@ DEFAULT_MAX_TOKENS = 512
 MAX_MESSAGES = 256
 MAX_STOP_SEQUENCES = 4
 MAX_REQUEST_BYTES = 2 * 2**20  # a request body; far above the longest prompt any ChatGLM context holds
+ADMISSION_TIMEOUT_S = 10.0     # a model replica admits or refuses at once; no answer means none can serve
+HEALTH_TIMEOUT_S = 5.0
+RETRY_AFTER_S = 5              # suggested to clients while an engine restarts or the model loads
 
 api = FastAPI(title="glmops chat", docs_url=None, redoc_url=None)
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict | None = None):
+                 headers: dict | None = None, code: str | None = None):
         self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
+        self.code = code
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                   headers: dict | None = None):
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status,
-                        headers=headers)
+                   headers: dict | None = None, code: str | None = None):
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def _retry_after(seconds: float) -> dict:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def overloaded(message: str, retry_after: float) -> APIError:
-    return APIError(429, message, None, "rate_limit_error", {"Retry-After": str(max(1, math.ceil(retry_after)))})
+    return APIError(429, message, None, "rate_limit_error", _retry_after(retry_after))
+
+
+def unavailable(message: str, code: str, retry_after: float = RETRY_AFTER_S) -> APIError:
+    return APIError(503, message, None, "server_error", _retry_after(retry_after), code)
+
+
+def ended_early(chunk: dict) -> APIError:
+    """A reply the server ended (engine failure, deadline, shutdown), as a non-streamed answer: 504 for a
+    deadline, else 503 with Retry-After."""
+    if chunk["error"] == "timeout":
+        return APIError(504, chunk["message"], "timeout", "server_error", None, "timeout")
+    return unavailable(chunk["message"], chunk["error"], chunk.get("retry_after", RETRY_AFTER_S))
+
+
+def not_serving(status: str, reason: str, model: str | None = None) -> JSONResponse:
+    """/health while no replica can serve: 503, why (also in OpenAI's error shape), and when to retry."""
+    return JSONResponse({"status": status, "model": model, "reason": reason,
+                         "error": {"message": reason, "type": "server_error", "param": None, "code": status}},
+                        503, headers=_retry_after(RETRY_AFTER_S))
+
+
+def error_event(code: str, message: str) -> str:
+    """OpenAI's streaming error shape: a stream that cannot finish says so before its [DONE]."""
+    return f"data: {sse_json({'error': {'message': message, 'type': 'server_error', 'param': None, 'code': code}})}\n\n"
 
 
 # Characters that JSON leaves raw but that line splitters (Python's str.splitlines, httpx's aiter_lines,
@@ -103,7 +141,21 @@ api.add_middleware(ClientLeftIsADisconnect)  # outermost: the body limit and the
 
 @api.exception_handler(APIError)
 async def _api_error(_: Request, err: APIError):
-    return error_response(err.status, err.message, err.param, err.kind, err.headers)
+    return error_response(err.status, err.message, err.param, err.kind, err.headers, err.code)
+
+
+@api.exception_handler(RayError)
+async def _ray_error(_: Request, err: RayError):
+    # A model replica that died under a request (its process killed, say): Serve is replacing it.
+    log.warning("a model replica failed under a request: %s", type(err).__name__)
+    return error_response(503, f"the model replica failed ({type(err).__name__}); the server is replacing it, "
+                          "retry", None, "server_error", _retry_after(RETRY_AFTER_S), "engine_failed")
+
+
+@api.exception_handler(Exception)
+async def _unexpected(_: Request, err: Exception):
+    log.exception("unexpected error in the ingress")  # a bug of ours: still an answer in OpenAI's shape
+    return error_response(500, f"internal error ({type(err).__name__}); see the server log", None, "server_error")
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -145,6 +197,7 @@ class ChatRequest(BaseModel):
     n: int = 1  # only one choice per request
     seed: int | None = None  # the same seed and request give the same sampled reply
     min_tokens: int = 0  # extension (as in vLLM): generate at least this many tokens
+    timeout: float | None = None  # seconds; past it the reply ends with a timeout error (capped by request_timeout_s)
 
 
 def to_conversation(messages: list[Message]) -> dict:
@@ -196,6 +249,8 @@ def validate_sampling(req: ChatRequest) -> dict:
         raise APIError(400, f"min_tokens: must be in [0, max_tokens], found {req.min_tokens}", "min_tokens")
     if req.n != 1:
         raise APIError(400, f"n: only 1 choice per request is supported, found {req.n}", "n")
+    if req.timeout is not None and not req.timeout > 0:
+        raise APIError(400, f"timeout: must be > 0 seconds, found {req.timeout}", "timeout")
     return {"max_tokens": max_tokens, "temperature": req.temperature, "top_p": req.top_p,
             "repetition_penalty": req.repetition_penalty, "stop": tuple(stop), "min_tokens": req.min_tokens,
             "seed": req.seed}
@@ -205,11 +260,18 @@ def validate_sampling(req: ChatRequest) -> dict:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, model: DeploymentHandle, api_key: str | None = None, model_name: str = "glmops",
-                 ui: bool = True):
+                 ui: bool = True, stalled_client_timeout_s: float = 0):
         self.model = model
         self.streams = model.options(stream=True)
         self.api_key = api_key or None
         self.model_name = model_name
+        self.app_name = serve.get_replica_context().app_name
+        from serving.slow_clients import PROXY_CALLBACK, guarded_here
+
+        if stalled_client_timeout_s and not guarded_here():
+            log.warning("this Ray cluster's nodes were started without RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=%s "
+                        "and GLMOPS_STALLED_CLIENT_TIMEOUT_S, so clients that stop reading are not cut off "
+                        "(README, 'When things fail')", PROXY_CALLBACK)
         if ui:
             self._mount_ui()
 
@@ -222,17 +284,49 @@ class Ingress:
                            "authentication_error")
 
     @api.get("/health")
-    async def health(self) -> dict:
-        info = await self.model.info.remote()
+    async def health(self):
+        """200 while a model replica serves; 503 with the reason while none can (engine restarting, model
+        loading, shutting down)."""
+        try:
+            info = await asyncio.wait_for(self.model.info.remote(), HEALTH_TIMEOUT_S)
+        except (TimeoutError, RayError):
+            return not_serving("unavailable", await self._why_unavailable())
+        if info.get("engine_failed"):
+            return not_serving("engine_restarting", f"{info['engine_failed']}; Serve is replacing the replica "
+                               "(the model loads again)", info["id"])
+        if info.get("draining"):
+            return not_serving("draining", "the server is shutting down: running replies may finish, new "
+                               "requests are refused", info["id"])
         keep = ("running", "waiting", "free_slots", "max_num_seqs", "max_model_len", "max_queued_requests",
                 "kv_cache_used_tokens", "gpu_memory_allocated_gib", "gpu_memory_reserved_gib")
         return {"status": "ok", "model": info["id"], "active_streams": info["active_streams"],
                 **{k: info[k] for k in keep if k in info}}
 
+    async def _why_unavailable(self) -> str:
+        """Why no model replica answered, from Serve's view of the deployment."""
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), HEALTH_TIMEOUT_S)
+            deployment = status.applications[self.app_name].deployments["ChatModel"]
+        except Exception as err:  # noqa: BLE001 - the controller itself may be busy or gone
+            return f"no model replica answered, and Serve's status could not be read ({type(err).__name__})"
+        states = {str(getattr(k, "value", k)): n for k, n in deployment.replica_states.items() if n}
+        if states.get("STARTING") or states.get("UPDATING") or states.get("RECOVERING"):
+            return f"the model is loading: a replica is starting (replicas: {states})"
+        if states.get("STOPPING") and not states.get("RUNNING"):
+            return f"the engine failed or the server is shutting down; Serve is replacing the replica ({states})"
+        return f"no model replica answered within {HEALTH_TIMEOUT_S:g} s (deployment {deployment.status}: " \
+               f"{deployment.message or states})"
+
     @api.get("/metrics")
     async def metrics(self):
-        """Prometheus text format: the engine's counters and histograms (of the replica that answers)."""
-        return PlainTextResponse(await self.model.metrics.remote(), media_type="text/plain; version=0.0.4")
+        """Prometheus text format: the engine's counters and histograms (of the replica that answers), then
+        the counts that outlive replicas (engine restarts, requests ended by failure, timeout, slow client)."""
+        try:
+            engine = await asyncio.wait_for(self.model.metrics.remote(), HEALTH_TIMEOUT_S)
+        except (TimeoutError, RayError):
+            engine = ""  # no replica to ask now: the lasting counts below still answer
+        lasting = events.prometheus_text(await events.counts())
+        return PlainTextResponse(engine + lasting, media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -245,17 +339,24 @@ class Ingress:
         self._check_key(request)
         conv = to_conversation(req.messages)
         sampling = validate_sampling(req)
-        gen, first = await self._admitted(conv, sampling)
+        gen, first = await self._admitted(conv, sampling, req.timeout)
         n_prompt = first["prompt_tokens"]
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not req.stream:
             text, final = "", {}
-            async for chunk in gen:
-                if "delta" in chunk:
-                    text += chunk["delta"]
-                elif "finish_reason" in chunk:
-                    final = chunk
+            try:
+                async for chunk in gen:
+                    if "delta" in chunk:
+                        text += chunk["delta"]
+                    elif "error" in chunk:
+                        events.record(f"ended_{chunk['error']}")
+                        raise ended_early(chunk)
+                    elif "finish_reason" in chunk:
+                        final = chunk
+            except RayError:
+                events.record("ended_engine_failed")
+                raise
             usage = {"prompt_tokens": final.get("prompt_tokens", n_prompt),
                      "completion_tokens": final.get("completion_tokens", 0)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
@@ -271,35 +372,54 @@ class Ingress:
             return f"data: {sse_json(body)}\n\n"
 
         async def sse():
+            # Every stream ends explicitly: with its finish_reason, or with an error event; then [DONE].
             try:
                 yield event({"role": "assistant", "content": ""})
-                async for chunk in gen:
-                    if "delta" in chunk:
-                        yield event({"content": chunk["delta"]})
-                    elif "finish_reason" in chunk:
-                        usage = {"prompt_tokens": chunk["prompt_tokens"],
-                                 "completion_tokens": chunk["completion_tokens"],
-                                 "total_tokens": chunk["prompt_tokens"] + chunk["completion_tokens"]}
-                        yield event({}, chunk["finish_reason"], usage)
+                try:
+                    async for chunk in gen:
+                        if "delta" in chunk:
+                            yield event({"content": chunk["delta"]})
+                        elif "error" in chunk:
+                            events.record(f"ended_{chunk['error']}")
+                            yield error_event(chunk["error"], chunk["message"])
+                            break
+                        elif "finish_reason" in chunk:
+                            usage = {"prompt_tokens": chunk["prompt_tokens"],
+                                     "completion_tokens": chunk["completion_tokens"],
+                                     "total_tokens": chunk["prompt_tokens"] + chunk["completion_tokens"]}
+                            yield event({}, chunk["finish_reason"], usage)
+                except RayError as err:  # the model replica died under this stream
+                    log.warning("a model replica failed under a stream: %s", type(err).__name__)
+                    events.record("ended_engine_failed")
+                    yield error_event("engine_failed", f"the model replica failed ({type(err).__name__}); the "
+                                      "server is replacing it, retry")
                 yield "data: [DONE]\n\n"
             finally:
                 gen.cancel()  # the client left: stop generating on the replica and free its slot
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    async def _admitted(self, conv: dict, sampling: dict):
+    async def _admitted(self, conv: dict, sampling: dict, timeout: float | None = None):
         """Start the stream and wait for the replica's answer: admitted, or why not (before any 200)."""
         from ray.serve.exceptions import BackPressureError
 
+        gen = self.streams.stream.remote(conv, sampling, timeout)
         try:
-            gen = self.streams.stream.remote(conv, sampling)
-            first = await gen.__anext__()
+            first = await asyncio.wait_for(gen.__anext__(), ADMISSION_TIMEOUT_S)
         except BackPressureError:
             raise overloaded("the server is busy: every replica's queue is full; retry later", 2.0) from None
+        except TimeoutError:  # no replica took it: none is running (engine restarting, model loading)
+            gen.cancel()
+            raise unavailable(await self._why_unavailable(), "unavailable") from None
+        except RayError:
+            gen.cancel()
+            raise
         if first.get("error") == "overloaded":
             raise overloaded(first["message"], first["retry_after"])
         if first.get("error") == "too_long":
             raise APIError(400, f"messages: {first['message']}", "messages")
+        if first.get("error"):  # engine_failed, unavailable: Serve is replacing or draining this replica
+            raise unavailable(first["message"], first["error"], first.get("retry_after", RETRY_AFTER_S))
         return gen, first
 
     def _mount_ui(self) -> None:

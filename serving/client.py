@@ -52,7 +52,12 @@ def stream_chat(url: str, messages: list[dict], api_key: str | None, max_tokens:
                 data = line[len("data: "):]
                 if data == "[DONE]":
                     break
-                delta = json.loads(data)["choices"][0]["delta"].get("content") or ""
+                event = json.loads(data)
+                if "error" in event:  # the server ended the reply (engine failure, timeout, shutdown)
+                    out.write("\n")
+                    raise UserError(f"the reply was cut short ({event['error'].get('code')}): "
+                                    f"{event['error']['message']}")
+                delta = event["choices"][0]["delta"].get("content") or ""
                 reply += delta
                 out.write(printable(delta))
                 out.flush()

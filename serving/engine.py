@@ -170,6 +170,15 @@ class Engine:
                 "max_model_len": self.config.max_model_len, "max_queued_requests": self.config.max_queued_requests,
                 "kv_cache_used_tokens": sum(r.length for r in self.running)}
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its loop stopped on an error), or None while it can."""
+        if self._error is not None:
+            return f"the engine loop stopped: {type(self._error).__name__}: {self._error}"
+        if not self._thread.is_alive() and not self._stopped:
+            return "the engine thread exited"
+        return None
+
     def shutdown(self) -> None:
         self._stopped = True
         self._post("stop", None)
@@ -192,6 +201,7 @@ class Engine:
         try:
             while not self._stopped:
                 self._take_inbox()
+                _test_hooks(self.running)
                 if not self.running and not self.waiting and self._in_flight is None:
                     with self._wake:
                         if not self._inbox and not self._stopped:
@@ -348,6 +358,18 @@ class Engine:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(req.params.seed)
         self._post("add", req)
+
+
+def _test_hooks(running: list[Request]) -> None:
+    """Test-only, read each engine step: GLMOPS_TEST_ENGINE_FAULT_AFTER=n raises in the engine loop once a
+    running request has n tokens, as a CUDA error would; GLMOPS_TEST_ENGINE_STEP_DELAY_S=s makes every step
+    last s longer, so the tiny model's replies take as long as a real model's (tests/test_serving_health.py)."""
+    after = os.environ.get("GLMOPS_TEST_ENGINE_FAULT_AFTER")
+    if after and any(len(r.output) >= int(after) for r in running):
+        raise RuntimeError(f"injected engine fault after {after} tokens (GLMOPS_TEST_ENGINE_FAULT_AFTER)")
+    delay = os.environ.get("GLMOPS_TEST_ENGINE_STEP_DELAY_S")
+    if delay and running:
+        time.sleep(float(delay))
 
 
 @dataclass

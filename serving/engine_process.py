@@ -148,6 +148,11 @@ def _child(conn, spec: EngineSpec) -> None:
     send(("ready", {"line": line, "config": engine.config, "context": model_context(model)}))
     requests: dict[int, Request] = {}
     while True:
+        if not conn.poll(1.0):
+            if engine.failure:  # the engine thread died (a CUDA error, say): exit, so the replica sees it
+                send(("dead", engine.failure))
+                return
+            continue
         msg = conn.recv()
         kind = msg[0]
         if kind == "add":
@@ -198,6 +203,7 @@ class EngineProcess:
         self.max_model_len = self.config.max_model_len
         self.pending: dict[int, Pending] = {}
         self.step_seconds: float | None = None
+        self._death: str | None = None  # what the child said before it exited
         self._ids = itertools.count(1)
         self._replies: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._send_lock = threading.Lock()
@@ -208,9 +214,22 @@ class EngineProcess:
         with self._send_lock:
             self.conn.send(msg)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer serve (its process exited or its pipe broke), or None while it can."""
+        code = self.proc.exitcode
+        if self._death:
+            return f"the engine process stopped: {self._death}"
+        if code is not None:
+            how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            return f"the engine process exited ({how})"
+        if not self._reader.is_alive():
+            return "the pipe to the engine process closed"
+        return None
+
     def submit(self, prompt: list[int], params: SamplingParams, stop_ids: list[int]) -> Pending:
-        if self.proc.exitcode is not None:
-            raise RuntimeError(f"the engine process exited (code {self.proc.exitcode})")
+        if self.failure:
+            raise RuntimeError(self.failure)
         check_admission(self.config, len(prompt), params, len(self.pending), self._retry_after)
         req = Pending(next(self._ids), StreamQueue(), asyncio.get_running_loop(), params.max_tokens)
         self.pending[req.id] = req
@@ -255,6 +274,8 @@ class EngineProcess:
                     by_loop.setdefault(req.loop, []).append((req.queue, item))
                 for loop, batch in by_loop.items():
                     _call(loop, _put_all, batch)
+            elif msg[0] == "dead":
+                self._death = msg[1]
             elif msg[0] == "reply":
                 _, token, payload = msg
                 loop, fut = self._replies.pop(token, (None, None))
@@ -262,6 +283,9 @@ class EngineProcess:
                     _call(loop, lambda f=fut, p=payload: f.done() or f.set_result(p))
 
     def _fail_all(self) -> None:
+        for loop, fut in list(self._replies.values()):  # queries waiting for the child: answer them now
+            _call(loop, lambda f=fut: f.done() or f.set_exception(RuntimeError(self.failure or "engine gone")))
+        self._replies.clear()
         for req in list(self.pending.values()):
             req.done = True
             _call(req.loop, req.queue.put_nowait, {"finish_reason": "error"})

@@ -15,20 +15,59 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from ray import serve
 
 from common.data import Conversation
+from serving import events
 
 log = logging.getLogger("ray.serve")
+
+RETRY_AFTER_S = 5      # what a 503 suggests while an engine restarts or a replica drains
+DRAIN_POLL_S = 0.5
+HEALTH_CHECK_PERIOD_S = 2.0   # Serve replaces a replica after 3 failed checks in a row: ~6 s after its engine died
+HEALTH_CHECK_TIMEOUT_S = 10.0
+DRAIN_MARGIN_S = 5.0   # Serve kills a draining replica this long after our drain timeout: room for the error events
+
+
+async def _shared_drain() -> bool:
+    try:
+        return await events.drain_requested()
+    except Exception:  # noqa: BLE001 - the state actor is unreachable: only Serve's own drain counts then
+        return False
+
+
+def serve_draining_probe():
+    """A function that tells whether Serve has begun to drain this replica.
+
+    Ray Serve 2.60 tells a replica's code nothing when it starts to drain (its `__del__` runs only after every
+    request finished, and the controller kills it at `graceful_shutdown_timeout_s`); so the replica's own
+    flag is read, from the actor instance Ray keeps in this process. Outside a replica, or should a Ray
+    upgrade move the flag, the probe says False and Serve's own kill ends what is left
+    (tests/test_serving_health.py checks that the replicas find the flag)."""
+    try:
+        import ray
+        from ray._private.worker import global_worker
+
+        me = ray.get_runtime_context().get_actor_id()
+        actor = next(a for k, a in global_worker.actors.items() if k.hex() == me)
+        impl = actor._replica_impl
+        impl._shutting_down  # noqa: B018 - present, or the probe falls back below
+        return lambda: bool(impl._shutting_down)
+    except Exception as err:  # noqa: BLE001
+        log.warning("cannot see when Serve drains this replica (%s): streams left at the drain timeout are "
+                    "cut by Serve instead of ended with an error event", err)
+        return lambda: False
 
 class ChatModel:
     def __init__(self, model: str, bits: int = 16, dtype: str = "auto", device: str = "auto",
                  template: str | None = None, trust_remote_code: bool = False, tracking_uri: str | None = None,
                  engine: str = "batch", max_num_seqs: int | None = None, max_model_len: int | None = None,
                  max_queued_requests: int = 256, prefill_chunk: int | None = None, stream_interval: float = 0.04,
-                 engine_process: bool | None = None):
+                 engine_process: bool | None = None, request_timeout_s: float | None = None,
+                 drain_timeout_s: float = 30.0):
         import torch
 
         from common.models.loader import detect, load_tokenizer, open_model_folder
@@ -51,6 +90,12 @@ class ChatModel:
         self.active_streams = 0
         self.stream_interval = stream_interval
         self.engine = self.model = None
+        self.request_timeout_s = request_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self.draining_since: float | None = None
+        self._open: set = set()  # the queues of the streams in flight (a drain that times out ends them)
+        self._drain_watch: asyncio.Task | None = None
+        self._restart_counted = False
         # On a GPU the engine gets a process of its own (serving/engine_process.py says why).
         in_child = engine == "batch" and (engine_process if engine_process is not None else device == "cuda")
         if in_child:
@@ -77,6 +122,19 @@ class ChatModel:
         log.info("serving %s (%s, template %s, %s-bit, %s, engine %s)", model, info.family, self.template.name,
                  bits, device, engine)
 
+    # -- health: Serve asks every `health_check_period_s`; a raise makes it replace this replica -------------
+    async def check_health(self) -> None:
+        self._watch_for_drain()
+        failure = self.engine_failure()
+        if failure:
+            if not self._restart_counted:  # this replica is about to be replaced: one restart
+                self._restart_counted = True
+                events.record("engine_restart")
+            raise RuntimeError(f"{failure}; Serve replaces this replica")
+
+    def engine_failure(self) -> str | None:
+        return getattr(self.engine, "failure", None)
+
     async def _engine_state(self) -> dict:
         from serving.engine_process import EngineProcess
 
@@ -87,20 +145,31 @@ class ChatModel:
     async def info(self) -> dict[str, Any]:
         from serving.engine_process import gpu_memory
 
+        base = {"id": self.name, "template": self.template.name, "max_context": self.max_model_len}
+        failure = self.engine_failure()
+        if failure or self.draining_since is not None:
+            return {**base, "engine_failed": failure, "draining": self.draining_since is not None}
         state = await self._engine_state() if self.engine else {}
         stats = state.get("stats") or {"running": self.active_streams, "waiting": 0}
-        return {"id": self.name, "template": self.template.name, "max_context": self.max_model_len,
-                "active_streams": stats["running"], **stats, **(state.get("gpu") or gpu_memory())}
+        return {**base, "active_streams": stats["running"], **stats, **(state.get("gpu") or gpu_memory())}
 
     async def metrics(self) -> str:
-        return (await self._engine_state())["metrics"] if self.engine else ""
+        if self.engine is None or self.engine_failure():
+            return ""
+        return (await self._engine_state())["metrics"]
 
     def _prompt(self, conv: dict) -> list[int]:
         return self.template.prompt(self.tok, Conversation.from_dict(conv))
 
-    async def stream(self, conv: dict, sampling: dict):
+    async def stream(self, conv: dict, sampling: dict, timeout: float | None = None):
+        """`timeout`: the request's own deadline in seconds (the app's `request_timeout_s` caps it)."""
         from serving.sampling import SamplingParams
 
+        self._watch_for_drain()
+        if self.draining_since is not None:
+            yield {"error": "unavailable", "retry_after": RETRY_AFTER_S,
+                   "message": "this replica is shutting down and takes no new requests; retry"}
+            return
         ids = self._prompt(conv)
         params = SamplingParams(**sampling)
         if self.engine is None:
@@ -118,37 +187,91 @@ class ChatModel:
         except TooLong as err:
             yield {"error": "too_long", "message": str(err)}
             return
+        except RuntimeError as err:  # the engine died before this request: Serve is about to replace us
+            yield {"error": "engine_failed", "message": f"{err}; the server is restarting its engine",
+                   "retry_after": RETRY_AFTER_S}
+            return
         yield {"accepted": True, "prompt_tokens": len(ids)}
+        limit = min((t for t in (timeout, self.request_timeout_s) if t), default=None)
+        timer = None
+        if limit:
+            which = "the request's timeout" if timeout and limit == timeout else "the server's request_timeout_s"
+            timer = asyncio.get_running_loop().call_later(limit, req.queue.put_nowait, {
+                "finish_reason": "error", "error": "timeout",
+                "message": f"the request ran past {which} of {limit:g} s and was cancelled"})
+        self._open.add(req.queue)
         detok = Detokenizer(self.tok, params.stop, self.template.clean_reply)
-        finish, n = "length", 0
-        ended = False
+        end, n = None, 0
         try:
-            while not ended:
+            while end is None:
                 # Everything the engine produced since the last chunk goes out as one: at most one chunk per
                 # `stream_interval` per stream keeps Serve's per-chunk cost off the token rate.
                 items = [await req.queue.get()]
                 while not req.queue.empty():
                     items.append(req.queue.get_nowait())
-                tokens = [t for t in items if not isinstance(t, dict)]
-                if len(tokens) < len(items):
-                    finish, ended = items[len(tokens)]["finish_reason"], True
+                tokens = []
+                for item in items:
+                    if isinstance(item, dict):
+                        end = item
+                        break
+                    tokens.append(item)
                 n += len(tokens)
                 text = detok.add(*tokens) if tokens else ""  # one decode for the whole chunk
-                if detok.stopped:
-                    finish, ended = "stop", True
+                if detok.stopped and (end is None or end["finish_reason"] != "error"):
+                    end = {"finish_reason": "stop"}
                 if text:
                     yield {"delta": text}
-                    if self.stream_interval and not ended:
+                    if self.stream_interval and end is None:
                         # Tokens of the next interval go out as one chunk; the end cuts the wait short.
                         try:
                             await asyncio.wait_for(req.queue.ended.wait(), self.stream_interval)
                         except TimeoutError:
                             pass
-            if finish == "error":
-                raise RuntimeError("generation failed on this replica (see its log)")
-            yield {"finish_reason": finish, "completion_tokens": n, "prompt_tokens": len(ids)}
+            if end["finish_reason"] == "error":
+                # The engine failed (its end has no reason of ours), or a deadline or the shutdown ended it.
+                code = end.get("error", "engine_failed")
+                message = end.get("message") or (f"{self.engine_failure() or 'the engine failed'} while "
+                                                 "generating this reply; the server is restarting its engine")
+                yield {"error": code, "message": message, "completion_tokens": n, "retry_after": RETRY_AFTER_S}
+            else:
+                yield {"finish_reason": end["finish_reason"], "completion_tokens": n, "prompt_tokens": len(ids)}
         finally:
-            self.engine.abort(req)  # the client went away or a stop string ended it: free the slot now
+            if timer is not None:
+                timer.cancel()
+            self._open.discard(req.queue)
+            self.engine.abort(req)  # the client went away, a stop string or a deadline ended it: free the slot
+
+    # -- draining: Serve stops routing to this replica and waits for its streams, then kills it ---------------
+    def _watch_for_drain(self) -> None:
+        if self._drain_watch is None:
+            self._drain_watch = asyncio.get_running_loop().create_task(self._drain_when_told())
+
+    async def _drain_when_told(self) -> None:
+        # Told by Serve (a redeploy, a scale-down) or by `serve run` stopping (serving/__init__.py).
+        serve_draining = serve_draining_probe()
+        while not serve_draining() and not await _shared_drain():
+            await asyncio.sleep(DRAIN_POLL_S)
+        self.draining_since = time.monotonic()
+        me = serve.get_replica_context().replica_id.unique_id
+        log.info("draining: %d streams may finish within %.0f s (graceful_shutdown_timeout_s)",
+                 len(self._open), self.drain_timeout_s)
+        while self._open and time.monotonic() - self.draining_since < self.drain_timeout_s:
+            events.report_open(me, len(self._open))
+            await asyncio.sleep(DRAIN_POLL_S)
+        if self._open:
+            log.warning("drain timeout: ending %d streams that are still running", len(self._open))
+        for queue in list(self._open):
+            queue.put_nowait({"finish_reason": "error", "error": "shutdown", "message": (
+                f"the server shut down and this reply did not finish within its drain timeout of "
+                f"{self.drain_timeout_s:g} s (graceful_shutdown_timeout_s); retry")})
+        while self._open:  # the streams take their end
+            await asyncio.sleep(0.05)
+        events.report_open(me, 0)
+
+    def __del__(self):
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     async def _stream_per_request(self, ids: list[int], params):
         from serving.streaming import stream_reply
@@ -167,7 +290,10 @@ class ChatModel:
             self.active_streams -= 1
 
 
-def deployment(num_replicas: int, max_ongoing: int, num_gpus: float):
+def deployment(num_replicas: int, max_ongoing: int, num_gpus: float, drain_timeout_s: float):
     return serve.deployment(ChatModel, name="ChatModel", num_replicas=num_replicas,
                             max_ongoing_requests=max_ongoing, max_queued_requests=max_ongoing,
+                            health_check_period_s=HEALTH_CHECK_PERIOD_S, health_check_timeout_s=HEALTH_CHECK_TIMEOUT_S,
+                            graceful_shutdown_timeout_s=drain_timeout_s + DRAIN_MARGIN_S,
+                            graceful_shutdown_wait_loop_s=DRAIN_POLL_S,
                             ray_actor_options={"num_cpus": 0.5, "num_gpus": num_gpus})

@@ -33,14 +33,19 @@ def build_ui(streams, api_key: str | None):
         conv = {"system": None, "history": pairs, "query": _text(message)}
         sampling = {"max_tokens": int(max_length), "temperature": float(temperature), "top_p": float(top_p),
                     "repetition_penalty": 1.0, "stop": ()}
+        from ray.exceptions import RayError
+
         reply = ""
-        async for chunk in streams.stream.remote(conv, sampling):
-            if "error" in chunk:
-                yield f"({chunk['message']})"
-                return
-            if "delta" in chunk:
-                reply += chunk["delta"]
-                yield reply
+        try:
+            async for chunk in streams.stream.remote(conv, sampling):
+                if "error" in chunk:  # refused, or ended by the server: say so after what came
+                    yield (reply + "\n\n" if reply else "") + f"({chunk['message']})"
+                    return
+                if "delta" in chunk:
+                    reply += chunk["delta"]
+                    yield reply
+        except RayError as err:
+            yield (reply + "\n\n" if reply else "") + f"(the model replica failed: {type(err).__name__}; retry)"
 
     inputs = [gr.Slider(1, 2048, value=512, step=1, label="Maximum length"),
               gr.Slider(0.01, 1.0, value=0.7, step=0.01, label="Top P"),

@@ -13,7 +13,9 @@ from ray_cluster import RAY_ENV
 
 
 class ServeApp:
-    def __init__(self, log_dir: Path, **args: str):
+    def __init__(self, log_dir: Path, env: dict | None = None, **args: str):
+        """`args`: the app's key=value arguments; `env`: more environment for serve run (and its Ray)."""
+        self.extra_env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = {**args, "port": str(self.port)}
@@ -21,7 +23,8 @@ class ServeApp:
 
     def start(self, timeout: float = 180) -> ServeApp:
         serve = str(Path(sys.executable).with_name("serve"))
-        env = {**os.environ, **RAY_ENV, "GRADIO_ANALYTICS_ENABLED": "False", "GLMOPS_SERVE_THREADS": "1"}
+        env = {**os.environ, **RAY_ENV, "GRADIO_ANALYTICS_ENABLED": "False", "GLMOPS_SERVE_THREADS": "1",
+               **self.extra_env}
         env.pop("RAY_ADDRESS", None)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen([serve, "run", "serving:app", *(f"{k}={v}" for k, v in self.args.items())],

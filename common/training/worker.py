@@ -444,6 +444,7 @@ def _train(config: dict) -> dict:
         if restored is not None:
             with restored.as_directory() as d:
                 state = load_checkpoint(Path(d), model, optimizer, scheduler, device)
+                tracker.restore_unwritten(Path(d))  # metrics a tracking outage held back when it was kept
         else:
             state = load_checkpoint(Path(config["resume_from"]), model, optimizer, scheduler, device)
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch * per_step})")
@@ -498,6 +499,7 @@ def _train(config: dict) -> dict:
             if rank == 0:
                 meta = {**metadata, "step": state.step, "eval_loss": eval_loss, "eval_scores": scores}
                 save_checkpoint(Path(tmp), unwrapped, optimizer, scheduler, state, meta)
+                tracker.save_unwritten(Path(tmp))
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint-{state.step:06d}")
         tracker.flush()  # only metrics covered by a kept checkpoint are ever written
@@ -563,6 +565,7 @@ def _train(config: dict) -> dict:
                 eval_and_checkpoint(final=state.step == total_steps)
             if hook == "stop":
                 log(f"stopped after step {state.step} (test hook)")
+                tracker.close()
                 return {"stopped_at": state.step}
         if state.step_in_epoch >= n_steps:
             state.epoch += 1
@@ -574,4 +577,5 @@ def _train(config: dict) -> dict:
                "steps": state.step, "history": state.history}
     if rank == 0:
         tracker.log_table(state.history, "sample_replies.json")
+    tracker.close()  # everything written before the driver marks the run finished
     return summary

@@ -1,0 +1,102 @@
+"""What outlives a replica: counts of engine restarts and of requests ended abnormally, and the drain.
+
+A replica's own metrics (serving/metrics.py) start again from zero when Serve replaces it, and the slow-client
+guard runs in Serve's HTTP proxy, not in a replica. So these counts live in one small named Ray actor per
+cluster, which every replica and proxy adds to (fire and forget) and the ingress reads for /metrics.
+
+The same actor carries the drain: `serve run` stopping (Ctrl-C, SIGTERM) sets it, every model replica sees it
+within DRAIN_POLL_S, refuses new requests and reports how many streams it still runs.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+
+NAME, NAMESPACE = "glmops-serving-events", "glmops"
+
+# Why a request that had been admitted ended without finishing (the `reason` label of glmops_requests_ended).
+ENDED_REASONS = ("engine_failed", "timeout", "slow_client", "shutdown")
+
+log = logging.getLogger("ray.serve")
+
+
+@ray.remote(num_cpus=0)
+class EventCounts:
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.draining = False
+        self.open: dict[str, int] = {}  # replica -> streams it still runs (reported while draining)
+
+    def add(self, name: str, n: int = 1) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
+
+    def get(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining, self.open = draining, {}
+
+    def is_draining(self) -> bool:
+        return self.draining
+
+    def report_open(self, replica: str, streams: int) -> None:
+        self.open[replica] = streams
+
+    def open_streams(self) -> dict[str, int]:
+        return dict(self.open)
+
+
+def _actor():
+    # Detached: the counts must survive the replica that happened to create the actor (that replica may be
+    # the one whose engine dies). It holds a few integers and no CPU.
+    return EventCounts.options(name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+
+
+def record(name: str, n: int = 1) -> None:
+    """Add to a count without waiting; a count that cannot be written is logged, never raised."""
+    try:
+        _actor().add.remote(name, n)
+    except Exception as err:  # noqa: BLE001 - counting must never fail a request
+        log.warning("could not count serving event %s: %s", name, err)
+
+
+async def counts() -> dict[str, int]:
+    return await _actor().get.remote()
+
+
+async def drain_requested() -> bool:
+    return await _actor().is_draining.remote()
+
+
+def report_open(replica: str, streams: int) -> None:
+    _actor().report_open.remote(replica, streams)
+
+
+def set_draining(draining: bool) -> None:
+    ray.get(_actor().set_draining.remote(draining))
+
+
+def wait_for_streams(replicas: int, timeout_s: float, poll_s: float = 0.5) -> dict[str, int]:
+    """Wait until `replicas` model replicas reported no stream left, or `timeout_s`; returns the last report."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        open_ = ray.get(_actor().open_streams.remote())
+        if (len(open_) >= replicas and not any(open_.values())) or time.monotonic() > deadline:
+            return open_
+        time.sleep(poll_s)
+
+
+def prometheus_text(values: dict[str, int]) -> str:
+    """The counts in Prometheus' text format (appended to the engine's own metrics at /metrics)."""
+    lines = ["# HELP glmops_engine_restarts_total replicas replaced because their engine failed",
+             "# TYPE glmops_engine_restarts_total counter",
+             f"glmops_engine_restarts_total {float(values.get('engine_restart', 0))}",
+             "# HELP glmops_requests_ended_total admitted requests ended before their reply finished, by reason",
+             "# TYPE glmops_requests_ended_total counter"]
+    lines += [f'glmops_requests_ended_total{{reason="{r}"}} {float(values.get(f"ended_{r}", 0))}'
+              for r in ENDED_REASONS]
+    return "\n".join(lines) + "\n"
