@@ -81,11 +81,11 @@ def one_kill(url: str, server: Server, tokens: int) -> dict:
     stop.set()
     poller.join(timeout=90)
     t0 = killed[0]
-    first_503 = next((t - t0 for t, s, _ in seen if s == 503), None)
+    first_503 = next((max(0.0, t - t0) for t, s, _ in seen if s == 503), None)
     back = next((t - t0 for t, s, _ in seen if s == 200 and t > t0 + (first_503 or 0)), None)
     codes = sorted({s for _, s, _ in seen})
     return {"stream_end": (end.get("error") or {}).get("code") or end.get("choices", [{}])[0].get("finish_reason"),
-            "stream_ended_with_done": lines[-1:] == ["[DONE]"], "first_503_s": round(first_503, 2) if first_503 else None,
+            "stream_ended_with_done": lines[-1:] == ["[DONE]"], "first_503_s": round(first_503, 2) if first_503 is not None else None,
             "recovered_s": round(back, 2) if back is not None else None, "statuses_seen": codes,
             "reasons_503": sorted({c for _, s, c in seen if s == 503}), "polls": len(seen)}
 

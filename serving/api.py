@@ -325,7 +325,10 @@ class Ingress:
             engine = await asyncio.wait_for(self.model.metrics.remote(), HEALTH_TIMEOUT_S)
         except (TimeoutError, RayError):
             engine = ""  # no replica to ask now: the lasting counts below still answer
-        lasting = events.prometheus_text(await events.counts())
+        try:
+            lasting = events.prometheus_text(await events.counts())
+        except RayError:  # the counts' actor is gone: leave them out rather than report zeros
+            lasting = ""
         return PlainTextResponse(engine + lasting, media_type="text/plain; version=0.0.4")
 
     @api.get("/v1/models")

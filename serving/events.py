@@ -48,10 +48,22 @@ class EventCounts:
         return dict(self.open)
 
 
+_handle = None  # this process's handle on the actor: looking it up is a blocking call to Ray's GCS
+
+
 def _actor():
     # Detached: the counts must survive the replica that happened to create the actor (that replica may be
     # the one whose engine dies). It holds a few integers and no CPU.
-    return EventCounts.options(name=NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True).remote()
+    global _handle
+    if _handle is None:
+        _handle = EventCounts.options(name=NAME, namespace=NAMESPACE, lifetime="detached",
+                                      get_if_exists=True).remote()
+    return _handle
+
+
+def _forget() -> None:
+    global _handle
+    _handle = None  # the actor is gone (killed by hand, say): the next call makes it again
 
 
 def record(name: str, n: int = 1) -> None:
@@ -59,15 +71,24 @@ def record(name: str, n: int = 1) -> None:
     try:
         _actor().add.remote(name, n)
     except Exception as err:  # noqa: BLE001 - counting must never fail a request
+        _forget()
         log.warning("could not count serving event %s: %s", name, err)
 
 
 async def counts() -> dict[str, int]:
-    return await _actor().get.remote()
+    try:
+        return await _actor().get.remote()
+    except ray.exceptions.RayActorError:
+        _forget()
+        raise
 
 
 async def drain_requested() -> bool:
-    return await _actor().is_draining.remote()
+    try:
+        return await _actor().is_draining.remote()
+    except ray.exceptions.RayActorError:
+        _forget()
+        raise
 
 
 def report_open(replica: str, streams: int) -> None:
