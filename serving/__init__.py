@@ -45,10 +45,15 @@ class AppArgs(BaseModel):
 
 
 def app(args: AppArgs):
-    from ray import serve
+    import threading
 
+    from ray import serve
+    from ray._private.worker import SCRIPT_MODE, global_worker
+
+    from serving import events
     from serving.api import Ingress
-    from serving.model import DRAIN_MARGIN_S, deployment
+    from serving.draining import DRAIN_MARGIN_S, drain_on_signals, install_in_controller
+    from serving.model import deployment
     from serving.slow_clients import install_in_proxy
 
     if args.bits not in (4, 8, 16):
@@ -60,6 +65,7 @@ def app(args: AppArgs):
     # The proxy cuts off clients that stop reading (serving/slow_clients.py): set before Ray starts.
     if args.stalled_client_timeout_s:
         install_in_proxy(args.stalled_client_timeout_s)  # the ingress warns if the cluster's proxy lacks it
+    install_in_controller()
     # Bind where asked (loopback by default) before `serve run` would start HTTP on its defaults.
     serve.start(http_options={"host": args.host, "port": args.port})
     if args.engine not in ("batch", "per_request"):
@@ -75,49 +81,17 @@ def app(args: AppArgs):
         max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests,
         prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, engine_process=args.engine_process,
         request_timeout_s=args.request_timeout_s, drain_timeout_s=args.graceful_shutdown_timeout_s)
-    _stop_by_draining(args)
+    # Stopping drains (serving/draining.py): serve run's Ctrl-C or SIGTERM, and `serve shutdown` in the controller.
+    events.set_draining(False)  # a new app on a cluster that drained an earlier one
+    events.set_drain_plan(args.graceful_shutdown_timeout_s, args.replicas)
+    if threading.current_thread() is threading.main_thread() and global_worker.mode == SCRIPT_MODE:
+        drain_on_signals()  # else: a Ray worker building the app for `serve deploy`; Ray owns its signals
     ingress = args.ingress_replicas or (2 if gpus else 1)
     # The ingress holds the HTTP streams: it drains as long as the model, and a little longer.
     return Ingress.options(num_replicas=ingress, graceful_shutdown_wait_loop_s=0.5,
                            graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s + 2 * DRAIN_MARGIN_S
                            ).bind(model, api_key=args.api_key, model_name=args.model, ui=args.ui,
                                   stalled_client_timeout_s=args.stalled_client_timeout_s)
-
-
-def _stop_by_draining(args: AppArgs) -> None:
-    """Ctrl-C or SIGTERM to `serve run` (what a container runtime sends) drains before Serve shuts down.
-
-    Ray 2.60's own shutdown kills the HTTP proxies first, which cuts every stream at once. So the first signal
-    asks the model replicas to drain (serving/events.py): they refuse new requests with 503, let their
-    streams finish within `graceful_shutdown_timeout_s`, then end the rest with an error event; only then
-    does `serve run` shut Serve down. A second signal stops at once. Only in `serve run`'s main thread;
-    elsewhere (the builder run by `serve deploy`) Serve's own replica drain applies."""
-    import signal
-    import threading
-
-    from ray._private.worker import SCRIPT_MODE, global_worker
-
-    from serving import events
-    from serving.model import DRAIN_MARGIN_S
-
-    if threading.current_thread() is not threading.main_thread() or global_worker.mode != SCRIPT_MODE:
-        return  # a Ray worker building the app for `serve deploy`: Ray owns its signals
-    events.set_draining(False)  # a new app on a cluster that drained an earlier one
-    stopping = []
-
-    def drain(signum, frame):
-        if stopping:
-            raise KeyboardInterrupt  # the second signal: stop now
-        stopping.append(signum)
-        print(f"draining: running replies may finish within {args.graceful_shutdown_timeout_s:g} s "
-              "(graceful_shutdown_timeout_s); new requests get 503. Signal again to stop at once.", flush=True)
-        events.set_draining(True)
-        left = events.wait_for_streams(args.replicas, args.graceful_shutdown_timeout_s + DRAIN_MARGIN_S)
-        print(f"drained ({sum(left.values())} streams left); shutting down", flush=True)
-        raise KeyboardInterrupt  # `serve run` answers it with serve.shutdown()
-
-    signal.signal(signal.SIGTERM, drain)
-    signal.signal(signal.SIGINT, drain)
 
 
 def _has_gpu() -> bool:

@@ -4,8 +4,8 @@ A replica's own metrics (serving/metrics.py) start again from zero when Serve re
 guard runs in Serve's HTTP proxy, not in a replica. So these counts live in one small named Ray actor per
 cluster, which every replica and proxy adds to (fire and forget) and the ingress reads for /metrics.
 
-The same actor carries the drain: `serve run` stopping (Ctrl-C, SIGTERM) sets it, every model replica sees it
-within DRAIN_POLL_S, refuses new requests and reports how many streams it still runs.
+The same actor carries the drain (serving/draining.py): stopping sets it, every model replica sees it within
+DRAIN_POLL_S, refuses new requests and reports how many streams it still runs.
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ class EventCounts:
         return dict(self.counts)
 
     def set_draining(self, draining: bool) -> None:
-        self.draining, self.open = draining, {}
+        if draining != self.draining:  # a second drain (serve run, then Serve's shutdown) keeps the reports
+            self.draining, self.open = draining, {}
+
+    def set_plan(self, timeout_s: float, replicas: int) -> None:
+        self.plan = (timeout_s, replicas)
+
+    def get_plan(self) -> tuple[float, int]:
+        return getattr(self, "plan", (0.0, 0))
 
     def is_draining(self) -> bool:
         return self.draining
@@ -97,6 +104,15 @@ def report_open(replica: str, streams: int) -> None:
 
 def set_draining(draining: bool) -> None:
     ray.get(_actor().set_draining.remote(draining))
+
+
+def set_drain_plan(timeout_s: float, replicas: int) -> None:
+    """What a drain waits for: `replicas` model replicas, at most `timeout_s` (set by the app builder)."""
+    ray.get(_actor().set_plan.remote(timeout_s, replicas))
+
+
+def drain_plan() -> tuple[float, int]:
+    return ray.get(_actor().get_plan.remote())
 
 
 def wait_for_streams(replicas: int, timeout_s: float, poll_s: float = 0.5) -> dict[str, int]:

@@ -22,6 +22,9 @@ from ray import serve
 
 from common.data import Conversation
 from serving import events
+from serving.draining import (
+    DRAIN_MARGIN_S,  # Serve kills a draining replica this long after our drain timeout
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -29,7 +32,6 @@ RETRY_AFTER_S = 5      # what a 503 suggests while an engine restarts or a repli
 DRAIN_POLL_S = 0.5
 HEALTH_CHECK_PERIOD_S = 2.0   # Serve replaces a replica after 3 failed checks in a row: ~6 s after its engine died
 HEALTH_CHECK_TIMEOUT_S = 10.0
-DRAIN_MARGIN_S = 5.0   # Serve kills a draining replica this long after our drain timeout: room for the error events
 
 
 async def _shared_drain() -> bool:
@@ -247,7 +249,7 @@ class ChatModel:
             self._drain_watch = asyncio.get_running_loop().create_task(self._drain_when_told())
 
     async def _drain_when_told(self) -> None:
-        # Told by Serve (a redeploy, a scale-down) or by `serve run` stopping (serving/__init__.py).
+        # Told by Serve (a redeploy, a scale-down) or by a stop (serving/draining.py: serve shutdown, serve run).
         serve_draining = serve_draining_probe()
         while not serve_draining() and not await _shared_drain():
             await asyncio.sleep(DRAIN_POLL_S)

@@ -196,6 +196,47 @@ def test_a_client_that_stops_reading_is_cut_off_without_slowing_the_others(app):
     assert "acknowledged none of its pending output" in app.log_path.read_text(errors="replace")
 
 
+def test_serve_shutdown_during_8_streams_lets_all_8_finish_and_refuses_new_requests(app):
+    """`serve shutdown` (the CLI, through the dashboard): Ray 2.60 would kill the HTTP proxies first, cutting
+    every stream; the app drains before Serve's shutdown goes on (serving/draining.py)."""
+    import re
+    import sys
+    from pathlib import Path
+
+    wait_for(lambda: idle(app.url), 60)
+    dashboard = re.search(r"dashboard at \S*?(http://127\.0\.0\.1:\d+)", app.log_path.read_text(errors="replace"))
+    serve = str(Path(sys.executable).with_name("serve"))
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one():
+                lines = []
+                async with client.stream("POST", app.url + URL, json=body(600)) as r:  # ~7 s
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: "):
+                            lines.append(line[6:])
+                return lines
+
+            streams = [asyncio.create_task(one()) for _ in range(8)]
+            await asyncio.sleep(0.5)
+            stop = await asyncio.create_subprocess_exec(serve, "shutdown", "-a", dashboard.group(1), "-y",
+                                                        env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+            while (await client.get(app.url + "/health")).status_code == 200:  # until the drain began
+                await asyncio.sleep(0.1)
+            late = await client.post(app.url + URL, json=body(4, stream=False))
+            assert not any(t.done() for t in streams)  # the drain began while all 8 still ran
+            done = await asyncio.gather(*streams)
+            return done, late, await stop.wait()
+
+    done, late, code = asyncio.run(main())
+    assert code == 0
+    for lines in done:  # every stream ran to its length
+        assert lines[-1] == "[DONE]" and json.loads(lines[-2])["choices"][0]["finish_reason"] == "length", lines[-2:]
+    assert late.status_code == 503 and late.json()["error"]["code"] == "unavailable"
+    wait_for(lambda: "drained (0 streams left)" in app.log_path.read_text(errors="replace"), 30)
+    assert "draining: 8 streams may finish" in app.log_path.read_text(errors="replace")
+
+
 # -- the engine inside the replica, and stopping ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
