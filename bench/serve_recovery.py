@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serve_throughput import Server, versions  # noqa: E402
+from bench.serve_throughput import Server, add_server_args, served_model, versions  # noqa: E402
 
 POLL_S = 0.25
 
@@ -92,24 +92,13 @@ def one_kill(url: str, server: Server, tokens: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="serve this folder (default: build a random-weight ChatGLM2-6B on the GPU)")
-    ap.add_argument("--tokenizers", help="with no --model: a folder with ChatGLM2's tokenizer.model")
-    ap.add_argument("--workdir", default="/tmp/glmops-serve-bench")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--bits", default="16")
+    add_server_args(ap)
     ap.add_argument("--kills", type=int, default=2, help="engine kills, one after another recovery")
     ap.add_argument("--tokens", type=int, default=1024, help="the streamed reply that is cut")
     ap.add_argument("--out")
     args = ap.parse_args()
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        from bench.gpu_models import build
-
-        model = str(work / "chatglm2-6b-random")
-        if not (Path(model) / "config.json").is_file():
-            build("chatglm2", Path(model), Path(args.tokenizers))
+    model = served_model(args)
     from bench import portable_command
 
     command = portable_command("serve_recovery.py", args)

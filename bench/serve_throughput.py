@@ -208,13 +208,34 @@ def versions() -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_server_args(ap: argparse.ArgumentParser) -> None:
+    """What the serving benchmarks serve: a folder, or a random-weight ChatGLM2-6B built on the GPU."""
     ap.add_argument("--model", help="serve this folder (default: build a random-weight ChatGLM2-6B on the GPU)")
     ap.add_argument("--tokenizers", help="with no --model: a folder with ChatGLM2's tokenizer.model")
     ap.add_argument("--workdir", default="/tmp/glmops-serve-bench")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--bits", default="16")
+
+
+def served_model(args) -> str:
+    """The folder to serve: --model, else the random-weight ChatGLM2-6B in --workdir (built once)."""
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    if args.model is not None:
+        return args.model
+    from bench.gpu_models import build
+
+    model = str(Path(args.workdir) / "chatglm2-6b-random")
+    if not (Path(model) / "config.json").is_file():
+        build("chatglm2", Path(model), Path(args.tokenizers))
+        import torch
+
+        torch.cuda.empty_cache()  # the replica sizes its KV cache from the free GPU memory
+    return model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_server_args(ap)
     ap.add_argument("--streams", default="1,8,32,64,128")
     ap.add_argument("--baseline_streams", default="1,8", help="the per-request path is slow: fewer levels")
     ap.add_argument("--workloads", default="short,chat")
@@ -225,17 +246,7 @@ def main() -> None:
     ap.add_argument("--out")
     args = ap.parse_args()
     work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    model = args.model
-    if model is None:
-        from bench.gpu_models import build
-
-        model = str(work / "chatglm2-6b-random")
-        if not (Path(model) / "config.json").is_file():
-            build("chatglm2", Path(model), Path(args.tokenizers))
-            import torch
-
-            torch.cuda.empty_cache()  # the replica sizes its KV cache from the free GPU memory
+    model = served_model(args)
     from bench import portable_command
 
     command = portable_command("serve_throughput.py", args)

@@ -66,7 +66,7 @@ def ended_early(chunk: dict) -> APIError:
     deadline, else 503 with Retry-After."""
     if chunk["error"] == "timeout":
         return APIError(504, chunk["message"], "timeout", "server_error", None, "timeout")
-    return unavailable(chunk["message"], chunk["error"], chunk.get("retry_after", RETRY_AFTER_S))
+    return unavailable(chunk["message"], chunk["error"])
 
 
 def not_serving(status: str, reason: str, model: str | None = None) -> JSONResponse:
@@ -144,12 +144,16 @@ async def _api_error(_: Request, err: APIError):
     return error_response(err.status, err.message, err.param, err.kind, err.headers, err.code)
 
 
+def replica_failed(err: RayError) -> str:
+    """What a client is told when the model replica died under its request (its process killed, say)."""
+    log.warning("a model replica failed under a request: %s", type(err).__name__)
+    return f"the model replica failed ({type(err).__name__}); the server is replacing it, retry"
+
+
 @api.exception_handler(RayError)
 async def _ray_error(_: Request, err: RayError):
-    # A model replica that died under a request (its process killed, say): Serve is replacing it.
-    log.warning("a model replica failed under a request: %s", type(err).__name__)
-    return error_response(503, f"the model replica failed ({type(err).__name__}); the server is replacing it, "
-                          "retry", None, "server_error", _retry_after(RETRY_AFTER_S), "engine_failed")
+    return error_response(503, replica_failed(err), None, "server_error", _retry_after(RETRY_AFTER_S),
+                          "engine_failed")
 
 
 @api.exception_handler(Exception)
@@ -392,10 +396,8 @@ class Ingress:
                                      "total_tokens": chunk["prompt_tokens"] + chunk["completion_tokens"]}
                             yield event({}, chunk["finish_reason"], usage)
                 except RayError as err:  # the model replica died under this stream
-                    log.warning("a model replica failed under a stream: %s", type(err).__name__)
                     events.record("ended_engine_failed")
-                    yield error_event("engine_failed", f"the model replica failed ({type(err).__name__}); the "
-                                      "server is replacing it, retry")
+                    yield error_event("engine_failed", replica_failed(err))
                 yield "data: [DONE]\n\n"
             finally:
                 gen.cancel()  # the client left: stop generating on the replica and free its slot
@@ -422,7 +424,7 @@ class Ingress:
         if first.get("error") == "too_long":
             raise APIError(400, f"messages: {first['message']}", "messages")
         if first.get("error"):  # engine_failed, unavailable: Serve is replacing or draining this replica
-            raise unavailable(first["message"], first["error"], first.get("retry_after", RETRY_AFTER_S))
+            raise unavailable(first["message"], first["error"])
         return gen, first
 
     def _mount_ui(self) -> None:

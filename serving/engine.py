@@ -138,6 +138,7 @@ class Engine:
         # GLMOPS_ENGINE_TRACE=FILE: one JSON line per step (what it ran, and where its time went).
         trace = os.environ.get("GLMOPS_ENGINE_TRACE")
         self._trace = open(trace, "a", buffering=1) if trace else None
+        self._test_hooks = _test_hooks_from_env()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
@@ -201,7 +202,8 @@ class Engine:
         try:
             while not self._stopped:
                 self._take_inbox()
-                _test_hooks(self.running)
+                if self._test_hooks:
+                    self._test_hooks(self.running)
                 if not self.running and not self.waiting and self._in_flight is None:
                     with self._wake:
                         if not self._inbox and not self._stopped:
@@ -360,16 +362,23 @@ class Engine:
         self._post("add", req)
 
 
-def _test_hooks(running: list[Request]) -> None:
-    """Test-only, read each engine step: GLMOPS_TEST_ENGINE_FAULT_AFTER=n raises in the engine loop once a
-    running request has n tokens, as a CUDA error would; GLMOPS_TEST_ENGINE_STEP_DELAY_S=s makes every step
-    last s longer, so the tiny model's replies take as long as a real model's (tests/test_serving_health.py)."""
-    after = os.environ.get("GLMOPS_TEST_ENGINE_FAULT_AFTER")
-    if after and any(len(r.output) >= int(after) for r in running):
-        raise RuntimeError(f"injected engine fault after {after} tokens (GLMOPS_TEST_ENGINE_FAULT_AFTER)")
-    delay = os.environ.get("GLMOPS_TEST_ENGINE_STEP_DELAY_S")
-    if delay and running:
-        time.sleep(float(delay))
+def _test_hooks_from_env():
+    """Test-only, read once at start-up and run each engine step: GLMOPS_TEST_ENGINE_FAULT_AFTER=n raises in the
+    engine loop once a running request has n tokens, as a CUDA error would; GLMOPS_TEST_ENGINE_STEP_DELAY_S=s
+    makes every step last s longer, so the tiny model's replies take as long as a real model's
+    (tests/test_serving_health.py). None when neither is set."""
+    after = int(os.environ.get("GLMOPS_TEST_ENGINE_FAULT_AFTER") or 0)
+    delay = float(os.environ.get("GLMOPS_TEST_ENGINE_STEP_DELAY_S") or 0)
+    if not after and not delay:
+        return None
+
+    def hooks(running: list[Request]) -> None:
+        if after and any(len(r.output) >= after for r in running):
+            raise RuntimeError(f"injected engine fault after {after} tokens (GLMOPS_TEST_ENGINE_FAULT_AFTER)")
+        if delay and running:
+            time.sleep(delay)
+
+    return hooks
 
 
 @dataclass

@@ -28,7 +28,6 @@ from serving.draining import (
 
 log = logging.getLogger("ray.serve")
 
-RETRY_AFTER_S = 5      # what a 503 suggests while an engine restarts or a replica drains
 DRAIN_POLL_S = 0.5
 HEALTH_CHECK_PERIOD_S = 2.0   # Serve replaces a replica after 3 failed checks in a row: ~6 s after its engine died
 HEALTH_CHECK_TIMEOUT_S = 10.0
@@ -169,8 +168,7 @@ class ChatModel:
 
         self._watch_for_drain()
         if self.draining_since is not None:
-            yield {"error": "unavailable", "retry_after": RETRY_AFTER_S,
-                   "message": "this replica is shutting down and takes no new requests; retry"}
+            yield {"error": "unavailable", "message": "this replica is shutting down and takes no new requests; retry"}
             return
         ids = self._prompt(conv)
         params = SamplingParams(**sampling)
@@ -190,8 +188,7 @@ class ChatModel:
             yield {"error": "too_long", "message": str(err)}
             return
         except RuntimeError as err:  # the engine died before this request: Serve is about to replace us
-            yield {"error": "engine_failed", "message": f"{err}; the server is restarting its engine",
-                   "retry_after": RETRY_AFTER_S}
+            yield {"error": "engine_failed", "message": f"{err}; the server is restarting its engine"}
             return
         yield {"accepted": True, "prompt_tokens": len(ids)}
         limit = min((t for t in (timeout, self.request_timeout_s) if t), default=None)
@@ -234,7 +231,7 @@ class ChatModel:
                 code = end.get("error", "engine_failed")
                 message = end.get("message") or (f"{self.engine_failure() or 'the engine failed'} while "
                                                  "generating this reply; the server is restarting its engine")
-                yield {"error": code, "message": message, "completion_tokens": n, "retry_after": RETRY_AFTER_S}
+                yield {"error": code, "message": message, "completion_tokens": n}
             else:
                 yield {"finish_reason": end["finish_reason"], "completion_tokens": n, "prompt_tokens": len(ids)}
         finally:

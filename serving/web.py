@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hmac
 
+from ray.exceptions import RayError
+
 
 def _text(content) -> str:
     if isinstance(content, str):
@@ -33,8 +35,6 @@ def build_ui(streams, api_key: str | None):
         conv = {"system": None, "history": pairs, "query": _text(message)}
         sampling = {"max_tokens": int(max_length), "temperature": float(temperature), "top_p": float(top_p),
                     "repetition_penalty": 1.0, "stop": ()}
-        from ray.exceptions import RayError
-
         reply = ""
         try:
             async for chunk in streams.stream.remote(conv, sampling):
