@@ -6,8 +6,9 @@
 Side by side in one run: the engine (`engine=batch`, the default) and the old per-request path
 (`engine=per_request`). Every request generates exactly --tokens tokens (`min_tokens`), greedy; two
 workloads: short (64-token prompts, 128 new tokens) and chat (512-token prompts, 256 new tokens), at each
-of --streams concurrent streams. With no --model, a ChatGLM2-6B-shaped model with random weights is
-built on the GPU (bench/gpu_models.py). Prints a table; --out writes every row with the command, GPU
+of --streams concurrent streams; long (2,000-token prompts, 48 new tokens: time to first token) at 1 and 8.
+With no --model, a model of --family (ChatGLM2-6B or ChatGLM-6B) with random weights is built on the GPU
+(bench/gpu_models.py). Prints a table; --out writes every row with the command, GPU
 and versions.
 """
 
@@ -30,7 +31,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = {"short": (64, 128), "chat": (512, 256)}
+WORKLOADS = {"short": (64, 128), "chat": (512, 256), "long": (2000, 48)}  # long: TTFT at 2,000 tokens (ChatGLM-6B holds 2,048)
 ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
        "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -169,6 +170,7 @@ def engine_steps(model_dir: str, batches: list[int], bucket_tokens: int = 192, s
     import torch
     from transformers import AutoModelForCausalLM
 
+    import common  # noqa: F401 - registers ChatGLM-6B's model with the Auto classes
     from serving.runners import RowInput, runner_for
     from serving.sampling import Row, Sampler, SamplingParams
 
@@ -210,23 +212,26 @@ def versions() -> dict:
 
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     """What the serving benchmarks serve: a folder, or a random-weight ChatGLM2-6B built on the GPU."""
-    ap.add_argument("--model", help="serve this folder (default: build a random-weight ChatGLM2-6B on the GPU)")
-    ap.add_argument("--tokenizers", help="with no --model: a folder with ChatGLM2's tokenizer.model")
+    ap.add_argument("--model", help="serve this folder (default: build a random-weight model of --family on the GPU)")
+    ap.add_argument("--family", default="chatglm2", choices=["chatglm2", "chatglm"],
+                    help="with no --model: ChatGLM2-6B or ChatGLM-6B, random weights at the real size")
+    ap.add_argument("--tokenizers", help="with no --model: a folder with the family's tokenizer "
+                                         "(ChatGLM2's tokenizer.model, ChatGLM-6B's ice_text.model)")
     ap.add_argument("--workdir", default="/tmp/glmops-serve-bench")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--bits", default="16")
 
 
 def served_model(args) -> str:
-    """The folder to serve: --model, else the random-weight ChatGLM2-6B in --workdir (built once)."""
+    """The folder to serve: --model, else the random-weight model of --family in --workdir (built once)."""
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.model is not None:
         return args.model
     from bench.gpu_models import build
 
-    model = str(Path(args.workdir) / "chatglm2-6b-random")
+    model = str(Path(args.workdir) / f"{args.family}-6b-random")
     if not (Path(model) / "config.json").is_file():
-        build("chatglm2", Path(model), Path(args.tokenizers))
+        build(args.family, Path(model), Path(args.tokenizers))
         import torch
 
         torch.cuda.empty_cache()  # the replica sizes its KV cache from the free GPU memory
@@ -243,8 +248,11 @@ def main() -> None:
     ap.add_argument("--paths", default="batch,per_request")
     ap.add_argument("--extra", default="", help="more app arguments for the engine path, e.g. max_num_seqs=64")
     ap.add_argument("--engine_only", default="", help="first time the engine alone at these batch sizes (GPU)")
+    ap.add_argument("--workload_streams", default="long=1,8",
+                    help="stream levels of a workload other than --streams (workload=levels, space separated)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    args.workload_streams = dict(kv.split("=", 1) for kv in args.workload_streams.split())
     work = Path(args.workdir)
     model = served_model(args)
     from bench import portable_command
@@ -271,7 +279,7 @@ def main() -> None:
             levels = args.streams if path == "batch" else args.baseline_streams
             for w in (args.workloads if path == "batch" else args.baseline_workloads).split(","):
                 _, tokens = WORKLOADS[w]
-                for n in (int(x) for x in levels.split(",")):
+                for n in (int(x) for x in args.workload_streams.get(w, levels).split(",")):
                     import httpx
 
                     before = engine_histograms(server.url)

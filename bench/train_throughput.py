@@ -3,6 +3,8 @@
     python3 bench/train_throughput.py --tokenizer .gpuassets/tokenizer.model --out $OUT/train_throughput.json
     python3 bench/train_throughput.py --levers ...   # also each lever of our path on its own (bench/NOTES.md)
     python3 bench/train_throughput.py --smoke        # the script itself on CPU with the tiny model
+    python3 bench/train_throughput.py --family chatglm --tokenizer .gpuassets/ice_text.model \
+        --out $OUT/train_chatglm1.json               # ChatGLM-6B: its own model code, 2D positions, prefix mask
 
 Model: a random-weight ChatGLM2-6B (6.24 B parameters) saved once, loaded in 4-bit NF4 with double
 quantization and bf16 compute. Data: instruction records whose lengths follow the seed benchmark's mix
@@ -41,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PEAK_FLOPS = 790e12  # bf16 dense, measured on the H200 (issue #8)
-QKV = ["q_proj", "k_proj", "v_proj"]
+QKV = {"chatglm2": ["q_proj", "k_proj", "v_proj"], "chatglm": ["query_key_value"]}
 LORA = {"r": 8, "alpha": 32.0, "dropout": 0.05}
 LR = 1e-3
 SEED_MICRO_BATCH = 8
@@ -116,17 +118,17 @@ def make_records(n: int, overhead: int = 12) -> list[dict]:
     return records
 
 
-def make_examples(tok, n: int):
-    """The records encoded with the chatglm2 template (prompt tokens masked from the loss)."""
+def make_examples(tok, n: int, family: str = "chatglm2"):
+    """The records encoded with the family's template (prompt tokens masked from the loss)."""
     from common.templates import get_template
     from common.training.examples import encode_records
 
-    return encode_records(make_records(n), tok, get_template("chatglm2"), 1024, 1024).examples
+    return encode_records(make_records(n), tok, get_template(family), 1024, 1024).examples
 
 
 # -- model -------------------------------------------------------------------------------------------------
 
-def build_checkpoint(folder: Path, tokenizer: str, smoke: bool) -> None:
+def build_checkpoint(folder: Path, tokenizer: str, smoke: bool, family: str = "chatglm2") -> None:
     if (folder / "config.json").exists():
         return
     t0 = time.time()
@@ -139,10 +141,10 @@ def build_checkpoint(folder: Path, tokenizer: str, smoke: bool) -> None:
 
         tok_dir = folder.parent / "tokenizer"
         tok_dir.mkdir(parents=True, exist_ok=True)
-        link = tok_dir / "tokenizer.model"
+        link = tok_dir / ("ice_text.model" if family == "chatglm" else "tokenizer.model")
         if not link.exists():
             link.symlink_to(Path(tokenizer).resolve())
-        build("chatglm2", folder, tok_dir)
+        build(family, folder, tok_dir)
     print(f"model saved to {folder} in {time.time() - t0:.0f} s", flush=True)
 
 
@@ -170,7 +172,7 @@ def reinit_lora(model, seed: int = 0) -> None:
             p.data.zero_()
 
 
-def seed_model(folder: Path, device):
+def seed_model(folder: Path, device, family: str):
     """The seed's model: HF + bitsandbytes NF4, prepare_model_for_kbit_training, peft LoRA on q/k/v."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -182,10 +184,10 @@ def seed_model(folder: Path, device):
                                                  device_map={"": device})
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     return get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                            target_modules=QKV, task_type="CAUSAL_LM"))
+                                            target_modules=QKV[family], task_type="CAUSAL_LM"))
 
 
-def our_cfg(folder: Path, settings: dict, gpu_bytes: int | None = None):
+def our_cfg(folder: Path, settings: dict, gpu_bytes: int | None = None, family: str = "chatglm2"):
     """The worker's config: the job's defaults (its large-data batching for a card of `gpu_bytes`, chosen as
     the job's driver does, for this LoRA), the benchmark's LoRA, and the run's settings."""
     from dataclasses import fields, replace
@@ -200,12 +202,12 @@ def our_cfg(folder: Path, settings: dict, gpu_bytes: int | None = None):
     if gpu_bytes and settings.get("gpu_memory_gib"):
         gpu_bytes = min(gpu_bytes, int(settings["gpu_memory_gib"] * 2**30))
     base = dict(warmup_steps=0, logging_steps=50, base_model=str(folder), local_files_only=True, lora_r=LORA["r"],
-                lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=QKV, max_source_length=1024,
+                lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], lora_target=QKV[family], max_source_length=1024,
                 max_target_length=1024, per_device_train_batch_size=SEED_MICRO_BATCH)
     # A run's settings override the benchmark's (e.g. the token-budget lever's max_tokens_per_batch).
     cfg = replace(FinetuneConfig(), **{**base, **{k: v for k, v in settings.items() if k in names}})
     tokens, accumulation = large_data_batching(model_shape(folder) if gpu_bytes else None, 4, gpu_bytes, LOSS_CHUNK,
-                                               layer_activations(cfg, "chatglm2", torch.device("cuda")))
+                                               layer_activations(cfg, family, torch.device("cuda")))
     return replace(cfg, max_tokens_per_batch=settings.get("max_tokens_per_batch", tokens),
                    gradient_accumulation_steps=accumulation)
 
@@ -221,20 +223,27 @@ def run_path(name: str, settings: dict, args) -> dict:
     from common.templates import IGNORE
     from common.training.compiling import compile_layers, recompute_lora_dropout
     from common.training.packing import pack, packed_batch, padded_batch
-    from common.training.worker import CausalLMLoss, build_model, compute_dtype, make_optimizer, train_step
+    from common.training.worker import (
+        CausalLMLoss,
+        build_model,
+        compute_dtype,
+        example_positions_for,
+        make_optimizer,
+        train_step,
+    )
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     folder = Path(args.workdir) / "model"
     tok = load_tokenizer(open_model_folder(str(folder), local_files_only=True))
     E = args.examples_per_step
-    examples = make_examples(tok, E * args.steps)
+    examples = make_examples(tok, E * args.steps, args.family)
     steps = [list(range(s * E, (s + 1) * E)) for s in range(args.steps)]
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     if name == "baseline":
-        model = seed_model(folder, device)
+        model = seed_model(folder, device, args.family)
         reinit_lora(model)
         params = [p for p in model.parameters() if p.requires_grad]
 
@@ -260,7 +269,7 @@ def run_path(name: str, settings: dict, args) -> dict:
     else:
         overlap = settings.get("overlap", True)
         gpu_bytes = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-        cfg = our_cfg(folder, settings, gpu_bytes)
+        cfg = our_cfg(folder, settings, gpu_bytes, args.family)
         # compiled here instead of by build_model, with the lever's setting (plans as for eager layers)
         own_compile = "compile_dynamic" in settings or "redraw_dropout" in settings
         if own_compile:
@@ -281,10 +290,11 @@ def run_path(name: str, settings: dict, args) -> dict:
                                **({"loss_chunk": settings["loss_chunk"]} if "loss_chunk" in settings else {}))
         params = [p for p in model.parameters() if p.requires_grad]
         sched = None
+        positions = example_positions_for(args.family, model.get_base_model().config)
 
         def prepare(idx: list[int]) -> list:
             if cfg.packing:
-                batches = [packed_batch(examples, row, cfg.max_tokens_per_batch)
+                batches = [packed_batch(examples, row, cfg.max_tokens_per_batch, positions)
                            for row in pack(examples, idx, cfg.max_tokens_per_batch)]
             else:
                 batches = [padded_batch(examples, idx[i:i + SEED_MICRO_BATCH], tok.pad_token_id or 0)
@@ -317,6 +327,8 @@ def run_path(name: str, settings: dict, args) -> dict:
 
         use = settings.get("varlen", True) and varlen_available(device, torch.bfloat16)
         attention = "varlen (per example)" if use else "sdpa, block-diagonal mask"
+        if args.family == "chatglm":
+            attention = "flex attention, prefix block mask" if device.type == "cuda" else "dense prefix mask"
     # The worker's order: the next step's batches are built and uploaded while the GPU still runs this step,
     # and losses are read afterwards ("overlap": False reads each step's loss first, as before).
     losses, tokens, t0 = [], 0, None
@@ -432,22 +444,20 @@ def varlen_check(args) -> dict:
 
     from common.models.loader import load_tokenizer, open_model_folder
     from common.training.packing import packed_batch
-    from common.training.worker import CausalLMLoss, build_model
+    from common.training.worker import CausalLMLoss, batch_loss_sum, build_model, example_positions_for
 
     folder = Path(args.workdir) / "model"
     tok = load_tokenizer(open_model_folder(str(folder), local_files_only=True))
-    examples = make_examples(tok, 12)
-    model, _, _ = build_model(our_cfg(folder, {"lora_dropout": 0.0}), torch.device("cuda"))
+    examples = make_examples(tok, 12, args.family)
+    model, _, _ = build_model(our_cfg(folder, {"lora_dropout": 0.0}, family=args.family), torch.device("cuda"))
+    positions = example_positions_for(args.family, model.get_base_model().config)
     loss_fn = CausalLMLoss(model, torch.bfloat16).eval()
     with torch.no_grad():
-        packed = loss_fn(*_args(packed_batch(examples, list(range(12)), 16384).to("cuda")))
-        alone = sum(loss_fn(*_args(packed_batch(examples, [i], 16384).to("cuda"))) for i in range(12))
+        packed = batch_loss_sum(loss_fn, packed_batch(examples, list(range(12)), 16384, positions).to("cuda"))
+        alone = sum(batch_loss_sum(loss_fn, packed_batch(examples, [i], 16384, positions).to("cuda"))
+                    for i in range(12))
     return {"packed_loss_sum": float(packed), "sum_of_alone": float(alone),
             "rel_diff": abs(float(packed) - float(alone)) / abs(float(alone))}
-
-
-def _args(b):
-    return b.input_ids, b.targets, b.position_ids, b.attention_mask, b.cu_seqlens, b.max_seqlen
 
 
 # -- the driver ----------------------------------------------------------------------------------------------
@@ -455,7 +465,8 @@ def _args(b):
 def spawn(name: str, settings: dict, args) -> dict:
     cmd = [sys.executable, __file__, "--_path", name, "--_settings", json.dumps(settings),
            "--workdir", args.workdir, "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--examples_per_step", str(args.examples_per_step), "--profile", str(args.profile)] + \
+           "--examples_per_step", str(args.examples_per_step), "--profile", str(args.profile),
+           "--family", args.family] + \
         (["--smoke"] if args.smoke else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -489,7 +500,10 @@ def table(rows: list[dict], base_tps: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/glmops-bench")
-    ap.add_argument("--tokenizer", help="ChatGLM2 tokenizer.model (e.g. from ../shared/reference)")
+    ap.add_argument("--tokenizer", help="the family's tokenizer: ChatGLM2's tokenizer.model or ChatGLM-6B's "
+                                        "ice_text.model (e.g. from ../shared/reference)")
+    ap.add_argument("--family", default="chatglm2", choices=["chatglm2", "chatglm"],
+                    help="the model shape: ChatGLM2-6B or ChatGLM-6B (random weights, real size)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     ap.add_argument("--examples_per_step", type=int, default=32)
@@ -519,8 +533,8 @@ def main() -> None:
     if args.smoke:
         args.steps, args.warmup, args.examples_per_step, args.lever_steps = 4, 1, 4, 3
     elif not args.tokenizer:
-        ap.error("--tokenizer is needed (the ChatGLM2 tokenizer.model)")
-    build_checkpoint(Path(args.workdir) / "model", args.tokenizer, args.smoke)
+        ap.error("--tokenizer is needed (the family's tokenizer file)")
+    build_checkpoint(Path(args.workdir) / "model", args.tokenizer, args.smoke, args.family)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {gpu}; torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
 

@@ -160,9 +160,9 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData, gpu_bytes: int | None =
     where the run stopped in it, depends on it), whatever card it resumes on."""
     import torch
 
-    packing = cfg.packing and data.info.family != "chatglm"
+    packing = cfg.packing
     src = ParquetExamples(data.train.parts, exclude=data.eval_ids if data.eval_set is None else None)
-    # Longer rows only where rows are packed: padded batches (ChatGLM-6B) hold a number of examples instead.
+    # Longer rows only where rows are packed: padded batches (--packing false) hold a number of examples instead.
     large_tokens, large_accumulation = large_data_batching(
         model_shape(data.info.path), cfg.bits, gpu_bytes if packing else None, LOSS_CHUNK,
         layer_activations(cfg, data.info.family, torch.device("cuda")))  # gpu_bytes: the workers train on GPUs

@@ -72,7 +72,7 @@ def build_engine(model, spec: EngineSpec, sink=None) -> tuple[Engine, str]:
     Returns the engine and the start-up line that says what was chosen."""
     import torch
 
-    from serving.runners import GlmRunner, runner_for
+    from serving.runners import FlatRunner, runner_for
 
     t0 = time.time()
     seqs = spec.max_num_seqs or (GPU_MAX_NUM_SEQS if spec.device == "cuda" else CPU_MAX_NUM_SEQS)
@@ -87,7 +87,7 @@ def build_engine(model, spec: EngineSpec, sink=None) -> tuple[Engine, str]:
     length = min(length, context)
     runner = runner_for(model, seqs, length)
     graphs = ""
-    if isinstance(runner, GlmRunner) and runner.use_graphs:
+    if isinstance(runner, FlatRunner) and runner.use_graphs:
         try:
             graphs = f"; {runner.capture(seqs, EAGER_GRAPH_BUCKET)} decode CUDA graphs captured"
         except Exception as err:  # noqa: BLE001 - e.g. a quantized kernel that cannot be captured

@@ -12,7 +12,8 @@ follows the sequences, not `max_len`.
 
   GlmRunner       ChatGLM2/3 and GLM-4 as transformers' GlmForCausalLM (and Llama-shaped layouts with
                   the same module names); decode steps captured in CUDA graphs per (batch, bucket)
-  ChatGLM1Runner  ChatGLM-6B through our ChatGLM1ForCausalLM: 2D positions, bidirectional prompt
+  ChatGLM1Runner  ChatGLM-6B through our ChatGLM1ForCausalLM: the same flat step with its own small ops (2D
+                  rotary, LayerNorm with the scaled residual, GELU) and a bidirectional prompt
   HFRunner        any other causal LM: one sequence at a time through its own forward and cache
 """
 
@@ -132,68 +133,27 @@ class _CacheRunner(Runner):
         return self.k_cache[layer][:, :, :bucket][read], self.v_cache[layer][:, :, :bucket][read]
 
 
-class GlmRunner(_CacheRunner):
-    """GlmForCausalLM-shaped models: embed → [RMSNorm → q/k/v → partial rotary → attention → o] + MLP.
-
-    Every step runs as a flat list of tokens, each with its slot and position: a decode row is one token,
-    a prompt chunk is several. Per layer: the GEMMs plus five small ops (serving/kernels.py; Triton kernels
-    on a GPU): k and v of every token go into the cache first, then each token attends to its slot's cache
-    up to its own position, read in place. So a prompt chunk needs no padding and no mask, and prefill
-    costs a few kernels per layer, like decode. On a GPU each decode (batch size, attention bucket) is
-    captured once in a CUDA graph and replayed."""
-
-    family = "glm"
+class FlatRunner(_CacheRunner):
+    """Runners whose step is one flat list of tokens, each with its slot and position (`_tokens`): a decode row
+    is one token, a prompt chunk is several. k and v of every token go into the cache first, then each token
+    attends to its slot's cache, read in place. So a prompt chunk needs no padding, and prefill costs a few
+    kernels per layer, like decode. On a GPU each decode (batch size, attention bucket) is captured once in a
+    CUDA graph and replayed."""
 
     def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True):
         super().__init__(model, num_slots, max_len)
-        inner = model.model
-        cfg = model.config
-        self.layers, self.embed, self.norm, self.rotary = inner.layers, inner.embed_tokens, inner.norm, inner.rotary_emb
-        self.heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self._allocate(len(self.layers), cfg.num_key_value_heads, head_dim, kv_dtype(model))
-        self.eps = cfg.rms_norm_eps
-        self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
-        self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        from serving.kernels import pick_ops
-
-        rot = self.rotary(torch.zeros(1, dtype=self.k_cache.dtype, device=self.device),
-                          torch.zeros(1, 1, dtype=torch.long, device=self.device))[0].shape[-1]
-        self.ops, self.ops_note = pick_ops(self.device, heads=self.heads, kv_heads=self.kv_heads, head_dim=head_dim,
-                                           rot=rot, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
-                                           dtype=self.k_cache.dtype)
         self._pool = None  # one memory pool for all graphs: only one replays at a time
 
-    def _qkv(self, i: int, h: torch.Tensor) -> torch.Tensor:
-        if self.qkv[i] is not None:  # one GEMM instead of three
-            return F.linear(h, *self.qkv[i])
-        attn = self.layers[i].self_attn
-        return torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
-
-    @torch.no_grad()
     def _tokens(self, tokens: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor, bucket: int,
                 last: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [N] (None: each slot's last sampled token) at (slot, position) [N]; logits [R, vocab] of the
         tokens at `last` [R] (all of them when None). `bucket` bounds every position + 1."""
-        ops = self.ops
-        x = self.embed(self.last_token[slots] if tokens is None else tokens)
-        cos, sin = (c[:, 0] for c in self.rotary(x, positions[:, None]))
-        h = None
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x, h = ops.add_rms_norm(x, h, layer.input_layernorm.weight, self.eps)
-            q = ops.rope_write(self._qkv(i, h), cos, sin, self.k_cache[i], self.v_cache[i], slots, positions,
-                               self.heads, self.kv_heads)
-            out = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, positions, attn.scaling, bucket)
-            x, h = ops.add_rms_norm(x, attn.o_proj(out), layer.post_attention_layernorm.weight, self.eps)
-            mlp = layer.mlp
-            h = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h))) if self.silu else mlp(h)
-        if last is not None:  # only the rows whose logits are wanted go through the final norm and the head
-            x, h = x[last], h[last]
-        _, h = ops.add_rms_norm(x, h, self.norm.weight, self.eps)
-        return self.model.lm_head(h).float()
+        raise NotImplementedError
+
+    def _new_prompts(self, rows: list[RowInput]) -> None:
+        """Called with a step's prompt rows before they run (what a model must note of a prompt)."""
 
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
         longest = max(r.start + r.size for r in rows)
@@ -215,6 +175,7 @@ class GlmRunner(_CacheRunner):
             flat[2, at:at + n] = torch.arange(r.start, r.start + n)
             at += n
             last[i] = at - 1
+        self._new_prompts(rows)
         flat = to_device(flat, self.device)
         tokens = flat[0]
         pending = [int(last[i]) for i, r in enumerate(rows) if r.tokens is None]
@@ -282,6 +243,59 @@ class GlmRunner(_CacheRunner):
         return logits[:n]
 
 
+class GlmRunner(FlatRunner):
+    """GlmForCausalLM-shaped models: embed → [RMSNorm → q/k/v → partial rotary → attention → o] + MLP.
+
+    Per layer: the GEMMs plus five small ops (serving/kernels.py; Triton kernels on a GPU); each token attends
+    to its slot's cache up to its own position."""
+
+    family = "glm"
+
+    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True):
+        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs)
+        inner = model.model
+        cfg = model.config
+        self.layers, self.embed, self.norm, self.rotary = inner.layers, inner.embed_tokens, inner.norm, inner.rotary_emb
+        self.heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._allocate(len(self.layers), cfg.num_key_value_heads, head_dim, kv_dtype(model))
+        self.eps = cfg.rms_norm_eps
+        self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
+        self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
+        from serving.kernels import pick_ops
+
+        rot = self.rotary(torch.zeros(1, dtype=self.k_cache.dtype, device=self.device),
+                          torch.zeros(1, 1, dtype=torch.long, device=self.device))[0].shape[-1]
+        self.ops, self.ops_note = pick_ops(self.device, heads=self.heads, kv_heads=self.kv_heads, head_dim=head_dim,
+                                           rot=rot, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
+                                           dtype=self.k_cache.dtype)
+
+    def _qkv(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        if self.qkv[i] is not None:  # one GEMM instead of three
+            return F.linear(h, *self.qkv[i])
+        attn = self.layers[i].self_attn
+        return torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
+
+    @torch.no_grad()
+    def _tokens(self, tokens, slots, positions, bucket, last=None):
+        ops = self.ops
+        x = self.embed(self.last_token[slots] if tokens is None else tokens)
+        cos, sin = (c[:, 0] for c in self.rotary(x, positions[:, None]))
+        h = None
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x, h = ops.add_rms_norm(x, h, layer.input_layernorm.weight, self.eps)
+            q = ops.rope_write(self._qkv(i, h), cos, sin, self.k_cache[i], self.v_cache[i], slots, positions,
+                               self.heads, self.kv_heads)
+            out = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, positions, attn.scaling, bucket)
+            x, h = ops.add_rms_norm(x, attn.o_proj(out), layer.post_attention_layernorm.weight, self.eps)
+            mlp = layer.mlp
+            h = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h))) if self.silu else mlp(h)
+        if last is not None:  # only the rows whose logits are wanted go through the final norm and the head
+            x, h = x[last], h[last]
+        _, h = ops.add_rms_norm(x, h, self.norm.weight, self.eps)
+        return self.model.lm_head(h).float()
+
 def _fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """q/k/v weights as one matrix, the modules' own weights becoming views into it (no extra memory).
     None for quantized layers (bitsandbytes packs each weight on its own)."""
@@ -302,77 +316,91 @@ def _fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return weight, bias
 
 
-class ChatGLM1Runner(_CacheRunner):
-    """ChatGLM-6B: 2D rotary positions and a bidirectional prompt (everything before <sop>).
+class ChatGLM1Runner(FlatRunner):
+    """ChatGLM-6B through the flat-token step: LayerNorm with the alpha-scaled residual, 2D rotary, GELU
+    (serving/kernels_chatglm1.py; Triton kernels on a GPU), its 32 heads' KV cache, decode steps in CUDA graphs.
 
-    A prompt is prefilled in one piece (its bidirectional part needs all of it); answer tokens then take
-    position (mask position, 1, 2, ...) as in THUDM's original."""
+    A prompt is bidirectional up to <sop>: each of its tokens sees the whole prompt, so a prompt is prefilled in
+    one piece (`chunked_prefill = False`), and its tokens attend through PyTorch's attention per prompt (one
+    SDPA over the prompt, where the per-token decode kernel would read the prompt once per token). Each slot
+    keeps, on the device, where its <sop> and its [gMASK] are; a token's 2D position and the last position it
+    sees follow from them and its own position, inside the captured graphs too."""
 
     family = "chatglm"
     chunked_prefill = False
+    NO_SOP = 1 << 30  # a prompt without <sop>: causal throughout, positions counted as they come
 
-    def __init__(self, model, num_slots: int, max_len: int):
-        super().__init__(model, num_slots, max_len)
+    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True):
+        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs)
+        from serving.kernels import TorchOps, TritonOps
+        from serving.kernels_chatglm1 import TritonOps1, pick_ops1, rotary_tables
+
         self.tr = model.transformer
-        cfg = model.config
-        self.cfg = cfg
+        cfg = self.cfg = model.config
         self.heads = cfg.num_attention_heads
-        self._allocate(cfg.num_layers, self.heads, cfg.hidden_size // self.heads, kv_dtype(model))
-        self.prompt_info: dict[int, tuple[int, int]] = {}  # slot -> (context length up to <sop>, mask position)
+        head_dim = cfg.hidden_size // self.heads
+        self._allocate(cfg.num_layers, self.heads, head_dim, kv_dtype(model))
+        dtype = self.k_cache.dtype
+        self.eps, self.alpha = cfg.layernorm_epsilon, self.tr.layers[0].alpha
+        self.cos, self.sin = rotary_tables(head_dim // 2, max_len, dtype, self.device)
+        self.sop = torch.full((num_slots + 1,), self.NO_SOP, dtype=torch.long, device=self.device)
+        self.mask_at = torch.full((num_slots + 1,), -1, dtype=torch.long, device=self.device)
+        self.ops, self.ops_note = pick_ops1(self.device, heads=self.heads, head_dim=head_dim, hidden=cfg.hidden_size,
+                                            ffn=cfg.inner_hidden_size, dtype=dtype)
+        # decode attention: GLM's kernel with 32 KV heads (checked by pick_ops1 with the other ops)
+        self.attend = TritonOps if self.ops is TritonOps1 else TorchOps
+        self.prompt_attend = TorchOps  # prompts: one SDPA per prompt (see the class note)
 
-    def _positions(self, r: RowInput) -> tuple[torch.Tensor, torch.Tensor]:
-        """2D positions [2, n] and the context length for the row's new tokens."""
-        from common.models.modeling_chatglm1 import positions_and_mask
-
-        if r.start == 0:
-            ids = torch.tensor([r.tokens])
-            pos, _ = positions_and_mask(ids, None, self.cfg)
-            row = r.tokens
-            sop = row.index(self.cfg.bos_token_id) if self.cfg.bos_token_id in row else len(row)
-            self.prompt_info[r.slot] = (sop, int(pos[0, 0, -1]))
-            return pos[0]
-        sop, mpos = self.prompt_info[r.slot]
-        n = r.size
-        block = torch.arange(r.start - sop + 1, r.start - sop + 1 + n)
-        return torch.stack([torch.full((n,), mpos), block])
+    def _new_prompts(self, rows: list[RowInput]) -> None:
+        """Note each prompt's <sop> and [gMASK] (or [MASK]) positions in its slot."""
+        cfg = self.cfg
+        slots, sops, masks = [], [], []
+        for r in rows:
+            if r.tokens is None:
+                continue
+            if r.start != 0:
+                raise ValueError("ChatGLM-6B prompts are prefilled in one piece")
+            toks = r.tokens
+            sop = toks.index(cfg.bos_token_id) if cfg.bos_token_id in toks else self.NO_SOP
+            mask = cfg.gmask_token_id if cfg.gmask_token_id in toks else cfg.mask_token_id
+            slots.append(r.slot)
+            sops.append(sop)
+            masks.append(toks.index(mask) if mask in toks else -1)
+        if slots:
+            idx = to_device([slots, sops, masks], self.device)
+            self.sop[idx[0]] = idx[1]
+            self.mask_at[idx[0]] = idx[2]
 
     @torch.no_grad()
-    def forward(self, rows: list[RowInput]) -> torch.Tensor:
-        tokens, positions, write, read, last, bucket = self._inputs(rows)
-        b, t = tokens.shape
-        pos2d = torch.zeros(b, 2, t, dtype=torch.long)
-        context = torch.zeros(b, dtype=torch.long)
-        for i, r in enumerate(rows):
-            pos2d[i, :, : r.size] = self._positions(r)
-            context[i] = self.prompt_info[r.slot][0]
-        pos2d, context = to_device(pos2d, self.device), to_device(context, self.device)
-        keys = torch.arange(bucket, device=self.device)
-        allowed = (keys[None, None, :] <= positions[:, :, None]) | (keys[None, None, :] < context[:, None, None])
-        allowed &= keys[None, None, :] <= (positions.max(dim=1).values)[:, None, None]
-        hidden_mask = ~allowed[:, None]  # [B, 1, T, bucket], True = hidden
-        x = self.tr.word_embeddings(tokens)
-        for i, layer in enumerate(self.tr.layers):
+    def _tokens(self, tokens, slots, positions, bucket, last=None):
+        ops = self.ops
+        sop, mask_at = self.sop[slots], self.mask_at[slots]
+        reply = positions >= sop
+        p0 = torch.where(reply & (mask_at >= 0), mask_at, positions)  # from <sop> on: the [gMASK] position
+        p1 = torch.where(reply, positions - sop + 1, 0)                # the block position
+        # the last position a token sees: the whole prompt (everything before <sop>), else itself
+        sees = torch.where(sop < self.NO_SOP, torch.maximum(positions, sop - 1), positions)
+        prompt = tokens is not None
+        attend = self.prompt_attend if prompt else self.attend
+        scale = 1.0 / math.sqrt(self.head_dim)
+        x = self.tr.word_embeddings(self.last_token[slots] if tokens is None else tokens)
+        layers = self.tr.layers
+        h = ops.residual_layer_norm(x, None, self.alpha, layers[0].input_layernorm.weight,
+                                    layers[0].input_layernorm.bias, self.eps)
+        for i, layer in enumerate(layers):
             a = layer.attention
-            h = layer.input_layernorm(x)
-            q, k, v = a.query_key_value(h).view(b, t, self.heads, 3 * self.head_dim).chunk(3, dim=-1)
-            cos0, sin0 = a.rotary_emb(pos2d[:, 0], h.dtype)
-            cos1, sin1 = a.rotary_emb(pos2d[:, 1], h.dtype)
-            q, k = a._rotate_2d(q, cos0, sin0, cos1, sin1), a._rotate_2d(k, cos0, sin0, cos1, sin1)
-            self._write(i, write, positions, k, v)
-            kc, vc = self._read(i, read, bucket)
-            coeff = float(i + 1)
-            scores = torch.matmul(q.transpose(1, 2) / (math.sqrt(self.head_dim) * coeff), kc.transpose(-1, -2))
-            scores = scores.masked_fill(hidden_mask, -10000.0).float() * coeff
-            probs = F.softmax(scores, dim=-1).to(vc.dtype)
-            ctx = torch.matmul(probs, vc).transpose(1, 2).reshape(b, t, -1)
-            x = h * layer.alpha + a.dense(ctx)
-            h = layer.post_attention_layernorm(x)
-            x = h * layer.alpha + layer.mlp(h)
-        x = self.tr.final_layernorm(x)
-        return self.model.lm_head(x[torch.arange(b, device=x.device), last]).float()
-
-    def release(self, slot: int) -> None:
-        self.prompt_info.pop(slot, None)
+            q = ops.rope2d_write(a.query_key_value(h), self.cos, self.sin, p0, p1, self.k_cache[i], self.v_cache[i],
+                                 slots, positions, self.heads)
+            out = attend.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, sees, scale, bucket)
+            ln = layer.post_attention_layernorm
+            h = ops.residual_layer_norm(h, a.dense(out), self.alpha, ln.weight, ln.bias, self.eps)
+            mlp = layer.mlp
+            delta = mlp.dense_4h_to_h(ops.gelu(mlp.dense_h_to_4h(h)))
+            ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.tr.final_layernorm
+            if last is not None and i + 1 == len(layers):  # only the rows whose logits are wanted
+                h, delta = h[last], delta[last]
+            h = ops.residual_layer_norm(h, delta, self.alpha, ln.weight, ln.bias, self.eps)
+        return self.model.lm_head(h).float()
 
 
 class HFRunner(Runner):
@@ -407,7 +435,7 @@ class HFRunner(Runner):
 def runner_for(model, num_slots: int, max_len: int, *, cuda_graphs: bool = True) -> Runner:
     kind = type(model).__name__
     if kind == "ChatGLM1ForCausalLM":
-        return ChatGLM1Runner(model, num_slots, max_len)
+        return ChatGLM1Runner(model, num_slots, max_len, cuda_graphs=cuda_graphs)
     inner = getattr(model, "model", None)
     layer = inner.layers[0] if inner is not None and hasattr(inner, "layers") else None
     if kind == "GlmForCausalLM" and layer is not None and hasattr(layer.mlp, "gate_up_proj"):

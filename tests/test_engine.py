@@ -10,7 +10,7 @@ from conftest import reference_dir
 from transformers import AutoModelForCausalLM
 
 from serving.engine import Engine, EngineConfig, Overloaded, TooLong
-from serving.runners import ChatGLM1Runner, GlmRunner, runner_for
+from serving.runners import ChatGLM1Runner, GlmRunner, RowInput, runner_for
 from serving.sampling import SamplingParams
 
 PROMPTS = [list(range(5, 23)), [30, 31, 32], list(range(40, 47)), [50] * 40, [60, 61], list(range(70, 100))]
@@ -67,6 +67,55 @@ def test_greedy_replies_equal_generate_with_staggered_arrivals_and_lengths(tiny)
         engine.shutdown()
     for (out, finish), p, n in zip(got, PROMPTS, LENGTHS):
         assert out == greedy(tiny, p, n) and finish == "length"
+
+
+def test_chatglm1_greedy_replies_equal_generate_with_staggered_arrivals_and_long_prompts():
+    """ChatGLM-6B through the flat-token step: bidirectional prompts (longer than a prefill chunk, taken whole),
+    2D positions, its own ops; 6 requests on 4 slots, arriving 10 ms apart, each with its own length."""
+    model = _wide_tiny_chatglm1()
+    prompts = [[5 + (7 * i + j) % 900 for j in range(n)] + [130001, 130004]
+               for i, n in enumerate([18, 3, 40, 7, 2, 30])]
+    prompts[3] = prompts[3][:-1]  # a prompt without <sop>: causal throughout
+    engine = start(model, chunk=16)
+    assert isinstance(engine.runner, ChatGLM1Runner)
+    try:
+        got = run_all(engine, lambda: [collect(engine, p, SamplingParams(n, temperature=0, min_tokens=n),
+                                               delay=0.01 * i) for i, (p, n) in enumerate(zip(prompts, LENGTHS))])
+    finally:
+        engine.shutdown()
+    for (out, finish), p, n in zip(got, prompts, LENGTHS):
+        assert out == greedy(model, p, n) and finish == "length"
+
+
+def test_chatglm1_step_logits_equal_the_models_at_prefill_and_every_decode_step():
+    """Closer than greedy tokens: the logits of the flat step equal the model's own forward over the whole
+    sequence, for two prompts side by side and then their decode steps."""
+    model = _wide_tiny_chatglm1()
+    runner = runner_for(model, 2, 128)
+    seqs = [[5 + j % 700 for j in range(25)] + [130001, 130004], [9, 8, 7, 130001, 130004]]
+    logits = runner.forward([RowInput(0, seqs[0], 0), RowInput(1, seqs[1], 0)])
+    for _ in range(4):
+        for slot, seq in enumerate(seqs):
+            with torch.no_grad():
+                expected = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+            torch.testing.assert_close(logits[slot], expected, atol=1e-4, rtol=1e-4)
+            seq.append(int(expected.argmax()))
+            runner.last_token[slot] = seq[-1]
+        logits = runner.forward([RowInput(slot, None, len(seq) - 1) for slot, seq in enumerate(seqs)])
+
+
+def _wide_tiny_chatglm1():
+    from common.models.modeling_chatglm1 import ChatGLM1Config, ChatGLM1ForCausalLM
+
+    torch.manual_seed(0)
+    model = ChatGLM1ForCausalLM(ChatGLM1Config(hidden_size=64, num_layers=2, num_attention_heads=4,
+                                               inner_hidden_size=128, vocab_size=130528)).eval()
+    with torch.no_grad():  # weights wide enough that attention moves the replies (at 0.02 the residual rules)
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                p.mul_(8)
+        model.transformer.word_embeddings.weight.mul_(20)  # confident logits: no near-ties for argmax to split
+    return model
 
 
 def test_chatglm1_greedy_replies_equal_generate_on_the_reference_model():
@@ -196,6 +245,29 @@ def test_cuda_graph_decode_steps_give_the_greedy_replies_of_generate_on_gpu(tiny
         ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              pad_token_id=0)[0, len(p):].tolist()
         assert out == ref
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_chatglm1_on_gpu_triton_ops_and_cuda_graphs_give_the_models_logits():
+    """On a GPU: the Triton ops pass their start-up check, decode steps replay captured graphs, and the logits at
+    prefill and each decode step stay those of the model's own forward (fp32)."""
+    model = _wide_tiny_chatglm1().cuda()
+    runner = runner_for(model, 4, 256)
+    assert runner.ops.name == "triton", runner.ops_note
+    assert runner.capture(4, 256) > 0
+    seqs = [[5 + j % 700 for j in range(300 if i == 0 else 9 * i + 2)] + [130001, 130004] for i in range(3)]
+    seqs[0] = seqs[0][:200]  # a long prompt (bidirectional over 200 tokens), without <sop>
+    logits = runner.forward([RowInput(i, s, 0) for i, s in enumerate(seqs)])
+    for _ in range(5):
+        for slot, seq in enumerate(seqs):
+            with torch.no_grad():
+                expected = model(input_ids=torch.tensor([seq], device="cuda"), use_cache=False).logits[0, -1]
+            torch.testing.assert_close(logits[slot], expected, atol=2e-3, rtol=1e-3)
+            seq.append(int(expected.argmax()))
+            runner.last_token[slot] = seq[-1]
+        logits = runner.forward([RowInput(slot, None, len(seq) - 1) for slot, seq in enumerate(seqs)])
+    assert runner.graphs
 
 
 def test_the_engine_in_its_own_process_gives_the_same_greedy_replies(tiny_model, tiny):

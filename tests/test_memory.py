@@ -202,6 +202,7 @@ def test_the_worker_describes_its_layers_as_it_builds_them():
     assert (gpu.compiled, gpu.dropout_recomputed, gpu.lora_dropout) == (True, True, 0.05)
     assert gpu.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
     assert not layer_activations(cfg, "chatglm2", torch.device("cpu")).compiled
-    assert not layer_activations(cfg, "chatglm", torch.device("cuda")).compiled  # ChatGLM-6B's own code runs eager
+    glm1 = layer_activations(cfg, "chatglm", torch.device("cuda"))  # ChatGLM-6B's layers are compiled too
+    assert glm1.compiled and glm1.lora_targets == ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     off = load_config(FinetuneConfig, ["--torch_compile", "false"], "t", "t")
     assert layer_activations(off, "chatglm2", torch.device("cuda")).compiled is False

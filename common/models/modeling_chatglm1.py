@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -100,6 +101,11 @@ class SelfAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, s, d]
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+        if not isinstance(mask, torch.Tensor):  # packed rows on a GPU: FlexAttention over the rows' block mask
+            ctx = _flex_attention()(q, k, v, block_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
+            return self.dense(ctx.transpose(1, 2).reshape(b, s, -1))
+        # The original's scaling: scores divided by (i + 1) before the product and multiplied back in fp32, so
+        # that fp16 does not overflow; with bf16 or fp32, as FlexAttention computes, the same softmax.
         coeff = float(self.layer_idx + 1)
         scores = torch.matmul(q / (math.sqrt(self.head_dim) * coeff), k.transpose(-1, -2))
         scores = scores.masked_fill(mask, MASK_VALUE).float() * coeff
@@ -114,6 +120,22 @@ class SelfAttention(nn.Module):
         t0 = t0 * cos0 + _rotate_half(t0) * sin0
         t1 = t1 * cos1 + _rotate_half(t1) * sin1
         return torch.cat((t0, t1), dim=-1)
+
+
+def _flex_attention():
+    """FlexAttention, compiled once where the caller is not compiled already (eager, it would build the whole
+    [T, T] score matrix)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _COMPILED_FLEX
+    if torch.compiler.is_compiling():
+        return flex_attention
+    if _COMPILED_FLEX is None:
+        _COMPILED_FLEX = torch.compile(flex_attention, dynamic=True)
+    return _COMPILED_FLEX
+
+
+_COMPILED_FLEX = None
 
 
 class MLP(nn.Module):
@@ -180,20 +202,28 @@ class ChatGLM1Model(ChatGLM1PreTrainedModel):
         self.word_embeddings = value
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, inputs_embeds=None,
-                use_cache=None, output_hidden_states=None, return_dict=True, **kwargs):
+                use_cache=None, output_hidden_states=None, return_dict=True, cu_seq_lens_q=None, prefix_lens=None,
+                **kwargs):
+        """Packed rows (training): one row of examples back to back, with `position_ids` [1, 2, T] restarting
+        per example (`example_positions`), `cu_seq_lens_q` their boundaries and `prefix_lens` their prompt
+        lengths; each example then attends only to itself, with its own prefix mask (common/models/prefix_mask.py)."""
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         if use_cache and cache is None:
             cache = DynamicCache()
-        if position_ids is None or attention_mask is None or attention_mask.dim() != 4:
+        if prefix_lens is not None:
+            if position_ids is None or cu_seq_lens_q is None or inputs_embeds.shape[0] != 1:
+                raise ValueError("packed rows need one row, its 2D position_ids and its example boundaries")
+            attention_mask = packed_mask(cu_seq_lens_q, prefix_lens, inputs_embeds.shape[1], inputs_embeds.device)
+        elif position_ids is None or attention_mask is None or attention_mask.dim() != 4:
             if cache is not None and cache.get_seq_length() > 0:
                 raise ValueError("ChatGLM-6B needs position_ids and a 4D mask with a cache (use generate())")
             pad = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             pos, mask = positions_and_mask(input_ids, pad, self.config)
             position_ids = pos if position_ids is None else position_ids
             attention_mask = mask if attention_mask is None or attention_mask.dim() != 4 else attention_mask
-        mask = attention_mask.bool()
+        mask = attention_mask.bool() if isinstance(attention_mask, torch.Tensor) else attention_mask
         hidden = inputs_embeds
         all_hidden = [hidden] if output_hidden_states else None
         for layer in self.layers:
@@ -207,6 +237,33 @@ class ChatGLM1Model(ChatGLM1PreTrainedModel):
                                        **{CACHE_KEY: cache})
 
 
+def packed_mask(cu_seqlens: torch.Tensor, prefix_lens: torch.Tensor, length: int, device: torch.device):
+    """What the layers attend with for a packed row: FlexAttention's block mask on a GPU, else the dense mask."""
+    from common.models import prefix_mask
+
+    if device.type == "cuda":
+        return prefix_mask.block_mask(cu_seqlens.to(device), prefix_lens.to(device), length)
+    return prefix_mask.dense_mask(cu_seqlens.to(device), prefix_lens.to(device), length)
+
+
+def example_positions(ids, config: ChatGLM1Config) -> tuple[np.ndarray, int]:
+    """One example's 2D positions [2, n] and its prompt length (the tokens before <sop>, seen by all; 0 when
+    there is no <sop>): position 0 counts tokens up to <sop> and then stays at the [gMASK] (or [MASK]) position,
+    position 1 is 0 before <sop> and then 1, 2, 3 ..."""
+    row = list(ids)
+    n = len(row)
+    pos = np.zeros((2, n), dtype=np.int64)
+    pos[0] = np.arange(n)
+    if config.bos_token_id not in row:
+        return pos, 0
+    sop = row.index(config.bos_token_id)
+    mask_tok = config.gmask_token_id if config.gmask_token_id in row else config.mask_token_id
+    if mask_tok in row:
+        pos[0, sop:] = row.index(mask_tok)
+    pos[1, sop:] = np.arange(1, n - sop + 1)
+    return pos, sop
+
+
 def positions_and_mask(input_ids: torch.Tensor, pad_mask: torch.Tensor | None, config: ChatGLM1Config):
     """2D positions [b, 2, s] and the masked-out matrix [b, 1, s, s] (True = hidden) for whole sequences.
 
@@ -216,27 +273,14 @@ def positions_and_mask(input_ids: torch.Tensor, pad_mask: torch.Tensor | None, c
     dev = input_ids.device
     ids = input_ids.tolist()
     real = pad_mask.bool() if pad_mask is not None else torch.ones(b, s, dtype=torch.bool, device=dev)
-    pos = torch.zeros(b, 2, s, dtype=torch.long, device=dev)
+    pos = np.zeros((b, 2, s), dtype=np.int64)
     allowed = torch.tril(torch.ones(s, s, dtype=torch.bool, device=dev)).repeat(b, 1, 1)
     for r in range(b):
-        row = ids[r]
         start = int((~real[r]).long().cumprod(0).sum()) if pad_mask is not None else 0
-        sop = row.index(config.bos_token_id, start) if config.bos_token_id in row[start:] else s
-        mask_tok = config.gmask_token_id if config.gmask_token_id in row[start:] else config.mask_token_id
-        mpos = row.index(mask_tok, start) - start if mask_tok in row[start:] else None
-        n = s - start
-        p0 = torch.arange(n, device=dev)
-        p1 = torch.zeros(n, dtype=torch.long, device=dev)
-        if sop < s:
-            c = sop - start
-            if mpos is not None:
-                p0[c:] = mpos
-            p1[c:] = torch.arange(1, n - c + 1, device=dev)
-            allowed[r, :, :sop] = True
-        pos[r, 0, start:] = p0
-        pos[r, 1, start:] = p1
+        pos[r, :, start:], prompt = example_positions(ids[r][start:], config)
+        allowed[r, :, :start + prompt] = True
     allowed &= real[:, None, :]
-    return pos, (~allowed)[:, None]
+    return torch.from_numpy(pos).to(dev), (~allowed)[:, None]
 
 
 class ChatGLM1ForCausalLM(ChatGLM1PreTrainedModel, GenerationMixin):
@@ -262,7 +306,9 @@ class ChatGLM1ForCausalLM(ChatGLM1PreTrainedModel, GenerationMixin):
                 return_dict=True, **kwargs):
         out = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
-                               use_cache=use_cache, output_hidden_states=output_hidden_states)
+                               use_cache=use_cache, output_hidden_states=output_hidden_states,
+                               cu_seq_lens_q=kwargs.pop("cu_seq_lens_q", None),
+                               prefix_lens=kwargs.pop("prefix_lens", None))
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor):
             hidden = hidden[:, logits_to_keep]

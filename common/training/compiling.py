@@ -66,14 +66,13 @@ def recompute_lora_dropout(model) -> int:
     return swapped
 
 
-def wants_compile(setting: str, device: torch.device, family: str) -> bool:
-    """`torch_compile`: auto compiles on a CUDA GPU for the native GLM families (ChatGLM-6B's own model
-    code is left eager); true compiles wherever the layers are found; false never."""
+def wants_compile(setting: str, device: torch.device) -> bool:
+    """`torch_compile`: auto compiles on a CUDA GPU; true compiles wherever the layers are found; false never."""
     if setting == "false":
         return False
     if setting == "true":
         return True
-    return device.type == "cuda" and family != "chatglm"
+    return device.type == "cuda"
 
 
 def compile_layers(model, backend="inductor", dynamic: bool | None = None, fallback: bool = False) -> int:

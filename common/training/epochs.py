@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.templates import IGNORE
-from common.training.packing import Batch, greedy_rows, packed_rows, padded_rows
+from common.training.packing import Batch, Positions, counted, greedy_rows, packed_rows, padded_rows
 
 # Examples shuffled together; a worker holds about two windows of tokens (tests lower it).
 WINDOW_EXAMPLES = int(os.environ.get("GLMOPS_WINDOW_EXAMPLES", "32768"))
@@ -194,7 +194,7 @@ def fit_batching(src: ExampleSource, *, packing: bool, workers: int, batch_size:
     tokens = [max_tokens] if max_tokens else _halvings(large_tokens, -(-longest // 16) * 16)
     accums = [accumulation] if accumulation else _halvings(large_accumulation, 1)
     candidates = [(tokens[0], a) for a in accums]
-    if packing:  # padded batches (ChatGLM-6B) hold one example count whatever the budget
+    if packing:  # padded batches (--packing false) hold one example count whatever the budget
         candidates += [(t, accums[-1]) for t in tokens[1:]]
     for t, a in candidates:
         plan = plan_epoch(src, epoch=0, seed=seed, packing=packing, max_tokens=t, batch_size=batch_size)
@@ -215,9 +215,10 @@ def step_micro_batches(plan: EpochPlan, step: int, per_step: int) -> range:
 class BatchReader:
     """Builds micro-batches of a plan, reading the parts of at most two windows at a time."""
 
-    def __init__(self, src: ExampleSource, plan: EpochPlan, *, packing: bool, max_tokens: int, pad_id: int):
+    def __init__(self, src: ExampleSource, plan: EpochPlan, *, packing: bool, max_tokens: int, pad_id: int,
+                 positions: Positions = counted):
         self.src, self.plan = src, plan
-        self.packing, self.max_tokens, self.pad_id = packing, max_tokens, pad_id
+        self.packing, self.max_tokens, self.pad_id, self.positions = packing, max_tokens, pad_id, positions
         self.loaded: dict[int, Part] = {}
 
     def _parts_for(self, w: int) -> None:
@@ -233,15 +234,15 @@ class BatchReader:
         ex = self.plan.examples(b)
         seqs = [self.loaded[int(self.src.part[i])].example(int(self.src.row[i])) for i in ex]
         if self.packing:
-            return packed_rows(seqs, self.max_tokens)
+            return packed_rows(seqs, self.max_tokens, self.positions)
         return padded_rows(seqs, self.pad_id)
 
 
 def all_batches(src: ExampleSource, *, epoch: int, seed: int, packing: bool, max_tokens: int, batch_size: int,
-                pad_id: int) -> list[Batch]:
+                pad_id: int, positions: Positions = counted) -> list[Batch]:
     """Every micro-batch of one epoch, in order (small sets: eval, tests, benchmarks)."""
     plan = plan_epoch(src, epoch=epoch, seed=seed, packing=packing, max_tokens=max_tokens, batch_size=batch_size)
-    reader = BatchReader(src, plan, packing=packing, max_tokens=max_tokens, pad_id=pad_id)
+    reader = BatchReader(src, plan, packing=packing, max_tokens=max_tokens, pad_id=pad_id, positions=positions)
     return [reader.batch(b) for b in range(len(plan))]
 
 

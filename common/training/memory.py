@@ -56,9 +56,12 @@ class LayerActivations:
         return kept + sum(per_input * width for width in lora_input_widths(config, self.lora_targets))
 
 
-# The input width of each linear layer LoRA can train in the native GLM layout (peft's "all-linear": all six).
+# The input width of each linear layer LoRA can train in the native GLM layout (peft's "all-linear": all six),
+# and in ChatGLM-6B's.
 def _native_inputs(config) -> dict[str, int]:
     _, hidden, inter = model_dims(config)
+    if getattr(config, "model_type", None) == "chatglm1":
+        return {"query_key_value": hidden, "dense": hidden, "dense_h_to_4h": hidden, "dense_4h_to_h": inter}
     return {"q_proj": hidden, "k_proj": hidden, "v_proj": hidden, "o_proj": hidden, "gate_up_proj": hidden,
             "down_proj": inter}
 

@@ -11,6 +11,7 @@ example is ever asked to predict the next one's first token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +35,9 @@ class Batch:
     # batch: the loss gathers them with a fixed-size index instead of a boolean mask, whose size the GPU
     # would have to report back mid-step (a host sync).
     supervised: torch.Tensor | None = None
+    # packed ChatGLM-6B rows: each example's prompt length (the tokens before <sop>, which all of its tokens see);
+    # position_ids are then its 2D positions [rows, 2, length]
+    prefix_lens: torch.Tensor | None = None
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         """On `device`. `non_blocking` on CUDA: copied from pinned memory without waiting, so the host can build
@@ -46,7 +50,8 @@ class Batch:
                 return None
             return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
-                     self.num_tokens, self.num_targets, move(self.cu_seqlens), self.max_seqlen, move(self.supervised))
+                     self.num_tokens, self.num_targets, move(self.cu_seqlens), self.max_seqlen, move(self.supervised),
+                     move(self.prefix_lens))
 
 
 def shifted_targets(labels) -> np.ndarray:
@@ -75,24 +80,37 @@ def pack(examples: list[Encoded], order: list[int], max_tokens: int) -> list[lis
 Seq = tuple  # (input_ids, labels): lists or 1-D integer arrays
 
 
-def packed_rows(seqs: list[Seq], max_tokens: int) -> Batch:
+# What a model's examples need besides their tokens: (positions [n] or [2, n], prompt length or None) of an
+# example's ids. Most models count 0, 1, 2 ...; ChatGLM-6B has 2D positions and a prefix mask
+# (modeling_chatglm1.example_positions).
+Positions = Callable[[np.ndarray], tuple[np.ndarray, int | None]]
+
+
+def counted(ids: np.ndarray) -> tuple[np.ndarray, None]:
+    return np.arange(len(ids), dtype=np.int64), None
+
+
+def packed_rows(seqs: list[Seq], max_tokens: int, positions: Positions = counted) -> Batch:
     """One packed row of `seqs` (each cut to the budget), positions restarting per example."""
-    ids, pos, tgt, lengths = [], [], [], []
+    ids, pos, tgt, lengths, prefixes = [], [], [], [], []
     for input_ids, labels in seqs:
         n = min(len(input_ids), max_tokens)
         ids.append(np.asarray(input_ids[:n], dtype=np.int64))
-        pos.append(np.arange(n, dtype=np.int64))
+        p, prefix = positions(ids[-1])
+        pos.append(p)
+        prefixes.append(prefix)
         tgt.append(shifted_targets(labels)[:n])
         lengths.append(n)
-    t = lambda parts: torch.from_numpy(np.concatenate(parts))[None]  # noqa: E731
+    t = lambda parts: torch.from_numpy(np.concatenate(parts, axis=-1))[None]  # noqa: E731
     flat = np.concatenate(tgt)
     supervised = np.flatnonzero(flat != IGNORE)
+    prefix_lens = None if prefixes[0] is None else torch.tensor(prefixes, dtype=torch.int32)
     return Batch(t(ids), t(pos), t(tgt), None, sum(lengths), len(supervised), cu_seqlens(lengths), max(lengths),
-                 torch.from_numpy(supervised))
+                 torch.from_numpy(supervised), prefix_lens)
 
 
 def padded_rows(seqs: list[Seq], pad_id: int) -> Batch:
-    """Right-padded rows with an attention mask (the seed's way, and ChatGLM-6B's)."""
+    """Right-padded rows with an attention mask (the seed's way; `--packing false`)."""
     length = max(len(x) for x, _ in seqs)
     ids = np.full((len(seqs), length), pad_id, dtype=np.int64)
     pos = np.zeros((len(seqs), length), dtype=np.int64)
@@ -106,8 +124,8 @@ def padded_rows(seqs: list[Seq], pad_id: int) -> Batch:
     return Batch(t(ids), t(pos), t(tgt), t(mask), int(mask.sum()), len(supervised), supervised=t(supervised))
 
 
-def packed_batch(examples: list[Encoded], row: list[int], max_tokens: int) -> Batch:
-    return packed_rows([(examples[i].input_ids, examples[i].labels) for i in row], max_tokens)
+def packed_batch(examples: list[Encoded], row: list[int], max_tokens: int, positions: Positions = counted) -> Batch:
+    return packed_rows([(examples[i].input_ids, examples[i].labels) for i in row], max_tokens, positions)
 
 
 def padded_batch(examples: list[Encoded], group: list[int], pad_id: int) -> Batch:

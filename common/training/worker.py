@@ -6,6 +6,7 @@ separate so the throughput benchmark runs exactly the same code.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -35,7 +36,7 @@ from common.training.epochs import (
     step_micro_batches,
     steps_in,
 )
-from common.training.packing import Batch
+from common.training.packing import Batch, Positions, counted
 
 LORA_TARGETS = {
     "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -72,20 +73,25 @@ def layer_activations(cfg: FinetuneConfig, family: str, device: torch.device):
     from common.training.memory import LayerActivations
 
     targets = lora_targets(cfg, family)
-    compiled = wants_compile(cfg.torch_compile, device, family)
+    compiled = wants_compile(cfg.torch_compile, device)
     # compiled layers can draw LoRA's dropout again in backward: the leanest layer, which the rows are chosen
     # for; build_model keeps the dropout instead where the card has room (memory.keep_dropout_where_it_fits)
     return LayerActivations(targets if isinstance(targets, str) else tuple(targets), cfg.lora_dropout, compiled,
                             dropout_recomputed=compiled)
 
 
-def uses_packing(cfg: FinetuneConfig, family: str) -> bool:
-    # ChatGLM-6B builds its 2D positions and prefix mask per row, from one prompt: one example per row
-    return cfg.packing and family != "chatglm"
+def example_positions_for(family: str, config) -> Positions:
+    """How a packed row numbers its examples' tokens: ChatGLM-6B's 2D positions and prompt lengths (its prefix
+    mask), else 0, 1, 2 ... per example."""
+    if family == "chatglm":
+        from common.models.modeling_chatglm1 import example_positions
+
+        return functools.partial(example_positions, config=config)
+    return counted
 
 
-def tokens_per_micro_batch(cfg: FinetuneConfig, family: str) -> int:
-    if uses_packing(cfg, family):
+def tokens_per_micro_batch(cfg: FinetuneConfig) -> int:
+    if cfg.packing:
         return cfg.max_tokens_per_batch
     return cfg.per_device_train_batch_size * (cfg.max_source_length + cfg.max_target_length)
 
@@ -114,7 +120,7 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
                        trust_remote_code=cfg.trust_remote_code,
                        quant_type=cfg.quant_type, double_quant=cfg.double_quant)
     model.config.use_cache = False
-    tokens = tokens_per_micro_batch(cfg, info.family)
+    tokens = tokens_per_micro_batch(cfg)
     # what the plan assumes is what is built below
     layer = keep_dropout_where_it_fits(layer_activations(cfg, info.family, device), model.config, tokens,
                                        free_on_gpu(device, cfg.gpu_memory_gib, model.config, LOSS_CHUNK))
@@ -191,9 +197,11 @@ class CausalLMLoss(torch.nn.Module):
             use_varlen(model)
 
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None, cu_seqlens=None,
-                max_seqlen: int = 0, supervised: torch.Tensor | None = None) -> torch.Tensor:
+                max_seqlen: int = 0, supervised: torch.Tensor | None = None,
+                prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
         """`supervised`: flat indices of the positions whose targets count (Batch.supervised); without
-        them they are found with a boolean mask, which waits for the GPU mid-step."""
+        them they are found with a boolean mask, which waits for the GPU mid-step. `prefix_lens`: packed
+        ChatGLM-6B rows, whose model builds its own prefix masks from them and the boundaries."""
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
         if attention_mask is not None:
@@ -201,7 +209,9 @@ class CausalLMLoss(torch.nn.Module):
         else:
             kwargs["position_ids"] = position_ids
         device = input_ids.device
-        if self.varlen and cu_seqlens is not None and attention_mask is None:
+        if prefix_lens is not None:
+            kwargs.update(cu_seq_lens_q=cu_seqlens, prefix_lens=prefix_lens)
+        elif self.varlen and cu_seqlens is not None and attention_mask is None:
             kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
                           max_length_k=max_seqlen)
             if not self.build_masks:
@@ -224,7 +234,7 @@ def batch_loss_sum(loss_fn: CausalLMLoss | torch.nn.Module, batch: Batch) -> tor
     """Sum of next-token losses over the supervised positions of one micro-batch."""
     return loss_fn(batch.input_ids, batch.targets, position_ids=batch.position_ids,
                    attention_mask=batch.attention_mask, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                   supervised=batch.supervised)
+                   supervised=batch.supervised, prefix_lens=batch.prefix_lens)
 
 
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, *,
@@ -405,7 +415,7 @@ def _train(config: dict) -> dict:
         log(f"torch.compile: {model.compiled_layers} decoder layers (compiled at the first steps)")
     dtype = compute_dtype(device, cfg)
     autocast_dtype = dtype if dtype != torch.float32 else None
-    packing = uses_packing(cfg, info.family)
+    packing = cfg.packing
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     # Every worker reads the small columns of the whole set and computes the same epoch plan; tokens are
@@ -414,6 +424,7 @@ def _train(config: dict) -> dict:
     train_src = ParquetExamples(data["train_files"], exclude=_ids_in(data.get("exclude_ids_from")))
     eval_src = ParquetExamples(data["eval_files"])
     batch_kw = {"packing": packing, "max_tokens": cfg.max_tokens_per_batch}
+    positions = example_positions_for(info.family, model.get_base_model().config)
     plans: dict[int, object] = {}
 
     def plan_for(epoch: int):
@@ -428,7 +439,7 @@ def _train(config: dict) -> dict:
     steps_per_epoch = steps_in(plan_for(0), per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     eval_batches = all_batches(eval_src, epoch=0, seed=cfg.seed, batch_size=cfg.per_device_train_batch_size,
-                               pad_id=pad_id, **batch_kw)[rank::world]
+                               pad_id=pad_id, positions=positions, **batch_kw)[rank::world]
     log(f"data: {len(train_src):,} training examples, {len(plan_for(0)):,} micro-batches per epoch, "
         f"{steps_per_epoch:,} steps per epoch; {len(eval_src):,} eval examples")
 
@@ -511,7 +522,7 @@ def _train(config: dict) -> dict:
     window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.time()
     while state.step < total_steps:
         plan = plan_for(state.epoch)
-        reader = BatchReader(train_src, plan, pad_id=pad_id, **batch_kw)
+        reader = BatchReader(train_src, plan, pad_id=pad_id, positions=positions, **batch_kw)
         n_steps = steps_in(plan, per_step)
 
         def load(i: int, plan=plan, reader=reader):
