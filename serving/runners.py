@@ -321,14 +321,17 @@ class ChatGLM1Runner(FlatRunner):
     (serving/kernels_chatglm1.py; Triton kernels on a GPU), its 32 heads' KV cache, decode steps in CUDA graphs.
 
     A prompt is bidirectional up to <sop>: each of its tokens sees the whole prompt, so a prompt is prefilled in
-    one piece (`chunked_prefill = False`), and its tokens attend through PyTorch's attention per prompt (one
-    SDPA over the prompt, where the per-token decode kernel would read the prompt once per token). Each slot
+    one piece (`chunked_prefill = False`). Its tokens attend through the decode kernel, each reading its
+    prompt in place, while prompts are short; a step with a prompt longer than PROMPT_KERNEL_MAX attends
+    through PyTorch's attention, one SDPA per prompt (the kernel would read a long prompt once per token: with
+    32 KV heads, no grouped queries share those reads). Each slot
     keeps, on the device, where its <sop> and its [gMASK] are; a token's 2D position and the last position it
     sees follow from them and its own position, inside the captured graphs too."""
 
     family = "chatglm"
     chunked_prefill = False
     NO_SOP = 1 << 30  # a prompt without <sop>: causal throughout, positions counted as they come
+    PROMPT_KERNEL_MAX = 512  # longest prompt whose tokens attend through the per-token decode kernel
 
     def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True):
         super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs)
@@ -349,11 +352,13 @@ class ChatGLM1Runner(FlatRunner):
                                             ffn=cfg.inner_hidden_size, dtype=dtype)
         # decode attention: GLM's kernel with 32 KV heads (checked by pick_ops1 with the other ops)
         self.attend = TritonOps if self.ops is TritonOps1 else TorchOps
-        self.prompt_attend = TorchOps  # prompts: one SDPA per prompt (see the class note)
+        self.long_prompt_attend = self.prompt_attend = TorchOps  # one SDPA per prompt (see the class note)
 
     def _new_prompts(self, rows: list[RowInput]) -> None:
         """Note each prompt's <sop> and [gMASK] (or [MASK]) positions in its slot."""
         cfg = self.cfg
+        longest = max((r.size for r in rows if r.tokens is not None), default=0)
+        self.prompt_attend = self.long_prompt_attend if longest > self.PROMPT_KERNEL_MAX else self.attend
         slots, sops, masks = [], [], []
         for r in rows:
             if r.tokens is None:

@@ -251,22 +251,24 @@ def test_cuda_graph_decode_steps_give_the_greedy_replies_of_generate_on_gpu(tiny
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_chatglm1_on_gpu_triton_ops_and_cuda_graphs_give_the_models_logits():
     """On a GPU: the Triton ops pass their start-up check, decode steps replay captured graphs, and the logits at
-    prefill and each decode step stay those of the model's own forward (fp32)."""
+    prefill and each decode step stay those of the model's own forward (fp32): short prompts (attended by the
+    decode kernel) and a step with a long one (one SDPA per prompt), one of them without <sop>."""
     model = _wide_tiny_chatglm1().cuda()
-    runner = runner_for(model, 4, 256)
+    runner = runner_for(model, 4, 1024)
     assert runner.ops.name == "triton", runner.ops_note
-    assert runner.capture(4, 256) > 0
-    seqs = [[5 + j % 700 for j in range(300 if i == 0 else 9 * i + 2)] + [130001, 130004] for i in range(3)]
-    seqs[0] = seqs[0][:200]  # a long prompt (bidirectional over 200 tokens), without <sop>
-    logits = runner.forward([RowInput(i, s, 0) for i, s in enumerate(seqs)])
-    for _ in range(5):
-        for slot, seq in enumerate(seqs):
-            with torch.no_grad():
-                expected = model(input_ids=torch.tensor([seq], device="cuda"), use_cache=False).logits[0, -1]
-            torch.testing.assert_close(logits[slot], expected, atol=2e-3, rtol=1e-3)
-            seq.append(int(expected.argmax()))
-            runner.last_token[slot] = seq[-1]
-        logits = runner.forward([RowInput(slot, None, len(seq) - 1) for slot, seq in enumerate(seqs)])
+    assert runner.capture(4, 1024) > 0
+    for longest in (200, 700):
+        seqs = [[5 + j % 700 for j in range(n)] + [130001, 130004] for n in (longest, 11, 20)]
+        seqs[1] = seqs[1][:-1]  # no <sop>: causal throughout
+        logits = runner.forward([RowInput(i, s, 0) for i, s in enumerate(seqs)])
+        for _ in range(5):
+            for slot, seq in enumerate(seqs):
+                with torch.no_grad():
+                    expected = model(input_ids=torch.tensor([seq], device="cuda"), use_cache=False).logits[0, -1]
+                torch.testing.assert_close(logits[slot], expected, atol=2e-3, rtol=1e-3)
+                seq.append(int(expected.argmax()))
+                runner.last_token[slot] = seq[-1]
+            logits = runner.forward([RowInput(slot, None, len(seq) - 1) for slot, seq in enumerate(seqs)])
     assert runner.graphs
 
 
