@@ -322,10 +322,10 @@ class ChatGLM1Runner(FlatRunner):
 
     A prompt is bidirectional up to <sop>: each of its tokens sees the whole prompt, so a prompt is prefilled in
     one piece (`chunked_prefill = False`). Its tokens attend through the decode kernel, each reading its
-    prompt in place, while prompts are short; a step with a prompt longer than PROMPT_KERNEL_MAX attends
-    through PyTorch's attention, one SDPA per prompt (the kernel would read a long prompt once per token: with
-    32 KV heads, no grouped queries share those reads). Each slot
-    keeps, on the device, where its <sop> and its [gMASK] are; a token's 2D position and the last position it
+    prompt in place, while prompts are short. In a step with a prompt longer than PROMPT_KERNEL_MAX (the kernel
+    would read it once per token: with 32 KV heads, no grouped queries share those reads), each prompt's tokens
+    before <sop> attend to each other through one flash attention call without a mask (they all see the same
+    keys), and the rest (<sop>, any later token) through the kernel. Each slot keeps, on the device, where its <sop> and its [gMASK] are; a token's 2D position and the last position it
     sees follow from them and its own position, inside the captured graphs too."""
 
     family = "chatglm"
@@ -352,22 +352,28 @@ class ChatGLM1Runner(FlatRunner):
                                             ffn=cfg.inner_hidden_size, dtype=dtype)
         # decode attention: GLM's kernel with 32 KV heads (checked by pick_ops1 with the other ops)
         self.attend = TritonOps if self.ops is TritonOps1 else TorchOps
-        self.long_prompt_attend = self.prompt_attend = TorchOps  # one SDPA per prompt (see the class note)
+        self.long_prompts = False  # does this step hold a prompt longer than PROMPT_KERNEL_MAX?
+        # this step's rows: (first flat token, size, slot, where <sop> is: -1 for none, 0 for decode rows)
+        self.spans: list[tuple[int, int, int, int]] = []
 
     def _new_prompts(self, rows: list[RowInput]) -> None:
         """Note each prompt's <sop> and [gMASK] (or [MASK]) positions in its slot."""
         cfg = self.cfg
-        longest = max((r.size for r in rows if r.tokens is not None), default=0)
-        self.prompt_attend = self.long_prompt_attend if longest > self.PROMPT_KERNEL_MAX else self.attend
+        self.long_prompts = any(r.tokens is not None and r.size > self.PROMPT_KERNEL_MAX for r in rows)
+        self.spans = []
         slots, sops, masks = [], [], []
+        at = 0
         for r in rows:
+            at += r.size
             if r.tokens is None:
+                self.spans.append((at - 1, 1, r.slot, 0))
                 continue
             if r.start != 0:
                 raise ValueError("ChatGLM-6B prompts are prefilled in one piece")
             toks = r.tokens
             sop = toks.index(cfg.bos_token_id) if cfg.bos_token_id in toks else self.NO_SOP
             mask = cfg.gmask_token_id if cfg.gmask_token_id in toks else cfg.mask_token_id
+            self.spans.append((at - r.size, r.size, r.slot, sop if sop < self.NO_SOP else -1))
             slots.append(r.slot)
             sops.append(sop)
             masks.append(toks.index(mask) if mask in toks else -1)
@@ -385,8 +391,7 @@ class ChatGLM1Runner(FlatRunner):
         p1 = torch.where(reply, positions - sop + 1, 0)                # the block position
         # the last position a token sees: the whole prompt (everything before <sop>), else itself
         sees = torch.where(sop < self.NO_SOP, torch.maximum(positions, sop - 1), positions)
-        prompt = tokens is not None
-        attend = self.prompt_attend if prompt else self.attend
+        long_prompts = tokens is not None and self.long_prompts
         scale = 1.0 / math.sqrt(self.head_dim)
         x = self.tr.word_embeddings(self.last_token[slots] if tokens is None else tokens)
         layers = self.tr.layers
@@ -396,7 +401,10 @@ class ChatGLM1Runner(FlatRunner):
             a = layer.attention
             q = ops.rope2d_write(a.query_key_value(h), self.cos, self.sin, p0, p1, self.k_cache[i], self.v_cache[i],
                                  slots, positions, self.heads)
-            out = attend.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, sees, scale, bucket)
+            if long_prompts:
+                out = self._attend_long_prompts(q, self.k_cache[i], self.v_cache[i], slots, sees, scale, bucket)
+            else:
+                out = self.attend.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, sees, scale, bucket)
             ln = layer.post_attention_layernorm
             h = ops.residual_layer_norm(h, a.dense(out), self.alpha, ln.weight, ln.bias, self.eps)
             mlp = layer.mlp
@@ -406,6 +414,27 @@ class ChatGLM1Runner(FlatRunner):
                 h, delta = h[last], delta[last]
             h = ops.residual_layer_norm(h, delta, self.alpha, ln.weight, ln.bias, self.eps)
         return self.model.lm_head(h).float()
+
+    def _attend_long_prompts(self, q, k_cache, v_cache, slots, sees, scale, bucket):
+        """A step with a long prompt: per prompt, its tokens before <sop> see exactly the keys before <sop>: one
+        flash attention call without a mask (a prompt without <sop>: one causal call over all of it); the other
+        tokens (<sop>, decode rows) through the kernel, each up to the last position it sees."""
+        n, heads, d = q.shape
+        out = q.new_empty(n, heads * d)
+        rest: list[int] = []
+        for start, size, slot, sop in self.spans:
+            causal = sop < 0  # no <sop>: causal throughout, all of it in one call
+            seen = size if causal else sop
+            if seen > 0:
+                qs = q[start:start + seen].transpose(0, 1)[None]
+                o = F.scaled_dot_product_attention(qs, k_cache[slot, :, :seen][None], v_cache[slot, :, :seen][None],
+                                                   is_causal=causal, scale=scale)
+                out[start:start + seen] = o[0].transpose(0, 1).reshape(seen, heads * d)
+            rest.extend(range(start + seen, start + size))
+        if rest:
+            idx = to_device(rest, self.device)
+            out[idx] = self.attend.decode_attention(q[idx], k_cache, v_cache, slots[idx], sees[idx], scale, bucket)
+        return out
 
 
 class HFRunner(Runner):

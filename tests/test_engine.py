@@ -87,13 +87,16 @@ def test_chatglm1_greedy_replies_equal_generate_with_staggered_arrivals_and_long
         assert out == greedy(model, p, n) and finish == "length"
 
 
-def test_chatglm1_step_logits_equal_the_models_at_prefill_and_every_decode_step():
+@pytest.mark.parametrize("long_from", [512, 4], ids=["short prompts", "long prompts"])
+def test_chatglm1_step_logits_equal_the_models_at_prefill_and_every_decode_step(long_from):
     """Closer than greedy tokens: the logits of the flat step equal the model's own forward over the whole
-    sequence, for two prompts side by side and then their decode steps."""
+    sequence, for three prompts side by side (one without <sop>) and then their decode steps; prompts attended
+    token by token, or (as prompts longer than `long_from` are) their part before <sop> in one call."""
     model = _wide_tiny_chatglm1()
-    runner = runner_for(model, 2, 128)
-    seqs = [[5 + j % 700 for j in range(25)] + [130001, 130004], [9, 8, 7, 130001, 130004]]
-    logits = runner.forward([RowInput(0, seqs[0], 0), RowInput(1, seqs[1], 0)])
+    runner = runner_for(model, 3, 128)
+    runner.PROMPT_KERNEL_MAX = long_from
+    seqs = [[5 + j % 700 for j in range(25)] + [130001, 130004], [9, 8, 7, 130001, 130004], list(range(40, 52))]
+    logits = runner.forward([RowInput(slot, seq, 0) for slot, seq in enumerate(seqs)])
     for _ in range(4):
         for slot, seq in enumerate(seqs):
             with torch.no_grad():
