@@ -1,6 +1,7 @@
 """Scaling of the real fine-tune job: `jobs/finetune.py` through Ray Train on 1 GPU, then on 2.
 
     python3 bench/train_scaling.py --tokenizer .gpuassets/tokenizer.model --out $OUT/train_scaling.json
+    python3 bench/train_scaling.py --family chatglm --tokenizer .gpuassets/ice_text.model --workers 1  # ChatGLM-6B
 
 Same model and data as bench/train_throughput.py (random-weight ChatGLM2-6B in NF4, the length mix),
 the job's defaults otherwise. Each worker packs its own micro-batches, so two workers take twice the
@@ -64,7 +65,9 @@ def run_job(workers: int, args, data: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/glmops-bench")
-    ap.add_argument("--tokenizer", required=True, help="ChatGLM2 tokenizer.model")
+    ap.add_argument("--tokenizer", required=True, help="the family's tokenizer (ChatGLM2's tokenizer.model, "
+                                                       "ChatGLM-6B's ice_text.model)")
+    ap.add_argument("--family", default="chatglm2", choices=["chatglm2", "chatglm"])
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--records", type=int, default=4000)
     ap.add_argument("--mlflow_tracking_uri", default=None)
@@ -74,7 +77,7 @@ def main() -> None:
     ap.add_argument("extra", nargs="*", help="more flags for jobs/finetune.py (after --)")
     args = ap.parse_args()
     args.mlflow_tracking_uri = args.mlflow_tracking_uri or f"file://{Path(args.workdir).resolve()}/mlruns"
-    build_checkpoint(Path(args.workdir) / "model", args.tokenizer, smoke=False)
+    build_checkpoint(Path(args.workdir) / "model", args.tokenizer, smoke=False, family=args.family)
     data = Path(args.workdir) / "length-mix.json"
     data.write_text(json.dumps(make_records(args.records), ensure_ascii=False), encoding="utf-8")
 
