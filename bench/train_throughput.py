@@ -195,8 +195,8 @@ def our_cfg(folder: Path, settings: dict, gpu_bytes: int | None = None, family: 
     import torch
 
     from common.config import FinetuneConfig
-    from common.training.memory import large_data_batching, model_shape
-    from common.training.worker import LOSS_CHUNK, layer_activations
+    from common.training.memory import large_data_batching, loss_chunk_for, model_shape
+    from common.training.worker import layer_activations
 
     names = {f.name for f in fields(FinetuneConfig)}
     if gpu_bytes and settings.get("gpu_memory_gib"):
@@ -206,7 +206,8 @@ def our_cfg(folder: Path, settings: dict, gpu_bytes: int | None = None, family: 
                 max_target_length=1024, per_device_train_batch_size=SEED_MICRO_BATCH)
     # A run's settings override the benchmark's (e.g. the token-budget lever's max_tokens_per_batch).
     cfg = replace(FinetuneConfig(), **{**base, **{k: v for k, v in settings.items() if k in names}})
-    tokens, accumulation = large_data_batching(model_shape(folder) if gpu_bytes else None, 4, gpu_bytes, LOSS_CHUNK,
+    shape = model_shape(folder) if gpu_bytes else None
+    tokens, accumulation = large_data_batching(shape, 4, gpu_bytes, loss_chunk_for(shape) if shape else 2048,
                                                layer_activations(cfg, family, torch.device("cuda")))
     return replace(cfg, max_tokens_per_batch=settings.get("max_tokens_per_batch", tokens),
                    gradient_accumulation_steps=accumulation)

@@ -49,7 +49,7 @@ from common.tracking import (
 )
 from common.training.epochs import ParquetExamples, fit_batching
 from common.training.examples import length_summary
-from common.training.memory import large_data_batching, model_shape
+from common.training.memory import large_data_batching, loss_chunk_for, model_shape
 from common.training.tokenize_cache import (
     META_COLUMNS,
     EncodeSpec,
@@ -60,7 +60,7 @@ from common.training.tokenize_cache import (
     tokenize,
     write_subset,
 )
-from common.training.worker import LOSS_CHUNK, layer_activations, train_loop_per_worker
+from common.training.worker import layer_activations, train_loop_per_worker
 
 
 @dataclass
@@ -163,8 +163,9 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData, gpu_bytes: int | None =
     packing = cfg.packing
     src = ParquetExamples(data.train.parts, exclude=data.eval_ids if data.eval_set is None else None)
     # Longer rows only where rows are packed: padded batches (--packing false) hold a number of examples instead.
+    shape = model_shape(data.info.path)
     large_tokens, large_accumulation = large_data_batching(
-        model_shape(data.info.path), cfg.bits, gpu_bytes if packing else None, LOSS_CHUNK,
+        shape, cfg.bits, gpu_bytes if packing else None, loss_chunk_for(shape),
         layer_activations(cfg, data.info.family, torch.device("cuda")))  # gpu_bytes: the workers train on GPUs
     for name in BATCHING:
         if getattr(cfg, name) is None and (resumed or {}).get(name):

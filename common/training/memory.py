@@ -173,6 +173,16 @@ def large_data_batching(config, bits: int, budget: float | None, loss_chunk: int
     return tokens, max(1, step_tokens // tokens)
 
 
+# Logit elements of one slice of the loss: 2,048 positions of ChatGLM2's 65,024-word vocabulary (0.5 GiB in fp32).
+LOSS_SLICE_ELEMENTS = 2048 * 65024
+
+
+def loss_chunk_for(config) -> int:
+    """Supervised positions per slice of the vocabulary projection: as many as keep a slice's logits at
+    LOSS_SLICE_ELEMENTS (2,048 for ChatGLM2/3, 1,024 for ChatGLM-6B's 130,528 words), a multiple of 128."""
+    return max(128, LOSS_SLICE_ELEMENTS // vocab_size(config) // 128 * 128)
+
+
 def loss_bytes(config, chunk: int) -> float:
     # one slice of the vocabulary projection: bf16 logits, their fp32 copy and its gradient
     return chunk * vocab_size(config) * (2 + 4 + 4)

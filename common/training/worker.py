@@ -36,6 +36,7 @@ from common.training.epochs import (
     step_micro_batches,
     steps_in,
 )
+from common.training.memory import loss_chunk_for
 from common.training.packing import Batch, Positions, counted
 
 LORA_TARGETS = {
@@ -123,9 +124,10 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
     tokens = tokens_per_micro_batch(cfg)
     # what the plan assumes is what is built below
     layer = keep_dropout_where_it_fits(layer_activations(cfg, info.family, device), model.config, tokens,
-                                       free_on_gpu(device, cfg.gpu_memory_gib, model.config, LOSS_CHUNK))
+                                       free_on_gpu(device, cfg.gpu_memory_gib, model.config,
+                                                   loss_chunk_for(model.config)))
     n_ckpt, plan = plan_checkpointing(str(cfg.gradient_checkpointing), model.config, device, tokens,
-                                      cfg.gpu_memory_gib, LOSS_CHUNK, layer)
+                                      cfg.gpu_memory_gib, loss_chunk_for(model.config), layer)
     if layer.compiled and layer.lora_dropout > 0:
         plan += ("; LoRA's dropout drawn again in backward (less memory)" if layer.dropout_recomputed
                  else "; LoRA's dropout kept for backward (room enough)")
@@ -149,7 +151,6 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
 
 # -- one step --------------------------------------------------------------------------------------------
 
-LOSS_CHUNK = 2048  # supervised positions per slice of the vocabulary projection
 
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -157,7 +158,7 @@ def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 
 
 def chunked_cross_entropy_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                              chunk: int = LOSS_CHUNK) -> torch.Tensor:
+                              chunk: int = 2048) -> torch.Tensor:
     """Sum of cross-entropies of `head(hidden)` against `targets`, a slice of positions at a time.
 
     Each slice's logits are recomputed in backward instead of kept: the vocabulary is 65k wide, so fp32
@@ -183,11 +184,13 @@ class CausalLMLoss(torch.nn.Module):
     forward)."""
 
     def __init__(self, model, autocast_dtype: torch.dtype | None, *, varlen: bool = True,
-                 loss_chunk: int = LOSS_CHUNK, build_masks: bool = False):
+                 loss_chunk: int | None = None, build_masks: bool = False):
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
-        self.loss_chunk = loss_chunk  # 0: the whole batch's logits at once (the benchmark's lever)
+        # positions per slice of the loss (memory.loss_chunk_for the model's vocabulary when None); 0: the whole
+        # batch's logits at once (the benchmark's lever)
+        self.loss_chunk = loss_chunk_for(model.config) if loss_chunk is None else loss_chunk
         # varlen=False: packed rows use SDPA with a block-diagonal mask (the benchmark's lever)
         self.varlen = varlen and varlen_available(next(model.parameters()).device, autocast_dtype)
         # build_masks=True: transformers still builds its packed-row mask (unused on the varlen path; the
