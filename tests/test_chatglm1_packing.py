@@ -135,3 +135,36 @@ def test_packed_equals_alone_on_the_reference_model_with_history():
              Conversation(history=[("1+1=?", "2"), ("再加一呢", "3")], query="hello", answer="Hi!")]
     encoded = [template.encode(tok, c, train_on_history=True) for c in convs]
     assert_packed_equals_alone(model, [(e.input_ids, e.labels) for e in encoded])
+
+
+def test_fifty_steps_in_packed_rows_give_the_losses_of_padded_batches(tiny_glm1):
+    """The same examples, the same adapter start and optimizer: 50 optimizer steps on packed rows and on padded
+    batches (the seed's way) keep losses within 0.02 of each other (in fp32 they agree far closer)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from common.training.packing import padded_rows
+    from common.training.worker import make_optimizer, train_step
+
+    rng = np.random.default_rng(0)
+    batches = [[synthetic(int(rng.integers(3, 40)), int(rng.integers(1, 20)), 10 * b + i) for i in range(4)]
+               for b in range(5)]
+    steps = [batches[s % 5] for s in range(50)]  # seen ten times each: something to learn
+    positions = example_positions_for("chatglm", tiny_glm1.config)
+    losses = {}
+    for how in ("packed", "padded"):
+        torch.manual_seed(0)
+        model = get_peft_model(copy.deepcopy(tiny_glm1), LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["query_key_value", "dense_h_to_4h"]))
+        loss_fn = CausalLMLoss(model, None)
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], 1e-2, 0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        losses[how] = []
+        for seqs in steps:
+            batch = packed_rows(seqs, 4096, positions) if how == "packed" else padded_rows(seqs, pad_id=3)
+            out = train_step(loss_fn, opt, sched, [batch], batch.num_targets, 1, 1.0)
+            losses[how].append(float(out["loss_sum"]) / batch.num_targets)
+    assert losses["packed"][-1] < losses["packed"][0] - 0.1  # the adapters move (a random tiny model learns slowly)
+    gaps = [abs(a - b) for a, b in zip(losses["packed"], losses["padded"])]
+    assert max(gaps) < 0.02, max(gaps)

@@ -201,6 +201,31 @@ def test_resume_continues_from_step_k_with_the_same_losses(env, uninterrupted):
         assert again[s] == pytest.approx(plain[s], abs=1e-3), s
 
 
+def test_a_resumed_chatglm1_run_reproduces_the_uninterrupted_losses_on_the_packed_path(env):
+    """ChatGLM-6B (THUDM's layout, the reference folder) trains in packed rows, and a run stopped at step 6 and
+    resumed gives the uninterrupted run's losses."""
+    from conftest import reference_dir
+
+    model = str(reference_dir("chatglm1"))
+    glm1 = {**env, "model": model}
+    plain = finetune(glm1, "glm1-plain", "--max_steps", "12", "--bits", "16", experiment="ft-chatglm1")
+    assert plain.returncode == 0, plain.stdout[-3000:] + plain.stderr[-2000:]
+    assert "micro-batches (rows of <= 128 tokens)" in plain.stdout  # packed
+    stopped = finetune(glm1, "glm1-stopped", "--max_steps", "12", "--bits", "16", experiment="ft-chatglm1",
+                       hooks={"GLMOPS_TEST_STOP_AT_STEP": "6"})
+    assert stopped.returncode == 0, stopped.stdout[-3000:] + stopped.stderr[-2000:]
+    ckpt = env["root"] / "runs" / "glm1-stopped" / "checkpoint-000006"
+    resumed = finetune(glm1, "glm1-resumed", "--max_steps", "12", "--bits", "16", "--resume_from_checkpoint",
+                       str(ckpt), experiment="ft-chatglm1")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert "resumed at step 6" in resumed.stdout
+    uri = env["server"].uri
+    before, again = dict(history(uri, run_id_of(plain), "loss")), dict(history(uri, run_id_of(resumed), "loss"))
+    assert sorted(again) == list(range(1, 13))
+    for s in range(7, 13):
+        assert again[s] == pytest.approx(before[s], abs=1e-3), s
+
+
 def test_a_dead_worker_is_restored_from_the_last_checkpoint_and_nothing_is_logged_twice(env, uninterrupted, tmp_path):
     _, plain_id = uninterrupted
     uri = env["server"].uri

@@ -179,7 +179,7 @@ LOSS_SLICE_ELEMENTS = 2048 * 65024
 
 def loss_chunk_for(config) -> int:
     """Supervised positions per slice of the vocabulary projection: as many as keep a slice's logits at
-    LOSS_SLICE_ELEMENTS (2,048 for ChatGLM2/3, 1,024 for ChatGLM-6B's 130,528 words), a multiple of 128."""
+    LOSS_SLICE_ELEMENTS (2,048 for ChatGLM2/3, 896 for ChatGLM-6B's 130,528 words), a multiple of 128."""
     return max(128, LOSS_SLICE_ELEMENTS // vocab_size(config) // 128 * 128)
 
 
