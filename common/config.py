@@ -411,6 +411,8 @@ class MergeConfig:
                           choices=("original", "nf4_roundtrip"))
     registered_model: str | None = opt(None, "MLflow registered model name (default: derived from the base name)")
     alias: str = opt("champion", "registry alias moved to the new version")
+    adapter_only: bool = opt(False, "register the adapter alone (a few MB) with what it needs on its base (the base "
+                                    "and its content hash, family, template, bits, LoRA config); no merged copy")
     mlflow_tracking_uri: str | None = opt(None, "MLflow server or store (default: $MLFLOW_TRACKING_URI or ./mlflow.db)")
     local_files_only: bool = opt(False, "never download the base model")
     trust_remote_code: bool = opt(False, "run model code from the model repo")

@@ -1,5 +1,9 @@
 """Merging an adapter into its base: find the adapter, merge, verify, save, register.
 
+`--adapter_only` registers the adapter instead of a merged copy (`package_adapter`): its safetensors, and in
+glmops.json the base it was trained on (id or folder, and a content hash of the base's weights), family,
+template, the bits it was trained in and its LoRA config; scored on the run's eval conversations like a merge.
+
 Exactness: the merge is checked in float32 against the unmerged adapter model on the eval prompts that
 travel with the adapter (tolerance MERGE_TOLERANCE on logits). When the adapter was trained on a 4-bit
 base, both merge bases are compared with the model as trained:
@@ -10,6 +14,7 @@ base, both merge bases are compared with the model as trained:
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import shutil
 import tempfile
@@ -111,8 +116,8 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         shutil.rmtree(out)
 
 
-def registered_name_for(base_model: str) -> str:
-    return f"{Path(base_model.rstrip('/')).name}-finetune"
+def registered_name_for(base_model: str, adapter: bool = False) -> str:
+    return f"{Path(base_model.rstrip('/')).name}-{'adapter' if adapter else 'finetune'}"
 
 
 def _prompt_ids(tok, template, prompts: list[dict]) -> list[list[int]]:
@@ -130,15 +135,9 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
-def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
-    """Merge, verify and save; returns the report logged with the model."""
-    from peft import PeftModel
-
-    from common.generation import generate_replies, generations_table, sample_reply
-    from common.metrics import average, score
-    from common.models.convert import _route_autotokenizer_to_ours
-    from common.models.loader import load_model, load_tokenizer, open_model_folder
-    from common.models.metadata import write_model_metadata
+def _open_base(source: AdapterSource, cfg):
+    """The adapter's base model folder, its tokenizer and template (the family and template noted in `meta`)."""
+    from common.models.loader import load_tokenizer, open_model_folder
     from common.templates import get_template
 
     meta = source.metadata
@@ -149,8 +148,81 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
         raise UserError(f"the adapter's base model cannot be found: {err}") from None
     meta.setdefault("family", info.family)
     meta.setdefault("template", info.template)
-    tok = load_tokenizer(info, cfg.trust_remote_code)
-    template = get_template(meta["template"])
+    return info, load_tokenizer(info, cfg.trust_remote_code), get_template(meta["template"])
+
+
+def _score(model, tok, template, meta: dict, device, report: dict) -> None:
+    """A sample reply, and the run's eval conversations replied to and scored (the version's eval tags)."""
+    from common.generation import generate_replies, generations_table, sample_reply
+    from common.metrics import average, score
+
+    prompts = meta.get("eval_prompts") or FALLBACK_PROMPTS
+    report["sample_reply"] = sample_reply(model, tok, template.name, Conversation.from_dict(prompts[0]), device)
+    convs = [Conversation.from_dict(c) for c in meta.get("eval_conversations") or []]
+    if convs:
+        replies = generate_replies(model, tok, template.name, convs, device, int(meta.get("eval_max_new_tokens", 128)))
+        rows = [score(r, c.answer or "") for r, c in zip(replies, convs)]
+        report["eval_scores"] = average(rows)
+        report["eval_generations"] = generations_table(convs, replies, rows)
+
+
+WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+
+
+def content_hash(folder: Path) -> str:
+    """sha256 over a model folder's config and weight files (names and bytes, in name order): which base an
+    adapter needs, whatever the folder or hub id it is reached by."""
+    h = hashlib.sha256()
+    files = sorted({p for pattern in WEIGHT_FILES for p in Path(folder).glob(pattern) if p.is_file()})
+    for path in files:
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def package_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
+    """The adapter alone, ready to go on its base: loaded on the base (fp32) to check it applies and to score it,
+    saved as safetensors with glmops.json saying what it needs. Returns the report logged with it."""
+    from peft import PeftModel
+
+    from common.models.loader import load_model
+    from common.models.metadata import write_model_metadata
+
+    meta = source.metadata
+    info, tok, template = _open_base(source, cfg)
+    base_hash = content_hash(info.path)
+    model = PeftModel.from_pretrained(load_model(info, bits=16, dtype=torch.float32, device=cfg.device,
+                                                 trust_remote_code=cfg.trust_remote_code), source.path).eval()
+    report: dict[str, Any] = {}
+    _score(model, tok, template, meta, cfg.device, report)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # adapter_config.json + adapter_model.safetensors
+    lora = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+    lineage = {"training_run_id": source.training_run_id, "dataset_hash": meta.get("dataset_hash"),
+               "eval_loss": meta.get("eval_loss"), "adapter": str(source.path), "adapter_origin": source.origin,
+               "trained_bits": meta.get("bits"), "packaged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_model_metadata(out, family=meta["family"], template=template.name, base_model=meta["base_model"],
+                         revision=meta.get("revision"),
+                         extra={"kind": "adapter", "base_hash": base_hash, "bits": meta.get("bits"),
+                                "lora": {k: lora.get(k) for k in ("r", "lora_alpha", "lora_dropout",
+                                                                  "target_modules")},
+                                "lineage": lineage})
+    report.update(lineage=lineage, base_hash=base_hash)
+    return report
+
+
+def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
+    """Merge, verify and save; returns the report logged with the model."""
+    from peft import PeftModel
+
+    from common.models.convert import _route_autotokenizer_to_ours
+    from common.models.loader import load_model
+    from common.models.metadata import write_model_metadata
+
+    meta = source.metadata
+    info, tok, template = _open_base(source, cfg)
     prompts = meta.get("eval_prompts") or FALLBACK_PROMPTS
     ids = _prompt_ids(tok, template, prompts)
     device = cfg.device
@@ -204,13 +276,7 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
             gc.collect()
     report["merge_base_comparison"] = comparison
     model = chosen
-    report["sample_reply"] = sample_reply(model, tok, template.name, Conversation.from_dict(prompts[0]), device)
-    convs = [Conversation.from_dict(c) for c in meta.get("eval_conversations") or []]
-    if convs:  # the training run's eval replies, now from the merged model: the version's scores
-        replies = generate_replies(model, tok, template.name, convs, device, int(meta.get("eval_max_new_tokens", 128)))
-        rows = [score(r, c.answer or "") for r, c in zip(replies, convs)]
-        report["eval_scores"] = average(rows)
-        report["eval_generations"] = generations_table(convs, replies, rows)
+    _score(model, tok, template, meta, device, report)  # the run's eval replies, now from the merged model
 
     model = model.to(DTYPES[cfg.dtype])
     model.generation_config.eos_token_id = template.stop_token_ids(tok)
@@ -231,7 +297,9 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
 
 
 def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, report: dict):
-    """A merge run linked to the training run, the folder as its artifact, a NEW registry version + alias."""
+    """A merge run linked to the training run, the folder as its artifact, a NEW registry version + alias (an
+    adapter-only version with --adapter_only: the folder under `adapter`, tagged glmops.kind=adapter)."""
+    kind = "adapter" if cfg.adapter_only else "merged"
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
@@ -252,13 +320,16 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
         exp_id = exp.experiment_id if exp else client.create_experiment("glmops-merge",
                                                                         artifact_location=artifact_root_for(uri))
     tags = {"glmops.job": "merge", "training_run_id": str(source.training_run_id), "base_model": meta["base_model"],
-            "family": meta["family"], "merge_base": cfg.merge_base}
+            "family": meta["family"], "glmops.kind": kind}
+    if kind == "merged":
+        tags["merge_base"] = cfg.merge_base
     run = client.create_run(exp_id, run_name=f"merge-{name}", tags={**source_tags("jobs/merge.py"), **tags})
     rid = run.info.run_id
     try:
         now = int(time.time() * 1000)
-        metrics = [Metric("verify_max_abs_diff", report["verify_max_abs_diff"], now, 0)]
-        metrics += [Metric(f"diff_to_trained_{k}", v, now, 0) for k, v in report["merge_base_comparison"].items()]
+        metrics = [Metric("verify_max_abs_diff", report["verify_max_abs_diff"], now, 0)] if kind == "merged" else []
+        metrics += [Metric(f"diff_to_trained_{k}", v, now, 0)
+                    for k, v in report.get("merge_base_comparison", {}).items()]
         client.log_batch(rid, metrics=metrics,
                          params=[Param(k, str(v)[:6000]) for k, v in to_dict(cfg).items()])
         generations = report.pop("eval_generations", None)
@@ -266,7 +337,7 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
         if generations:
             client.log_table(rid, data=generations, artifact_file="eval_generations.json")
             client.log_batch(rid, metrics=[Metric(f"eval_{k}", v, now, 0) for k, v in report["eval_scores"].items()])
-        client.log_artifacts(rid, str(out), "merged")
+        client.log_artifacts(rid, str(out), kind)
         try:
             client.create_registered_model(name, description=f"{meta['base_model']} fine-tuned with glmops")
         except MlflowException as err:
@@ -275,9 +346,12 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
         version_tags = {"training_run_id": str(source.training_run_id), "dataset_hash": str(meta.get("dataset_hash")),
                         "eval_loss": str(meta.get("eval_loss")), "base_model": meta["base_model"],
                         "base_revision": str(meta.get("revision")), "family": meta["family"],
-                        "template": meta["template"], "merge_base": cfg.merge_base, "dtype": cfg.dtype}
+                        "template": meta["template"], "glmops.kind": kind}
+        version_tags.update({"merge_base": cfg.merge_base, "dtype": cfg.dtype} if kind == "merged" else
+                            {"base_hash": report["base_hash"], "trained_bits": str(meta.get("bits")),
+                             "lora_r": str(json.loads((out / "adapter_config.json").read_text())["r"])})
         version_tags.update({f"eval.{k}": f"{v:.2f}" for k, v in (report.get("eval_scores") or {}).items()})
-        version = client.create_model_version(name, source=f"{run.info.artifact_uri}/merged", run_id=rid,
+        version = client.create_model_version(name, source=f"{run.info.artifact_uri}/{kind}", run_id=rid,
                                               tags=version_tags)
         client.set_registered_model_alias(name, cfg.alias, version.version)
         if source.training_run_id:

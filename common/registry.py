@@ -39,7 +39,14 @@ def local_model_folder(model: str, tracking_uri: str | None = None) -> Path:
     name, version = registry_version(model, uri)
     key = hashlib.sha256(f"{uri}|{name}|{version}".encode()).hexdigest()[:12]
     dst = Path(os.environ.get("GLMOPS_CACHE", Path.home() / ".cache" / "glmops")) / "registry" / f"{name}-v{version}-{key}"
-    if not (dst / "config.json").is_file():
+    if not (dst / "config.json").is_file() and not (dst / "adapter_config.json").is_file():
         dst.mkdir(parents=True, exist_ok=True)
         mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst))
+    if (dst / "adapter_config.json").is_file() and not (dst / "config.json").is_file():
+        import json
+
+        meta = json.loads((dst / "glmops.json").read_text(encoding="utf-8")) if (dst / "glmops.json").is_file() else {}
+        raise UserError(f"{model} is an adapter-only version (registered with --adapter_only; base "
+                        f"{meta.get('base_model', 'unknown')}): it is not a model on its own. Merge it to load it "
+                        f"alone: python jobs/merge.py --lora_model {dst}")
     return dst

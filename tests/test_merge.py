@@ -220,3 +220,44 @@ def test_bad_inputs_are_clear_and_leave_the_registry_unchanged(trained, merged_t
     proc = run_job("jobs/merge.py", "--mlflow_tracking_uri", "http://127.0.0.1:9", "--run_id", trained["run_id"])
     _unchanged_registry(trained, proc, "is not reachable")
     assert [v.version for v in versions(trained)] == before
+
+
+def test_an_adapter_only_version_holds_the_adapter_and_what_it_needs_and_equals_the_merged_model(
+        trained, merged_three_ways, tmp_path):
+    """--adapter_only registers a few-MB version under its own name: the adapter (safetensors) and glmops.json
+    naming its base, the base's content hash, family, template, bits and LoRA config; on its base it gives the
+    merged version's logits. Loaded as a model on its own, it says what it is."""
+    from mlflow import MlflowClient
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from common.errors import UserError
+    from common.merging import content_hash
+    from common.registry import local_model_folder
+
+    out = trained["root"] / "a-run"
+    proc = run_job("jobs/merge.py", "--mlflow_tracking_uri", trained["server"].uri, "--run_id", trained["run_id"],
+                   "--adapter_only", "--registered_model", "tiny-adapter-tests", "--output_dir", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "adapter registered" in proc.stdout
+    client = MlflowClient(trained["server"].uri)
+    version = client.get_model_version_by_alias("tiny-adapter-tests", "champion")
+    assert version.tags["glmops.kind"] == "adapter" and version.tags["training_run_id"] == trained["run_id"]
+    assert version.tags["base_hash"] == content_hash(trained["model"]) and version.tags["lora_r"] == "8"
+    assert "eval.rouge-l_jieba" in version.tags
+    files = {p.name: p.stat().st_size for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "glmops.json"} <= set(files)
+    assert "model.safetensors" not in files and sum(files.values()) < 2**20
+    meta = json.loads((out / "glmops.json").read_text())
+    assert meta["kind"] == "adapter" and meta["base_model"] == str(trained["model"]) and meta["bits"] == 4
+    assert meta["family"] == "chatglm2" and meta["template"] == "chatglm2" and meta["lora"]["r"] == 8
+
+    ids = torch.tensor([[64, 65, 66, 67, 68, 69]])
+    base = AutoModelForCausalLM.from_pretrained(trained["model"], dtype=torch.float32)
+    with torch.no_grad():
+        adapted = PeftModel.from_pretrained(base, out).eval()(input_ids=ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(trained["root"] / "m-run", dtype=torch.float32).eval()(
+            input_ids=ids).logits
+    torch.testing.assert_close(adapted, merged, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserError, match="adapter-only version"):
+        local_model_folder("models:/tiny-adapter-tests@champion", trained["server"].uri)
