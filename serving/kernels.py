@@ -298,23 +298,35 @@ class TritonOps:
         return out
 
 
+class Agreement:
+    """Seeded random inputs in `dtype` on `device`, and the outputs that differ from the reference's beyond the
+    dtype's tolerance (relative to the reference's largest value)."""
+
+    def __init__(self, dtype: torch.dtype, device):
+        self.gen = torch.Generator(device="cpu").manual_seed(0)
+        self.dtype, self.device = dtype, device
+        self.tol = 2e-2 if dtype != torch.float32 else 1e-4
+        self.problems: list[str] = []
+
+    def rand(self, *shape) -> torch.Tensor:
+        return torch.randn(*shape, generator=self.gen).to(device=self.device, dtype=self.dtype)
+
+    def close(self, name: str, a: torch.Tensor, ref: torch.Tensor) -> None:
+        err = (a.float() - ref.float()).abs().max().item()
+        scale = ref.float().abs().max().item() + 1e-6
+        if not err <= self.tol * max(1.0, scale):
+            self.problems.append(f"{name}: max error {err:.3g}")
+
+    def verdict(self) -> str | None:
+        return "; ".join(self.problems) or None
+
+
 def check_ops(ops, *, heads: int, kv_heads: int, head_dim: int, rot: int, hidden: int, ffn: int,
               dtype: torch.dtype, device) -> str | None:
     """Run `ops` and TorchOps on random inputs of the model's shapes; None if they agree, else what differs."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    tol = 2e-2 if dtype != torch.float32 else 1e-4
+    check = Agreement(dtype, device)
+    rand, close, gen = check.rand, check.close, check.gen
     b, slots, max_len = 3, 4, 2048
-    problems = []
-
-    def close(name, a, ref):
-        err = (a.float() - ref.float()).abs().max().item()
-        scale = ref.float().abs().max().item() + 1e-6
-        if not err <= tol * max(1.0, scale):
-            problems.append(f"{name}: max error {err:.3g}")
 
     x, delta, w = rand(b, hidden), rand(b, hidden), rand(hidden)
     for with_delta in (delta, None):
@@ -348,19 +360,25 @@ def check_ops(ops, *, heads: int, kv_heads: int, head_dim: int, rot: int, hidden
         close(f"decode_attention, prompt chunk (bucket {bucket})",
               ops.decode_attention(qs, kc, vc, *chunk, head_dim ** -0.5, bucket),
               TorchOps.decode_attention(qs, kc, vc, *chunk, head_dim ** -0.5, bucket))
-    return "; ".join(problems) or None
+    return check.verdict()
+
+
+def pick(device: torch.device, fast: type, reference: type, check, what: str, **shapes) -> tuple[type, str]:
+    """`fast` (Triton) where it runs and `check` finds it agrees with `reference`, else `reference`; and a note
+    saying which ran."""
+    if device.type != "cuda":
+        return reference, ""
+    if triton is None:
+        return reference, f"Triton is not installed: {what} in PyTorch"
+    try:
+        problem = check(fast, device=device, **shapes)
+    except Exception as err:  # noqa: BLE001 - any failure means: use the reference
+        problem = f"{type(err).__name__}: {err}"
+    if problem:
+        return reference, f"Triton {what} disagree with the reference ({problem}): {what} in PyTorch"
+    return fast, f"Triton {what}"
 
 
 def pick_ops(device: torch.device, **shapes) -> tuple[type, str]:
     """TritonOps where they run and agree with the reference, else TorchOps; and a note saying which."""
-    if device.type != "cuda":
-        return TorchOps, ""
-    if triton is None:
-        return TorchOps, "Triton is not installed: decode ops in PyTorch"
-    try:
-        problem = check_ops(TritonOps, device=device, **shapes)
-    except Exception as err:  # noqa: BLE001 - any failure means: use the reference
-        problem = f"{type(err).__name__}: {err}"
-    if problem:
-        return TorchOps, f"Triton decode ops disagree with the reference ({problem}): decode ops in PyTorch"
-    return TritonOps, "Triton decode ops"
+    return pick(device, TritonOps, TorchOps, check_ops, "decode ops", **shapes)

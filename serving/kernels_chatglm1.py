@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from serving.kernels import triton
+from serving.kernels import pick, triton
 
 
 def rotary_tables(rotary_dim: int, max_len: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,22 +157,10 @@ class TritonOps1:
 def check_ops1(ops, *, heads: int, head_dim: int, hidden: int, ffn: int, dtype: torch.dtype, device) -> str | None:
     """`ops` against TorchOps1 on random inputs of the model's shapes (and GLM's decode attention with
     ChatGLM-6B's head layout); None if they agree, else what differs."""
-    from serving.kernels import TorchOps, TritonOps
+    from serving.kernels import Agreement, TorchOps, TritonOps
 
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
-
-    tol = 2e-2 if dtype != torch.float32 else 1e-4
-    problems = []
-
-    def close(name, a, ref):
-        err = (a.float() - ref.float()).abs().max().item()
-        scale = ref.float().abs().max().item() + 1e-6
-        if not err <= tol * max(1.0, scale):
-            problems.append(f"{name}: max error {err:.3g}")
-
+    check = Agreement(dtype, device)
+    rand, close = check.rand, check.close
     b, slots, max_len = 3, 4, 2048
     h, delta, w, bias = rand(b, hidden), rand(b, hidden), rand(hidden), rand(hidden)
     for with_delta in (delta, None):
@@ -197,19 +185,9 @@ def check_ops1(ops, *, heads: int, head_dim: int, hidden: int, ffn: int, dtype: 
         kc, vc, q = out[1]
         close("decode_attention", TritonOps.decode_attention(q, kc, vc, slot_ids, positions, head_dim ** -0.5, 2048),
               TorchOps.decode_attention(q, kc, vc, slot_ids, positions, head_dim ** -0.5, 2048))
-    return "; ".join(problems) or None
+    return check.verdict()
 
 
 def pick_ops1(device: torch.device, **shapes) -> tuple[type, str]:
     """TritonOps1 where they run and agree with the reference, else TorchOps1; and a note saying which."""
-    if device.type != "cuda":
-        return TorchOps1, ""
-    if triton is None:
-        return TorchOps1, "Triton is not installed: ChatGLM-6B's step ops in PyTorch"
-    try:
-        problem = check_ops1(TritonOps1, device=device, **shapes)
-    except Exception as err:  # noqa: BLE001 - any failure means: use the reference
-        problem = f"{type(err).__name__}: {err}"
-    if problem:
-        return TorchOps1, f"Triton ops disagree with the reference ({problem}): ChatGLM-6B's step ops in PyTorch"
-    return TritonOps1, "Triton step ops"
+    return pick(device, TritonOps1, TorchOps1, check_ops1, "step ops", **shapes)

@@ -86,54 +86,7 @@ def kv_dtype(model) -> torch.dtype:
     return emb.dtype if emb.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
 
 
-class _CacheRunner(Runner):
-    """Shared by the runners that keep their own cache: allocation, writes, reads, padded inputs."""
-
-    def _allocate(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-        shape = (layers, self.num_slots + 1, kv_heads, self.max_len, head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.kv_heads, self.head_dim = kv_heads, head_dim
-
-    def _inputs(self, rows: list[RowInput], pad_rows: int = 0):
-        """Padded [B, T] tokens and positions, write slots [B, T] (scratch for padding), read slots [B],
-        the index of each row's last real token, and the attention bucket."""
-        t = max(r.size for r in rows)
-        b = len(rows) + pad_rows
-        tokens = torch.zeros(b, t, dtype=torch.long)
-        positions = torch.zeros(b, t, dtype=torch.long)
-        write = torch.full((b, t), self.scratch, dtype=torch.long)
-        read = torch.full((b,), self.scratch, dtype=torch.long)
-        last = torch.zeros(b, dtype=torch.long)
-        for i, r in enumerate(rows):
-            n = r.size
-            if r.tokens is not None:
-                tokens[i, :n] = torch.tensor(r.tokens)
-            positions[i, :n] = torch.arange(r.start, r.start + n)
-            write[i, :n] = r.slot
-            read[i] = r.slot
-            last[i] = n - 1
-        longest = max(r.start + r.size for r in rows)
-        packed = to_device(torch.stack([tokens, positions, write]), self.device)
-        tokens, positions, write = packed[0], packed[1], packed[2]
-        read_last = to_device(torch.stack([read, last]), self.device)
-        pending = [i for i, r in enumerate(rows) if r.tokens is None]
-        if pending:  # decode rows: their token is on the device already
-            idx = to_device([[i for i in pending], [rows[i].slot for i in pending]], self.device)
-            tokens[idx[0], 0] = self.last_token[idx[1]]
-        return tokens, positions, write, read_last[0], read_last[1], bucket_for(longest, self.max_len)
-
-    def _write(self, layer: int, write: torch.Tensor, positions: torch.Tensor, k, v) -> None:
-        """k, v [B, T, kv, d] into the cache at (slot, position) of every token."""
-        self.k_cache[layer][write, :, positions] = k
-        self.v_cache[layer][write, :, positions] = v
-
-    def _read(self, layer: int, read: torch.Tensor, bucket: int):
-        # Slice first, then gather: only `bucket` positions of each row are copied.
-        return self.k_cache[layer][:, :, :bucket][read], self.v_cache[layer][:, :, :bucket][read]
-
-
-class FlatRunner(_CacheRunner):
+class FlatRunner(Runner):
     """Runners whose step is one flat list of tokens, each with its slot and position (`_tokens`): a decode row
     is one token, a prompt chunk is several. k and v of every token go into the cache first, then each token
     attends to its slot's cache, read in place. So a prompt chunk needs no padding, and prefill costs a few
@@ -145,6 +98,12 @@ class FlatRunner(_CacheRunner):
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self._pool = None  # one memory pool for all graphs: only one replays at a time
+
+    def _allocate(self, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        shape = (layers, self.num_slots + 1, kv_heads, self.max_len, head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.kv_heads, self.head_dim = kv_heads, head_dim
 
     def _tokens(self, tokens: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor, bucket: int,
                 last: torch.Tensor | None = None) -> torch.Tensor:
