@@ -17,6 +17,10 @@ metrics, planning the next batch) runs while the GPU computes the next one. A re
 has had one more row computed in step n + 1; that token is dropped. Its slot can be reused at once: all
 work goes to one stream in order, and a position the stale row wrote is rewritten before it is read.
 
+Adapters: a request may name a LoRA adapter (serving/lora.py). It is admitted once its adapter holds a slot
+of the runner's adapter pool; while the adapter is read from disk, or while every slot is held, it waits and
+the requests behind it go ahead. It holds the slot until it ends.
+
 Limits, all named and enforced at submit time: `max_num_seqs` running sequences (the KV cache slots),
 `max_model_len` tokens per sequence (prompt + max_tokens), `max_queued_requests` waiting. A request
 over the length limit is refused with `TooLong` (a 400); one that finds the queue full with
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from serving.lora import Adapter, AdapterError
 from serving.metrics import EngineMetrics
 from serving.runners import RowInput, Runner, to_device
 from serving.sampling import Row, Sampler, SamplingParams
@@ -105,6 +110,8 @@ class Request:
     scheduled: int = 0          # reply tokens sampled or being sampled (>= len(output))
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    adapter: Adapter | None = None  # the LoRA adapter it runs with (None: the base model)
+    lora: int = -1              # its adapter's slot in the adapter pool, once admitted
     first_token_at: float | None = None
     last_token_at: float | None = None
     done: bool = False
@@ -124,6 +131,10 @@ class Engine:
         self.device = runner.device
         self.sampler = Sampler(vocab_size, config.max_num_seqs + 1, self.device, last_token=runner.last_token)
         self.metrics = EngineMetrics(config.max_num_seqs, config.max_model_len)
+        self.adapters = getattr(runner, "adapters", None)  # the runner's AdapterPool, or None
+        if self.adapters is not None:
+            self.adapters.metrics = self.metrics
+            self.adapters.on_read = lambda: self._post("wake", None)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
@@ -143,10 +154,12 @@ class Engine:
         self._thread.start()
 
     # -- the asyncio side ---------------------------------------------------------------------------------
-    def submit(self, prompt: list[int], params: SamplingParams, stop_ids: list[int]) -> Request:
+    def submit(self, prompt: list[int], params: SamplingParams, stop_ids: list[int],
+               adapter: Adapter | None = None) -> Request:
         """Queue a request; its tokens arrive in `request.queue` (ints, then None when it is done)."""
         if self._error is not None:
             raise RuntimeError(f"the engine stopped: {self._error}")
+        self.check_adapter(adapter)
         pending = len(self.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
         try:
             check_admission(self.config, len(prompt), params, len(self.running) + pending, self._retry_after)
@@ -154,12 +167,17 @@ class Engine:
             self.metrics.rejected.inc()
             raise
         req = Request(next(self._ids), list(prompt), params, frozenset(stop_ids), asyncio.get_running_loop(),
-                      StreamQueue())
+                      StreamQueue(), adapter=adapter)
         if params.seed is not None:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(params.seed)
         self._post("add", req)
         return req
+
+    def check_adapter(self, adapter: Adapter | None) -> None:
+        if adapter is not None and self.adapters is None:
+            raise AdapterError(f"adapter {adapter.name}: this server runs without an adapter pool (max_loras=0, or "
+                               "a model the adapter pool cannot serve)")
 
     def abort(self, req: Request) -> None:
         if not req.done:
@@ -169,7 +187,8 @@ class Engine:
         return {"running": len(self.running), "waiting": len(self.waiting),
                 "free_slots": len(self.free_slots), "max_num_seqs": self.config.max_num_seqs,
                 "max_model_len": self.config.max_model_len, "max_queued_requests": self.config.max_queued_requests,
-                "kv_cache_used_tokens": sum(r.length for r in self.running)}
+                "kv_cache_used_tokens": sum(r.length for r in self.running),
+                "adapters_loaded": self.adapters.loaded() if self.adapters is not None else []}
 
     @property
     def failure(self) -> str | None:
@@ -214,6 +233,10 @@ class Engine:
                 if self._in_flight is not None:
                     self._complete(self._in_flight)
                 self._in_flight = launched
+                if launched is None:  # requests wait for their adapter to be read: sleep until it is
+                    with self._wake:
+                        if not self._inbox and not self._stopped:
+                            self._wake.wait(timeout=0.05)
         except BaseException as err:  # noqa: BLE001 - every stream must end, with the cause logged
             log.exception("engine loop failed")
             self._error = err
@@ -234,11 +257,23 @@ class Engine:
                 self._finish(req, cancelled=True)
 
     def _admit(self) -> None:
+        passed: list[Request] = []  # waiting for their adapter: the requests behind them go first
         while self.waiting and self.free_slots:
             req = self.waiting.popleft()
+            if req.adapter is not None:
+                try:
+                    req.lora = self.adapters.acquire(req.adapter)
+                except AdapterError as err:
+                    self._finish(req, error=True, message=str(err))
+                    continue
+                if req.lora is None:
+                    req.lora = -1
+                    passed.append(req)
+                    continue
             req.slot = self.free_slots.pop()
             self.sampler.start(req.slot, req.prompt)
             self.running.append(req)
+        self.waiting.extendleft(reversed(passed))
         self.metrics.waiting.set(len(self.waiting))
         self.metrics.running.set(len(self.running))
 
@@ -255,10 +290,10 @@ class Engine:
                 if budget > 0:
                     take = left if not getattr(self.runner, "chunked_prefill", True) else min(left, budget)
                     prefill.append((req, RowInput(req.slot, req.prompt[req.prefilled:req.prefilled + take],
-                                                  req.prefilled)))
+                                                  req.prefilled, req.lora)))
                     budget -= take
             elif 0 < req.scheduled < req.params.max_tokens:
-                decode.append((req, RowInput(req.slot, None, len(req.prompt) + req.scheduled - 1)))
+                decode.append((req, RowInput(req.slot, None, len(req.prompt) + req.scheduled - 1, req.lora)))
         if not prefill and not decode:
             return None
         sampled: list[Request] = []
@@ -331,7 +366,9 @@ class Engine:
         if stop or len(req.output) >= req.params.max_tokens:
             self._finish(req, reason="stop" if stop else "length")
 
-    def _finish(self, req: Request, *, reason: str = "stop", cancelled: bool = False, error: bool = False) -> None:
+    def _finish(self, req: Request, *, reason: str = "stop", cancelled: bool = False, error: bool = False,
+                message: str | None = None) -> None:
+        """`message`: an error of this request alone (its adapter failed to load), sent to its client."""
         if req.done:
             return
         req.done = True
@@ -339,11 +376,15 @@ class Engine:
             self.running.remove(req)
             self.runner.release(req.slot)
             self.free_slots.append(req.slot)
+            if req.lora >= 0:
+                self.adapters.release(req.lora)
         if cancelled:
             self.metrics.cancelled.inc()
         elif not error:
             self.metrics.finished.inc()
         end = {"finish_reason": "error" if error else ("cancelled" if cancelled else reason)}
+        if message:
+            end.update(error="adapter_failed", message=message)
         self._outbox.append((req, end))
         self.metrics.running.set(len(self.running))
         if cancelled or error:

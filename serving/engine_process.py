@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 from serving.engine import Engine, EngineConfig, Request, StreamQueue, check_admission
+from serving.lora import Adapter, AdapterError
 from serving.sampling import SamplingParams
 
 KV_MEMORY_SHARE = 0.85     # of the GPU memory left after the weights, for the KV cache
@@ -44,6 +45,8 @@ class EngineSpec:
     max_queued_requests: int = 256
     prefill_chunk: int | None = None
     threads: int = 2         # CPU threads for torch on CPU
+    max_loras: int = 0       # adapter slots on the device (0: no adapter pool)
+    max_lora_rank: int = 64  # the largest adapter rank the slots hold
 
 
 def load(spec: EngineSpec):
@@ -72,20 +75,30 @@ def build_engine(model, spec: EngineSpec, sink=None) -> tuple[Engine, str]:
     Returns the engine and the start-up line that says what was chosen."""
     import torch
 
-    from serving.runners import FlatRunner, runner_for
+    from serving.runners import FlatRunner, kv_dtype, runner_class, runner_for
 
     t0 = time.time()
     seqs = spec.max_num_seqs or (GPU_MAX_NUM_SEQS if spec.device == "cuda" else CPU_MAX_NUM_SEQS)
     per_token = kv_bytes_per_token(model)
     context = model_context(model)
     length, note = spec.max_model_len or context, "the model's context"
+    pool, adapters = None, ""
+    sites = runner_class(model).lora_sites(model) if spec.max_loras else None
+    if sites is not None:  # allocated before the KV cache is sized: the cache gets what is left
+        from serving.lora import AdapterPool
+
+        pool = AdapterPool(sites, spec.max_loras, spec.max_lora_rank, kv_dtype(model), torch.device(spec.device))
+        adapters = (f"; adapter pool {spec.max_loras} x rank {spec.max_lora_rank} on {len(sites)} linears "
+                    f"({pool.bytes / 2**20:.0f} MiB)")
+    elif spec.max_loras:
+        adapters = "; no adapters (the generic runner cannot apply them)"
     if spec.device == "cuda" and spec.max_model_len is None and per_token:
         free = torch.cuda.mem_get_info()[0] - GRAPH_RESERVE_GIB * 2**30
         fit = int(free * KV_MEMORY_SHARE // (seqs * per_token)) // 256 * 256
         if fit < length:
             length, note = max(fit, 256), "what the free GPU memory holds"
     length = min(length, context)
-    runner = runner_for(model, seqs, length)
+    runner = runner_for(model, seqs, length, adapters=pool)
     graphs = ""
     if isinstance(runner, FlatRunner) and runner.use_graphs:
         try:
@@ -100,7 +113,7 @@ def build_engine(model, spec: EngineSpec, sink=None) -> tuple[Engine, str]:
                     sink=sink)
     line = (f"engine: {runner.family} runner, max_num_seqs {seqs}, max_model_len {length} ({note}), "
             f"max_queued_requests {spec.max_queued_requests}, prefill chunk {chunk}; KV cache "
-            f"{seqs * length * per_token / 2**30:.2f} GiB ({per_token / 1024:.1f} KiB per token){graphs}; "
+            f"{seqs * length * per_token / 2**30:.2f} GiB ({per_token / 1024:.1f} KiB per token){adapters}{graphs}; "
             f"ready in {time.time() - t0:.1f} s")
     return engine, line
 
@@ -145,7 +158,8 @@ def _child(conn, spec: EngineSpec) -> None:
     except BaseException as err:  # noqa: BLE001 - the parent reports it
         send(("failed", f"{type(err).__name__}: {err}"))
         return
-    send(("ready", {"line": line, "config": engine.config, "context": model_context(model)}))
+    send(("ready", {"line": line, "config": engine.config, "context": model_context(model),
+                    "adapters": engine.adapters is not None}))
     requests: dict[int, Request] = {}
     while True:
         if not conn.poll(1.0):
@@ -156,8 +170,8 @@ def _child(conn, spec: EngineSpec) -> None:
         msg = conn.recv()
         kind = msg[0]
         if kind == "add":
-            _, rid, prompt, params, stop_ids = msg
-            req = Request(rid, prompt, params, frozenset(stop_ids), None, None)
+            _, rid, prompt, params, stop_ids, adapter = msg
+            req = Request(rid, prompt, params, frozenset(stop_ids), None, None, adapter=adapter)
             requests[rid] = req
             engine.enqueue(req)
         elif kind == "abort" and msg[1] in requests:
@@ -227,14 +241,21 @@ class EngineProcess:
             return "the pipe to the engine process closed"
         return None
 
-    def submit(self, prompt: list[int], params: SamplingParams, stop_ids: list[int]) -> Pending:
+    def submit(self, prompt: list[int], params: SamplingParams, stop_ids: list[int],
+               adapter: Adapter | None = None) -> Pending:
         if self.failure:
             raise RuntimeError(self.failure)
+        self.check_adapter(adapter)
         check_admission(self.config, len(prompt), params, len(self.pending), self._retry_after)
         req = Pending(next(self._ids), StreamQueue(), asyncio.get_running_loop(), params.max_tokens)
         self.pending[req.id] = req
-        self._send(("add", req.id, list(prompt), params, list(stop_ids)))
+        self._send(("add", req.id, list(prompt), params, list(stop_ids), adapter))
         return req
+
+    def check_adapter(self, adapter: Adapter | None) -> None:
+        if adapter is not None and not self.info.get("adapters"):
+            raise AdapterError(f"adapter {adapter.name}: this server runs without an adapter pool (max_loras=0, "
+                               "or a model the adapter pool cannot serve)")
 
     def _retry_after(self) -> float:
         step = self.step_seconds or 0.05

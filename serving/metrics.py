@@ -28,12 +28,29 @@ class EngineMetrics:
         self.kv_used = Gauge("glmops_kv_cache_used_tokens", "tokens held in the KV cache", registry=r)
         capacity = Gauge("glmops_kv_cache_capacity_tokens", "tokens the KV cache can hold", registry=r)
         capacity.set(max_num_seqs * max_model_len)
+        self.adapter_loads = Counter("glmops_adapter_loads", "adapters copied into a slot of the adapter pool",
+                                     registry=r)
+        self.adapter_load_time = Histogram("glmops_adapter_load_seconds", "reading an adapter and copying it into "
+                                           "a slot", buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_hits = Counter("glmops_adapter_hits", "requests whose adapter was in a slot already",
+                                    registry=r)
+        self.adapter_evictions = Counter("glmops_adapter_evictions", "adapters evicted to free a slot", registry=r)
         self._steps: collections.deque[float] = collections.deque(maxlen=64)
 
     def step(self, seconds: float, decoded: int, prefilled: int) -> None:
         if decoded:
             self._steps.append(seconds)
         self.prefilled.inc(prefilled)
+
+    def adapter(self, what: str, seconds: float | None = None) -> None:
+        """The adapter pool's events: loads (with their time), hits, evictions."""
+        if what == "loads":
+            self.adapter_loads.inc()
+            self.adapter_load_time.observe(seconds or 0.0)
+        elif what == "hits":
+            self.adapter_hits.inc()
+        elif what == "evictions":
+            self.adapter_evictions.inc()
 
     def recent_step_seconds(self) -> float | None:
         return sum(self._steps) / len(self._steps) if self._steps else None

@@ -10,6 +10,10 @@ Attention reads only the positions a sequence has (GlmRunner), or the first `buc
 cache, the next power of two (at least 256) above the longest sequence in the batch: a step's cost
 follows the sequences, not `max_len`.
 
+With an adapter pool (serving/lora.py), each row names its adapter's slot (`RowInput.lora`, -1 for the base)
+and the flat runners add every row's LoRA delta at the sites they declare (`lora_sites`); a step without
+adapter rows skips them. Decode graphs are captured with and without adapters, never per adapter.
+
   GlmRunner       ChatGLM2/3 and GLM-4 as transformers' GlmForCausalLM (and Llama-shaped layouts with
                   the same module names); decode steps captured in CUDA graphs per (batch, bucket)
   ChatGLM1Runner  ChatGLM-6B through our ChatGLM1ForCausalLM: the same flat step with its own small ops (2D
@@ -41,6 +45,7 @@ class RowInput:
     slot: int
     tokens: list[int] | None
     start: int  # position of the first token (tokens before it are in the cache)
+    lora: int = -1  # the adapter pool slot of this row's adapter; -1: the base model
 
     @property
     def size(self) -> int:
@@ -67,8 +72,9 @@ class Runner:
     family = "generic"
     chunked_prefill = True  # may a prompt be prefilled over several steps?
 
-    def __init__(self, model, num_slots: int, max_len: int):
+    def __init__(self, model, num_slots: int, max_len: int, adapters=None):
         self.model, self.num_slots, self.max_len = model, num_slots, max_len
+        self.adapters = adapters  # an AdapterPool, or None
         self.device = next(model.parameters()).device
         self.scratch = num_slots  # the slot padding rows write to
         # Each slot's last sampled token, written by the engine after sampling, read by decode rows.
@@ -79,6 +85,11 @@ class Runner:
 
     def release(self, slot: int) -> None:
         """A sequence left its slot (nothing to clean: its positions are overwritten before being read)."""
+
+    @classmethod
+    def lora_sites(cls, model) -> list | None:
+        """Where this runner adds LoRA deltas (serving/lora.py's Site list), or None: it serves no adapters."""
+        return None
 
 
 def kv_dtype(model) -> torch.dtype:
@@ -93,9 +104,9 @@ class FlatRunner(Runner):
     kernels per layer, like decode. On a GPU each decode (batch size, attention bucket) is captured once in a
     CUDA graph and replayed."""
 
-    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True):
-        super().__init__(model, num_slots, max_len)
-        self.graphs: dict[tuple[int, int], tuple] = {}
+    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None):
+        super().__init__(model, num_slots, max_len, adapters)
+        self.graphs: dict[tuple[int, int, bool], tuple] = {}
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self._pool = None  # one memory pool for all graphs: only one replays at a time
 
@@ -106,10 +117,17 @@ class FlatRunner(Runner):
         self.kv_heads, self.head_dim = kv_heads, head_dim
 
     def _tokens(self, tokens: torch.Tensor | None, slots: torch.Tensor, positions: torch.Tensor, bucket: int,
-                last: torch.Tensor | None = None) -> torch.Tensor:
+                last: torch.Tensor | None = None, loras: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [N] (None: each slot's last sampled token) at (slot, position) [N]; logits [R, vocab] of the
-        tokens at `last` [R] (all of them when None). `bucket` bounds every position + 1."""
+        tokens at `last` [R] (all of them when None). `bucket` bounds every position + 1. `loras` [N]: each
+        token's adapter slot (-1: none), or None when no token has one."""
         raise NotImplementedError
+
+    def _lora(self, loras: torch.Tensor | None):
+        """The step's LoRA deltas: `lora(layer, site, h, y)` adds them to a linear's output (nothing without)."""
+        from serving.lora import NO_LORA
+
+        return NO_LORA if self.adapters is None else self.adapters.step(loras)
 
     def _new_prompts(self, rows: list[RowInput]) -> None:
         """Called with a step's prompt rows before they run (what a model must note of a prompt)."""
@@ -117,14 +135,16 @@ class FlatRunner(Runner):
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
         longest = max(r.start + r.size for r in rows)
         bucket = bucket_for(longest, self.max_len)
+        with_lora = any(r.lora >= 0 for r in rows)
         if all(r.tokens is None for r in rows):
             size = next((s for s in GRAPH_BATCH_SIZES if s >= len(rows)), None) if self.use_graphs else None
             if size is not None:
-                return self._replay(rows, size, bucket)
-            slots, positions = to_device([[r.slot for r in rows], [r.start for r in rows]], self.device)
-            return self._tokens(None, slots, positions, bucket)
+                return self._replay(rows, size, bucket, with_lora)
+            host = [[r.slot for r in rows], [r.start for r in rows], [r.lora for r in rows]]
+            slots, positions, loras = to_device(host, self.device)
+            return self._tokens(None, slots, positions, bucket, loras=loras if with_lora else None)
         # Prompt chunks (and any decode rows among them): one flat list of tokens; logits of each row's last.
-        flat = torch.empty(3, sum(r.size for r in rows), dtype=torch.long)
+        flat = torch.empty(4, sum(r.size for r in rows), dtype=torch.long)
         last = torch.empty(len(rows), dtype=torch.long)
         at = 0
         for i, r in enumerate(rows):
@@ -132,6 +152,7 @@ class FlatRunner(Runner):
             flat[0, at:at + n] = torch.tensor(r.tokens) if r.tokens is not None else 0
             flat[1, at:at + n] = r.slot
             flat[2, at:at + n] = torch.arange(r.start, r.start + n)
+            flat[3, at:at + n] = r.lora
             at += n
             last[i] = at - 1
         self._new_prompts(rows)
@@ -141,7 +162,8 @@ class FlatRunner(Runner):
         if pending:  # decode rows mixed in: their token is on the device already
             idx = to_device(pending, self.device)
             tokens[idx] = self.last_token[flat[1][idx]]
-        return self._tokens(tokens, flat[1], flat[2], bucket, to_device(last, self.device))
+        return self._tokens(tokens, flat[1], flat[2], bucket, to_device(last, self.device),
+                            flat[3] if with_lora else None)
 
     # -- CUDA graphs for decode steps -----------------------------------------------------------------------
     def warm_up(self) -> None:
@@ -160,20 +182,23 @@ class FlatRunner(Runner):
         while b <= min(max_bucket, self.max_len):
             buckets.append(b)
             b *= 2
+        variants = (False, True) if self.adapters is not None else (False,)
         for size in sorted((s for s in GRAPH_BATCH_SIZES if s <= max_batch), reverse=True):
             for bucket in reversed(buckets):
-                self._graph(size, bucket)
-                n += 1
+                for with_lora in variants:
+                    self._graph(size, bucket, with_lora)
+                    n += 1
         return n
 
-    def _graph(self, size: int, bucket: int):
-        key = (size, bucket)
+    def _graph(self, size: int, bucket: int, with_lora: bool = False):
+        key = (size, bucket, with_lora)
         if key in self.graphs:
             return self.graphs[key]
         dev = self.device
         static = {"slots": torch.full((size,), self.scratch, dtype=torch.long, device=dev),
-                  "positions": torch.zeros(size, dtype=torch.long, device=dev)}
-        args = (None, static["slots"], static["positions"], bucket)
+                  "positions": torch.zeros(size, dtype=torch.long, device=dev),
+                  "loras": torch.full((size,), -1, dtype=torch.long, device=dev)}
+        args = (None, static["slots"], static["positions"], bucket, None, static["loras"] if with_lora else None)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -187,17 +212,20 @@ class FlatRunner(Runner):
         self.graphs[key] = (graph, static, logits)
         return self.graphs[key]
 
-    def _replay(self, rows: list[RowInput], size: int, bucket: int) -> torch.Tensor:
-        graph, static, logits = self._graph(size, bucket)
+    def _replay(self, rows: list[RowInput], size: int, bucket: int, with_lora: bool = False) -> torch.Tensor:
+        graph, static, logits = self._graph(size, bucket, with_lora)
         n = len(rows)
-        host = torch.empty(2, size, dtype=torch.long)
+        host = torch.empty(3, size, dtype=torch.long)
         host[0, :] = self.scratch
         host[1, :] = 0
+        host[2, :] = -1
         host[0, :n] = torch.tensor([r.slot for r in rows])
         host[1, :n] = torch.tensor([r.start for r in rows])
+        host[2, :n] = torch.tensor([r.lora for r in rows])
         dev = to_device(host, self.device)
         static["slots"].copy_(dev[0])
         static["positions"].copy_(dev[1])
+        static["loras"].copy_(dev[2])
         graph.replay()
         return logits[:n]
 
@@ -210,8 +238,8 @@ class GlmRunner(FlatRunner):
 
     family = "glm"
 
-    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True):
-        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs)
+    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None):
+        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs, adapters=adapters)
         inner = model.model
         cfg = model.config
         self.layers, self.embed, self.norm, self.rotary = inner.layers, inner.embed_tokens, inner.norm, inner.rotary_emb
@@ -229,6 +257,27 @@ class GlmRunner(FlatRunner):
                                            rot=rot, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
                                            dtype=self.k_cache.dtype)
 
+    @classmethod
+    def lora_sites(cls, model) -> list:
+        """Per layer: the fused QKV (q, k, v side by side), o_proj, the fused gate/up projection, down_proj."""
+        from serving.lora import Site
+
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def site(i: int, name: str, *mods) -> Site:
+            parts, start = [], 0
+            for m in mods:
+                parts.append((names[id(m)], start, m.out_features))
+                start += m.out_features
+            return Site(i, name, mods[0].in_features, tuple(parts))
+
+        sites = []
+        for i, layer in enumerate(model.model.layers):
+            a, mlp = layer.self_attn, layer.mlp
+            sites += [site(i, "qkv", a.q_proj, a.k_proj, a.v_proj), site(i, "o", a.o_proj),
+                      site(i, "gate_up", mlp.gate_up_proj), site(i, "down", mlp.down_proj)]
+        return sites
+
     def _qkv(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if self.qkv[i] is not None:  # one GEMM instead of three
             return F.linear(h, *self.qkv[i])
@@ -236,20 +285,26 @@ class GlmRunner(FlatRunner):
         return torch.cat([attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)], dim=-1)
 
     @torch.no_grad()
-    def _tokens(self, tokens, slots, positions, bucket, last=None):
+    def _tokens(self, tokens, slots, positions, bucket, last=None, loras=None):
         ops = self.ops
+        lora = self._lora(loras)
         x = self.embed(self.last_token[slots] if tokens is None else tokens)
         cos, sin = (c[:, 0] for c in self.rotary(x, positions[:, None]))
         h = None
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x, h = ops.add_rms_norm(x, h, layer.input_layernorm.weight, self.eps)
-            q = ops.rope_write(self._qkv(i, h), cos, sin, self.k_cache[i], self.v_cache[i], slots, positions,
-                               self.heads, self.kv_heads)
+            q = ops.rope_write(lora(i, "qkv", h, self._qkv(i, h)), cos, sin, self.k_cache[i], self.v_cache[i],
+                               slots, positions, self.heads, self.kv_heads)
             out = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, positions, attn.scaling, bucket)
-            x, h = ops.add_rms_norm(x, attn.o_proj(out), layer.post_attention_layernorm.weight, self.eps)
+            x, h = ops.add_rms_norm(x, lora(i, "o", out, attn.o_proj(out)), layer.post_attention_layernorm.weight,
+                                    self.eps)
             mlp = layer.mlp
-            h = mlp.down_proj(ops.silu_mul(mlp.gate_up_proj(h))) if self.silu else mlp(h)
+            if self.silu:
+                act = ops.silu_mul(lora(i, "gate_up", h, mlp.gate_up_proj(h)))
+                h = lora(i, "down", act, mlp.down_proj(act))
+            else:
+                h = mlp(h)
         if last is not None:  # only the rows whose logits are wanted go through the final norm and the head
             x, h = x[last], h[last]
         _, h = ops.add_rms_norm(x, h, self.norm.weight, self.eps)
@@ -292,8 +347,8 @@ class ChatGLM1Runner(FlatRunner):
     NO_SOP = 1 << 30  # a prompt without <sop>: causal throughout, positions counted as they come
     PROMPT_KERNEL_MAX = 512  # longest prompt whose tokens attend through the per-token decode kernel
 
-    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True):
-        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs)
+    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None):
+        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs, adapters=adapters)
         from serving.kernels import TorchOps, TritonOps
         from serving.kernels_chatglm1 import TritonOps1, pick_ops1, rotary_tables
 
@@ -314,6 +369,19 @@ class ChatGLM1Runner(FlatRunner):
         self.long_prompts = False  # does this step hold a prompt longer than PROMPT_KERNEL_MAX?
         # this step's rows: (first flat token, size, slot, where <sop> is: -1 for none, 0 for decode rows)
         self.spans: list[tuple[int, int, int, int]] = []
+
+    @classmethod
+    def lora_sites(cls, model) -> list:
+        """Per layer: query_key_value, dense, dense_h_to_4h, dense_4h_to_h (the job's LoRA targets)."""
+        from serving.lora import Site
+
+        names = {id(m): n for n, m in model.named_modules()}
+        sites = []
+        for i, layer in enumerate(model.transformer.layers):
+            mods = (("qkv", layer.attention.query_key_value), ("dense", layer.attention.dense),
+                    ("h_to_4h", layer.mlp.dense_h_to_4h), ("4h_to_h", layer.mlp.dense_4h_to_h))
+            sites += [Site(i, name, m.in_features, ((names[id(m)], 0, m.out_features),)) for name, m in mods]
+        return sites
 
     def _new_prompts(self, rows: list[RowInput]) -> None:
         """Note each prompt's <sop> and [gMASK] (or [MASK]) positions in its slot."""
@@ -342,8 +410,9 @@ class ChatGLM1Runner(FlatRunner):
             self.mask_at[idx[0]] = idx[2]
 
     @torch.no_grad()
-    def _tokens(self, tokens, slots, positions, bucket, last=None):
+    def _tokens(self, tokens, slots, positions, bucket, last=None, loras=None):
         ops = self.ops
+        lora = self._lora(loras)
         sop, mask_at = self.sop[slots], self.mask_at[slots]
         reply = positions >= sop
         p0 = torch.where(reply & (mask_at >= 0), mask_at, positions)  # from <sop> on: the [gMASK] position
@@ -358,16 +427,18 @@ class ChatGLM1Runner(FlatRunner):
                                     layers[0].input_layernorm.bias, self.eps)
         for i, layer in enumerate(layers):
             a = layer.attention
-            q = ops.rope2d_write(a.query_key_value(h), self.cos, self.sin, p0, p1, self.k_cache[i], self.v_cache[i],
+            q = ops.rope2d_write(lora(i, "qkv", h, a.query_key_value(h)), self.cos, self.sin, p0, p1, self.k_cache[i], self.v_cache[i],
                                  slots, positions, self.heads)
             if long_prompts:
                 out = self._attend_long_prompts(q, self.k_cache[i], self.v_cache[i], slots, sees, scale, bucket)
             else:
                 out = self.attend.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, sees, scale, bucket)
             ln = layer.post_attention_layernorm
-            h = ops.residual_layer_norm(h, a.dense(out), self.alpha, ln.weight, ln.bias, self.eps)
+            h = ops.residual_layer_norm(h, lora(i, "dense", out, a.dense(out)), self.alpha, ln.weight, ln.bias,
+                                        self.eps)
             mlp = layer.mlp
-            delta = mlp.dense_4h_to_h(ops.gelu(mlp.dense_h_to_4h(h)))
+            act = ops.gelu(lora(i, "h_to_4h", h, mlp.dense_h_to_4h(h)))
+            delta = lora(i, "4h_to_h", act, mlp.dense_4h_to_h(act))
             ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.tr.final_layernorm
             if last is not None and i + 1 == len(layers):  # only the rows whose logits are wanted
                 h, delta = h[last], delta[last]
@@ -425,12 +496,21 @@ class HFRunner(Runner):
         self.caches.pop(slot, None)
 
 
-def runner_for(model, num_slots: int, max_len: int, *, cuda_graphs: bool = True) -> Runner:
+def runner_class(model) -> type[Runner]:
     kind = type(model).__name__
     if kind == "ChatGLM1ForCausalLM":
-        return ChatGLM1Runner(model, num_slots, max_len, cuda_graphs=cuda_graphs)
+        return ChatGLM1Runner
     inner = getattr(model, "model", None)
     layer = inner.layers[0] if inner is not None and hasattr(inner, "layers") else None
     if kind == "GlmForCausalLM" and layer is not None and hasattr(layer.mlp, "gate_up_proj"):
-        return GlmRunner(model, num_slots, max_len, cuda_graphs=cuda_graphs)
-    return HFRunner(model, num_slots, max_len)
+        return GlmRunner
+    return HFRunner
+
+
+def runner_for(model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None) -> Runner:
+    cls = runner_class(model)
+    if cls is HFRunner:
+        if adapters is not None:
+            raise ValueError(f"{type(model).__name__} runs through the generic runner, which serves no adapters")
+        return HFRunner(model, num_slots, max_len)
+    return cls(model, num_slots, max_len, cuda_graphs=cuda_graphs, adapters=adapters)
