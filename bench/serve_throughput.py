@@ -99,9 +99,9 @@ class Server:
         self.log.close()
 
 
-async def one_stream(client, url: str, content: str, tokens: int) -> dict:
+async def one_stream(client, url: str, content: str, tokens: int, model: str | None = None) -> dict:
     body = {"messages": [{"role": "user", "content": content}], "max_tokens": tokens, "min_tokens": tokens,
-            "temperature": 0, "stream": True}
+            "temperature": 0, "stream": True, **({"model": model} if model else {})}
     t0 = time.perf_counter()
     first = last = None
     usage = {}
@@ -144,14 +144,18 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
 
 
-async def measure(url: str, content: str, streams: int, tokens: int) -> dict:
+async def measure(url: str, content: str, streams: int, tokens: int, models: list[str | None] = (None,)) -> dict:
+    """`streams` concurrent streams of `tokens` tokens each; stream i asks for models[i % len(models)] (None: the
+    base; bench/serve_lora.py spreads streams over adapters)."""
     import httpx
 
     limits = httpx.Limits(max_connections=streams + 8, max_keepalive_connections=streams + 8)
     async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
-        await one_stream(client, url, content, 8)  # warm-up
+        for model in models:  # warm-up (and each adapter in its slot)
+            await one_stream(client, url, content, 8, model)
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, url, content, tokens) for _ in range(streams)))
+        results = await asyncio.gather(*(one_stream(client, url, content, tokens, models[i % len(models)])
+                                         for i in range(streams)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
     total = sum(r["tokens"] for r in ok)

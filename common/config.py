@@ -469,7 +469,9 @@ class EvaluateConfig:
                             "run id (its best adapter on its base, unmerged), a local folder or a hub id")
     compare: list[str] = opt([], "several models to score side by side (comma-separated, each as for --model), "
                              "e.g. the base and the fine-tuned one")
-    via_url: str | None = opt(None, "score a running glmops server through its OpenAI API instead of loading a model")
+    via_url: str | None = opt(None, "score a running glmops server through its OpenAI API instead of loading a model; "
+                              "with --model or --compare, those are models it serves (adapter names, runs:/..., "
+                              "models:/...)")
     api_key: str | None = opt(None, "the server's API key, with --via_url (default: $GLMOPS_API_KEY)")
     data_path: str = opt(DEFAULT_DATA_PATH, "records to score on, in the training data's format (JSON, JSONL, Parquet, "
                          "hub dataset)")
@@ -493,8 +495,10 @@ class EvaluateConfig:
 
     def validate(self) -> list[str]:
         p: list[str] = []
-        given = sum(bool(x) for x in (self.model, self.compare, self.via_url))
-        _check(p, given == 1, "choose what to score with exactly one of --model, --compare or --via_url")
+        given = sum(bool(x) for x in (self.model, self.compare))
+        _check(p, given == 1 or (given == 0 and self.via_url),
+               "choose what to score with one of --model or --compare (with --via_url: served models), or --via_url "
+               "alone (the server's base)")
         _check(p, not self.compare or len(self.compare) >= 2,
                "compare: name at least two models (use --model for one)")
         _check(p, self.max_samples >= 1, f"max_samples: must be >= 1, found {self.max_samples}")

@@ -142,8 +142,9 @@ def open_candidate(spec: str, cfg, uri: str) -> Candidate:
     return Candidate(Path(spec).name or spec, spec, _local(model, tok, info.template, cfg))
 
 
-def server_candidate(url: str, api_key: str | None, cfg) -> Candidate:
-    """A running glmops server, through its OpenAI chat API: greedy (temperature 0), the same length limit."""
+def server_candidate(url: str, api_key: str | None, cfg, model: str | None = None) -> Candidate:
+    """A running glmops server, through its OpenAI chat API: greedy (temperature 0), the same length limit.
+    `model`: one of the models it serves (an adapter's name, runs:/..., models:/...); None: its base."""
     import httpx
 
     def ask(client: httpx.Client, conv: Conversation) -> str:
@@ -151,10 +152,13 @@ def server_candidate(url: str, api_key: str | None, cfg) -> Candidate:
         for q, a in conv.history:
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": conv.query})
-        r = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0,
-                                                      "max_tokens": cfg.max_new_tokens})
+        body = {"messages": messages, "temperature": 0, "max_tokens": cfg.max_new_tokens}
+        if model:
+            body["model"] = model
+        r = client.post("/v1/chat/completions", json=body)
         if r.status_code != 200:
-            raise UserError(f"--via_url {url}: the server answered {r.status_code}: {r.text[:300]}")
+            what = f" (model {model})" if model else ""
+            raise UserError(f"--via_url {url}{what}: the server answered {r.status_code}: {r.text[:300]}")
         return r.json()["choices"][0]["message"]["content"] or ""
 
     def generate(convs: list[Conversation], progress: Callable[[int], None]) -> list[str]:
@@ -173,7 +177,8 @@ def server_candidate(url: str, api_key: str | None, cfg) -> Candidate:
             raise UserError(f"--via_url {url}: cannot reach the server. Start it with `serve run serving:app`.") \
                 from None
 
-    return Candidate(url, url, generate, {"served_url": url})
+    links = {"served_url": url, **({"served_model": model} if model else {})}
+    return Candidate(model or url, f"{url} {model}" if model else url, generate, links)
 
 
 # -- scoring and recording ------------------------------------------------------------------------------------

@@ -74,7 +74,6 @@ def find_adapter(cfg, uri: str) -> AdapterSource:
                             "adapter_model/). Pass the adapter folder of a checkpoint.")
         return _read_adapter(folder, "adapter folder", None)
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=uri)
     if cfg.experiment:
@@ -89,6 +88,17 @@ def find_adapter(cfg, uri: str) -> AdapterSource:
         run_id, origin = runs[0].info.run_id, f"best run of experiment {cfg.experiment}"
     else:
         run_id, origin = cfg.run_id, "run"
+    return adapter_of_run(run_id, uri, origin)
+
+
+def adapter_of_run(run_id: str, uri: str, origin: str = "run", dst: Path | None = None) -> AdapterSource:
+    """A run's best adapter: its best checkpoint's folder when this machine has it, else the run's `adapter`
+    artifact downloaded (into `dst`, or a temporary folder). UserError for an unknown run or one without."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
@@ -100,12 +110,14 @@ def find_adapter(cfg, uri: str) -> AdapterSource:
     if "adapter" not in names:
         raise UserError(f"run {run_id} has no adapter artifact (artifacts: {names or 'none'}); it did not finish "
                         "a checkpoint. Pick another run or pass --lora_model.")
-    import mlflow
-
-    dst = Path(tempfile.mkdtemp(prefix="glmops-adapter-"))
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(dst),
-                                               tracking_uri=uri)
-    return _read_adapter(Path(path), f"{origin} {run_id}, downloaded", run_id)
+    if dst is None:
+        dst = Path(tempfile.mkdtemp(prefix="glmops-adapter-"))
+    folder = dst / "adapter"
+    if not (folder / "adapter_config.json").is_file():
+        dst.mkdir(parents=True, exist_ok=True)
+        folder = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="adapter", dst_path=str(dst),
+                                                          tracking_uri=uri))
+    return _read_adapter(folder, f"{origin} {run_id}, downloaded", run_id)
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

@@ -26,10 +26,9 @@ def registry_version(model: str, uri: str) -> tuple[str, str]:
         raise UserError(f"{model}: not found in the registry at {uri} ({type(err).__name__}).") from None
 
 
-def local_model_folder(model: str, tracking_uri: str | None = None) -> Path:
-    """`models:/name@alias` (or `models:/name/3`) is downloaded once per version into the glmops cache."""
-    if not model.startswith("models:/"):
-        return Path(model)
+def download_version(model: str, tracking_uri: str | None = None) -> tuple[Path, str, str]:
+    """`models:/name@alias` (or `models:/name/3`): its files, downloaded once per version into the glmops cache;
+    returns (folder, name, version)."""
     import mlflow
 
     from common.tracking import default_tracking_uri
@@ -38,15 +37,32 @@ def local_model_folder(model: str, tracking_uri: str | None = None) -> Path:
     mlflow.set_tracking_uri(uri)
     name, version = registry_version(model, uri)
     key = hashlib.sha256(f"{uri}|{name}|{version}".encode()).hexdigest()[:12]
-    dst = Path(os.environ.get("GLMOPS_CACHE", Path.home() / ".cache" / "glmops")) / "registry" / f"{name}-v{version}-{key}"
+    dst = cache_dir() / "registry" / f"{name}-v{version}-{key}"
     if not (dst / "config.json").is_file() and not (dst / "adapter_config.json").is_file():
         dst.mkdir(parents=True, exist_ok=True)
         mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst))
-    if (dst / "adapter_config.json").is_file() and not (dst / "config.json").is_file():
+    return dst, name, version
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("GLMOPS_CACHE", Path.home() / ".cache" / "glmops"))
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def local_model_folder(model: str, tracking_uri: str | None = None) -> Path:
+    """A model's local folder: a registry URI's files downloaded (`download_version`), else the path itself."""
+    if not model.startswith("models:/"):
+        return Path(model)
+    dst, _, _ = download_version(model, tracking_uri)
+    if is_adapter_folder(dst):
         import json
 
         meta = json.loads((dst / "glmops.json").read_text(encoding="utf-8")) if (dst / "glmops.json").is_file() else {}
         raise UserError(f"{model} is an adapter-only version (registered with --adapter_only; base "
-                        f"{meta.get('base_model', 'unknown')}): it is not a model on its own. Merge it to load it "
-                        f"alone: python jobs/merge.py --lora_model {dst}")
+                        f"{meta.get('base_model', 'unknown')}): it is not a model on its own. Serve it on its base "
+                        f"(serve run serving:app model={meta.get('base_model', '<base>')} adapters=NAME={model}) or "
+                        f"merge it: python jobs/merge.py --lora_model {dst}")
     return dst

@@ -4,6 +4,7 @@
     python jobs/evaluate.py --compare models/tiny-chatglm2,models:/tiny-chatglm2-finetune@champion
     python jobs/evaluate.py --model <training run id>       # its best adapter on its base, not merged
     python jobs/evaluate.py --via_url http://127.0.0.1:8000  # a running server, through its OpenAI API
+    python jobs/evaluate.py --via_url http://127.0.0.1:8000 --compare base,exp7,runs:/<run_id>  # served adapters
 
 Recipe: config → records (validated as training data is) → each model: load, greedy replies, scores →
 one table printed and one MLflow run (metrics, the per-example table, scores tagged on registry versions).
@@ -40,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {cfg.data_path}, {len(convs)} records (greedy replies of up to {cfg.max_new_tokens} tokens)")
 
     results = []
-    if cfg.via_url:
+    if cfg.via_url:  # the server's base, or the models it serves named by --model / --compare
         api_key = cfg.api_key or os.environ.get("GLMOPS_API_KEY")
-        results.append(score_candidate(server_candidate(cfg.via_url, api_key, cfg), convs))
-    for spec in cfg.models:  # one at a time: a model is freed before the next one loads
+        for name in cfg.models or [None]:
+            results.append(score_candidate(server_candidate(cfg.via_url, api_key, cfg, name), convs))
+    for spec in [] if cfg.via_url else cfg.models:  # one at a time: a model is freed before the next one loads
         print(f"model: {spec}")
         results.append(score_candidate(open_candidate(spec, cfg, uri), convs))
 

@@ -38,6 +38,10 @@ class AppArgs(BaseModel):
     template: str | None = None
     tracking_uri: str | None = None
     ui: bool = True  # the Gradio page at /ui
+    # LoRA adapters on the base, chosen per request by its `model` field (README, "Several fine-tunes on one base"):
+    adapters: str | None = None  # name=URI,name2=URI2 (URI: runs:/<run_id>, models:/<name>@<alias>, a folder)
+    max_loras: int = 4           # adapter slots on the device (0: no adapters); more adapters are swapped in LRU
+    max_lora_rank: int = 64      # the largest adapter rank the slots hold
     # Staying up (README, "When things fail"):
     request_timeout_s: float | None = None    # every request ends with a timeout error after this many seconds
     graceful_shutdown_timeout_s: float = 30.0  # on shutdown or redeploy, running streams get this long to finish
@@ -70,6 +74,12 @@ def app(args: AppArgs):
     serve.start(http_options={"host": args.host, "port": args.port})
     if args.engine not in ("batch", "per_request"):
         raise ValueError(f"engine must be 'batch' or 'per_request', not {args.engine!r}")
+    if args.max_loras < 0 or args.max_lora_rank < 1:
+        raise ValueError(f"max_loras must be >= 0 and max_lora_rank >= 1, not {args.max_loras} and "
+                         f"{args.max_lora_rank}")
+    from serving.adapters import parse_adapters
+
+    adapter_names = tuple(parse_adapters(args.adapters, args.model))  # a malformed list fails before replicas start
     gpus = 1.0 if args.device in ("cuda", "auto") and _has_gpu() else 0.0
     # With the engine, each replica decides itself what waits and what gets a 429: let Serve hand it
     # everything up to that (plus room for /health and /metrics calls).
@@ -80,7 +90,8 @@ def app(args: AppArgs):
         tracking_uri=args.tracking_uri, engine=args.engine, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests,
         prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, engine_process=args.engine_process,
-        request_timeout_s=args.request_timeout_s, drain_timeout_s=args.graceful_shutdown_timeout_s)
+        request_timeout_s=args.request_timeout_s, drain_timeout_s=args.graceful_shutdown_timeout_s,
+        adapters=args.adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     # Stopping drains (serving/draining.py): serve run's Ctrl-C or SIGTERM, and `serve shutdown` in the controller.
     events.set_draining(False)  # a new app on a cluster that drained an earlier one
     events.set_drain_plan(args.graceful_shutdown_timeout_s, args.replicas)
@@ -91,7 +102,7 @@ def app(args: AppArgs):
     return Ingress.options(num_replicas=ingress, graceful_shutdown_wait_loop_s=0.5,
                            graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s + 2 * DRAIN_MARGIN_S
                            ).bind(model, api_key=args.api_key, model_name=args.model, ui=args.ui,
-                                  stalled_client_timeout_s=args.stalled_client_timeout_s)
+                                  stalled_client_timeout_s=args.stalled_client_timeout_s, adapter_names=adapter_names)
 
 
 def _has_gpu() -> bool:

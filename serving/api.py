@@ -30,6 +30,7 @@ MAX_MESSAGES = 256
 MAX_STOP_SEQUENCES = 4
 MAX_REQUEST_BYTES = 2 * 2**20  # a request body; far above the longest prompt any ChatGLM context holds
 ADMISSION_TIMEOUT_S = 10.0     # a model replica admits or refuses at once; no answer means none can serve
+ADAPTER_FETCH_TIMEOUT_S = 600.0  # a replica downloading a request's adapter (it said so at once)
 HEALTH_TIMEOUT_S = 5.0
 RETRY_AFTER_S = 5              # suggested to clients while an engine restarts or the model loads
 
@@ -264,11 +265,12 @@ def validate_sampling(req: ChatRequest) -> dict:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, model: DeploymentHandle, api_key: str | None = None, model_name: str = "glmops",
-                 ui: bool = True, stalled_client_timeout_s: float = 0):
+                 ui: bool = True, stalled_client_timeout_s: float = 0, adapter_names: tuple[str, ...] = ()):
         self.model = model
         self.streams = model.options(stream=True)
         self.api_key = api_key or None
         self.model_name = model_name
+        self.adapter_names = tuple(adapter_names)
         self.app_name = serve.get_replica_context().app_name
         from serving.slow_clients import PROXY_CALLBACK, guarded_here
 
@@ -337,16 +339,21 @@ class Ingress:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
+        """The base, the configured adapters, and the adapters requests have named since start-up."""
         self._check_key(request)
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "owned_by": "glmops",
-                                            "created": 0}]}
+        try:
+            data = await asyncio.wait_for(self.model.models.remote(), HEALTH_TIMEOUT_S)
+        except (TimeoutError, RayError):  # no replica to ask now: the base at least
+            data = [{"id": self.model_name, "object": "model", "owned_by": "glmops", "created": 0}]
+        return {"object": "list", "data": data}
 
     @api.post("/v1/chat/completions")
     async def chat(self, req: ChatRequest, request: Request):
         self._check_key(request)
         conv = to_conversation(req.messages)
         sampling = validate_sampling(req)
-        gen, first = await self._admitted(conv, sampling, req.timeout)
+        gen, first = await self._admitted(conv, sampling, req.timeout, req.model)
+        model = req.model or self.model_name
         n_prompt = first["prompt_tokens"]
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
@@ -367,12 +374,12 @@ class Ingress:
             usage = {"prompt_tokens": final.get("prompt_tokens", n_prompt),
                      "completion_tokens": final.get("completion_tokens", 0)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-            return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                  "finish_reason": final.get("finish_reason", "stop")}], "usage": usage}
 
         def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
             if usage:
                 body["usage"] = usage
@@ -404,13 +411,15 @@ class Ingress:
 
         return StreamingResponse(sse(), media_type="text/event-stream")
 
-    async def _admitted(self, conv: dict, sampling: dict, timeout: float | None = None):
+    async def _admitted(self, conv: dict, sampling: dict, timeout: float | None = None, model: str | None = None):
         """Start the stream and wait for the replica's answer: admitted, or why not (before any 200)."""
         from ray.serve.exceptions import BackPressureError
 
-        gen = self.streams.stream.remote(conv, sampling, timeout)
+        gen = self.streams.stream.remote(conv, sampling, timeout, model)
         try:
             first = await asyncio.wait_for(gen.__anext__(), ADMISSION_TIMEOUT_S)
+            while first.get("pending"):  # the replica fetches the adapter from the registry or a run first
+                first = await asyncio.wait_for(gen.__anext__(), ADAPTER_FETCH_TIMEOUT_S)
         except BackPressureError:
             raise overloaded("the server is busy: every replica's queue is full; retry later", 2.0) from None
         except TimeoutError:  # no replica took it: none is running (engine restarting, model loading)
@@ -423,6 +432,10 @@ class Ingress:
             raise overloaded(first["message"], first["retry_after"])
         if first.get("error") == "too_long":
             raise APIError(400, f"messages: {first['message']}", "messages")
+        if first.get("error") == "model_not_found":
+            raise APIError(404, first["message"], "model", code="model_not_found")
+        if first.get("error") == "bad_adapter":
+            raise APIError(400, first["message"], "model", code="bad_adapter")
         if first.get("error"):  # engine_failed, unavailable: Serve is replacing or draining this replica
             raise unavailable(first["message"], first["error"])
         return gen, first
@@ -432,4 +445,5 @@ class Ingress:
 
         from serving.web import build_ui
 
-        gr.mount_gradio_app(api, build_ui(self.streams, self.api_key), path="/ui")
+        gr.mount_gradio_app(api, build_ui(self.streams, self.api_key, [self.model_name, *self.adapter_names]),
+                            path="/ui")

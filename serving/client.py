@@ -2,6 +2,7 @@
 
     python -m serving.client [--url http://127.0.0.1:8000] [--api_key KEY]
     python -m serving.client --prompt "你好"                       # answer once, for scripts
+    python -m serving.client --model exp7                         # an adapter (a name, runs:/..., models:/...)
     python -m serving.client --model_path models/x [--bits 4]      # the seed's cli_demo habit: serve locally
 
 Commands: `clear` starts a new conversation, `stop` or `exit` quits. History stays on this side.
@@ -30,11 +31,13 @@ WELCOME = "glmops chat: type a message; 'clear' resets the conversation, 'stop' 
 
 
 def stream_chat(url: str, messages: list[dict], api_key: str | None, max_tokens: int, temperature: float,
-                top_p: float, out=sys.stdout) -> str:
+                top_p: float, out=sys.stdout, model: str | None = None) -> str:
     """POST one streamed chat request; print deltas as they come; return the whole reply."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     body = {"messages": messages, "stream": True, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p}
+    if model:
+        body["model"] = model
     reply = ""
     try:
         with httpx.stream("POST", url.rstrip("/") + "/v1/chat/completions", json=body, headers=headers,
@@ -89,7 +92,8 @@ def chat_loop(args) -> int:
         messages = history + [{"role": "user", "content": text}]
         print("\nChatGLM: ", end="", flush=True)
         try:
-            reply = stream_chat(args.url, messages, args.api_key, args.max_tokens, args.temperature, args.top_p)
+            reply = stream_chat(args.url, messages, args.api_key, args.max_tokens, args.temperature, args.top_p,
+                                model=args.model)
         except UserError as err:
             print(f"\nerror: {err}", file=sys.stderr)
             if "cannot reach" in str(err):
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default=os.environ.get("GLMOPS_URL", "http://127.0.0.1:8000"))
     ap.add_argument("--api_key", default=os.environ.get("GLMOPS_API_KEY"))
     ap.add_argument("--prompt", help="answer this one message and exit")
+    ap.add_argument("--model", help="an adapter the server knows (its name, runs:/<run_id>, models:/<name>@<alias>); "
+                                    "default: the base")
     ap.add_argument("--model_path", help="serve this model locally for the session (the seed's cli_demo.py)")
     ap.add_argument("--bits", type=int, default=16, choices=(4, 8, 16), help="with --model_path: quantize")
     ap.add_argument("--max_tokens", type=int, default=512)
@@ -140,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.prompt is not None:
             stream_chat(args.url, [{"role": "user", "content": args.prompt}], args.api_key, args.max_tokens,
-                        args.temperature, args.top_p)
+                        args.temperature, args.top_p, model=args.model)
             return 0
         return chat_loop(args)
     finally:

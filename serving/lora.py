@@ -246,7 +246,8 @@ class AdapterPool:
             self.refs[slot] -= 1
 
     def loaded(self) -> list[str]:
-        return [self.name_of[s] for s in self.slot_of.values()]
+        """The folders of the adapters in slots (several names may reach one folder)."""
+        return list(self.slot_of)
 
     def _read(self, adapter: Adapter) -> HostAdapter:
         try:

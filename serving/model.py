@@ -68,12 +68,14 @@ class ChatModel:
                  engine: str = "batch", max_num_seqs: int | None = None, max_model_len: int | None = None,
                  max_queued_requests: int = 256, prefill_chunk: int | None = None, stream_interval: float = 0.04,
                  engine_process: bool | None = None, request_timeout_s: float | None = None,
-                 drain_timeout_s: float = 30.0):
+                 drain_timeout_s: float = 30.0, adapters: str | None = None, max_loras: int = 4,
+                 max_lora_rank: int = 64):
         import torch
 
         from common.models.loader import detect, load_tokenizer, open_model_folder
         from common.registry import local_model_folder
         from common.templates import get_template
+        from serving.adapters import AdapterCatalog, parse_adapters
         from serving.engine_process import EngineProcess, EngineSpec, build_engine, load, model_context
 
         if engine not in ("batch", "per_request"):
@@ -82,8 +84,10 @@ class ChatModel:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         folder = local_model_folder(model, tracking_uri)
         info = detect(folder, model) if folder.is_dir() else open_model_folder(model)
+        configured = parse_adapters(adapters, model)
         spec = EngineSpec(str(info.path), bits, dtype, device, trust_remote_code, max_num_seqs, max_model_len,
-                          max_queued_requests, prefill_chunk, int(os.environ.get("GLMOPS_SERVE_THREADS", "2")))
+                          max_queued_requests, prefill_chunk, int(os.environ.get("GLMOPS_SERVE_THREADS", "2")),
+                          max_loras if engine == "batch" else 0, max_lora_rank)
         self.tok = load_tokenizer(info, trust_remote_code)
         self.template = get_template(template or info.template)
         self.stop_ids = self.template.stop_token_ids(self.tok)
@@ -115,6 +119,12 @@ class ChatModel:
                 sys.setswitchinterval(0.0005)
                 self.engine, line = build_engine(self.model, spec)
                 self.max_model_len = self.engine.config.max_model_len
+        pool = self.engine is not None and (self.engine.info.get("adapters") if in_child
+                                            else self.engine.adapters is not None)
+        if configured and not pool:
+            raise ValueError("adapters need the adapter pool: engine=batch, max_loras >= 1 and a ChatGLM/GLM model")
+        self.catalog = AdapterCatalog(model, info.path, configured, tracking_uri, max_lora_rank, bool(pool))
+        self.catalog.resolve_configured()
         if line:
             print(line + (" (engine process)" if in_child else ""), flush=True)
         if int(bits) == 8 and device != "cpu":
@@ -159,16 +169,35 @@ class ChatModel:
             return ""
         return (await self._engine_state())["metrics"]
 
+    async def models(self) -> list[dict]:
+        """/v1/models: the base, the configured adapters and those resolved since start-up (loaded: in a slot)."""
+        loaded = []
+        if self.engine is not None and not self.engine_failure():
+            loaded = (await self._engine_state())["stats"].get("adapters_loaded", [])
+        return self.catalog.listing(loaded)
+
     def _prompt(self, conv: dict) -> list[int]:
         return self.template.prompt(self.tok, Conversation.from_dict(conv))
 
-    async def stream(self, conv: dict, sampling: dict, timeout: float | None = None):
-        """`timeout`: the request's own deadline in seconds (the app's `request_timeout_s` caps it)."""
+    async def stream(self, conv: dict, sampling: dict, timeout: float | None = None, model: str | None = None):
+        """`timeout`: the request's own deadline in seconds (the app's `request_timeout_s` caps it); `model`: the
+        base's name or None, else an adapter (serving/adapters.py)."""
+        from serving.adapters import BadAdapter, UnknownModel
         from serving.sampling import SamplingParams
 
         self._watch_for_drain()
         if self.draining_since is not None:
             yield {"error": "unavailable", "message": "this replica is shutting down and takes no new requests; retry"}
+            return
+        try:
+            if not self.catalog.is_base(model) and self.catalog.needs_io(model):
+                yield {"pending": "adapter"}  # a registry lookup or download: the ingress waits longer
+            adapter = await self.catalog.resolve(model)
+        except UnknownModel as err:
+            yield {"error": "model_not_found", "message": str(err)}
+            return
+        except BadAdapter as err:
+            yield {"error": "bad_adapter", "message": str(err)}
             return
         ids = self._prompt(conv)
         params = SamplingParams(**sampling)
@@ -177,10 +206,14 @@ class ChatModel:
                 yield chunk
             return
         from serving.engine import Overloaded, TooLong
+        from serving.lora import AdapterError
         from serving.streaming import Detokenizer
 
         try:
-            req = self.engine.submit(ids, params, self.stop_ids)
+            req = self.engine.submit(ids, params, self.stop_ids, adapter)
+        except AdapterError as err:
+            yield {"error": "bad_adapter", "message": str(err)}
+            return
         except Overloaded as err:
             yield {"error": "overloaded", "message": str(err), "retry_after": err.retry_after}
             return

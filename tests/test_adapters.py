@@ -85,7 +85,7 @@ def test_rows_of_three_adapters_and_the_base_in_one_step_reply_as_each_merged_mo
     # the adapters change the replies: the test above could not pass by ignoring them
     for a in adapters:
         assert greedy(models[a.folder], PROMPTS[0], 10) != greedy(tiny, PROMPTS[0], 10)
-    assert sorted(stats["adapters_loaded"]) == ["a", "b", "c"]
+    assert sorted(stats["adapters_loaded"]) == sorted(a.folder for a in adapters)
     assert "glmops_adapter_loads_total 3.0" in metrics and "glmops_adapter_evictions_total 0.0" in metrics
 
 

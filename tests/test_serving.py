@@ -33,7 +33,7 @@ def client(server):
 
 
 def test_openai_client_non_streamed(client):
-    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "你好"}], max_tokens=8,
+    r = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "你好"}], max_tokens=8,
                                        temperature=0)
     assert r.choices[0].message.role == "assistant"
     assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
@@ -45,7 +45,7 @@ def test_openai_client_streams_chunks_before_generation_ends(client):
     t0 = time.time()
     first, chunks, text = None, 0, ""
     # Long enough to span many stream intervals (40 ms) however fast the engine runs the tiny model.
-    stream = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "List two colors."}],
+    stream = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "List two colors."}],
                                             max_tokens=1500, extra_body={"min_tokens": 1500}, stream=True,
                                             temperature=0.8)
     for chunk in stream:

@@ -4,7 +4,6 @@ native layout once, into the glmops cache)."""
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -13,7 +12,9 @@ from common.models.folders import ModelInfo, detect, load_tokenizer, open_model_
 
 
 def _cache_root() -> Path:
-    return Path(os.environ.get("GLMOPS_CACHE", Path.home() / ".cache" / "glmops"))
+    from common.registry import cache_dir
+
+    return cache_dir()
 
 
 def native_folder(info: ModelInfo) -> Path:
