@@ -17,7 +17,7 @@ export GRADIO_ANALYTICS_ENABLED := False
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install test test-fast demo tiny-model finetune merge evaluate serve chat mlflow-ui lint clean
+.PHONY: help install test test-fast demo tiny-model finetune merge evaluate serve chat mlflow-ui ray-head lint clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -64,6 +64,13 @@ chat: $(STAMP)  ## terminal client against a running server (ARGS="--url http://
 
 mlflow-ui: $(STAMP)  ## the MLflow UI on the project's local store, http://127.0.0.1:5000
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port 5000
+
+# Jobs run with this head's environment: the venv's python, and the project's MLflow store unless one is set.
+ray-head: $(STAMP)  ## a local Ray head on loopback for `ray job submit --address http://127.0.0.1:8265` (stop: ray stop)
+	RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}" \
+	$(VENV)/bin/ray start --head --node-ip-address 127.0.0.1 --port 6390 --include-dashboard true \
+	    --dashboard-host 127.0.0.1 --dashboard-port 8265 --disable-usage-stats
 
 lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff check common jobs serving tests data

@@ -90,8 +90,9 @@ class AdapterCatalog:
     def needs_io(self, model: str) -> bool:
         """Will resolving `model` read the registry or download? (The replica tells the ingress to wait longer.)"""
         hit = self.resolved.get(model)
-        return hit is None or (hit.uri.startswith("models:/") and "@" in hit.uri
-                               and time.monotonic() - hit.at > ALIAS_TTL_S)
+        if hit is None:
+            return model in self.configured or model.startswith(URI_PREFIXES)
+        return hit.uri.startswith("models:/") and "@" in hit.uri and time.monotonic() - hit.at > ALIAS_TTL_S
 
     async def resolve(self, model: str | None) -> Adapter | None:
         """The adapter a request names (None: the base). Raises UnknownModel or BadAdapter."""
@@ -100,10 +101,10 @@ class AdapterCatalog:
         if not self.enabled:
             raise UnknownModel(f"model {model!r} does not exist: this server serves {self.base_name!r} without "
                                "adapters (start it with max_loras >= 1)")
-        if not self.needs_io(model):
-            return self.resolved[model].adapter
         if model not in self.configured and not model.startswith(URI_PREFIXES):
             raise UnknownModel(self._unknown(model))
+        if not self.needs_io(model):
+            return self.resolved[model].adapter
         future = self._pending.get(model)
         if future is None:  # one resolution per name, however many requests wait for it
             future = self._pending[model] = asyncio.ensure_future(asyncio.to_thread(self._resolve_now, model))

@@ -15,7 +15,7 @@ exact 0). Ranks below the pool's are zero-padded. Shapes never depend on which a
 step is captured in a CUDA graph once and replayed with any mix of adapters (`gates` is a graph input).
 
 The cost is reading every slot's A and B in each step, whichever adapters it uses: with r=64 on all linears
-of ChatGLM2-6B that is ~237 MB per slot against the base's 12.5 GB. A gathered kernel (Punica's BGMV) would
+of ChatGLM2-6B that is ~266 MB per slot against the base's 12.5 GB. A gathered kernel (Punica's BGMV) would
 read only the adapters a step uses; it pays when many slots are idle (see the README, "Several fine-tunes").
 """
 

@@ -159,3 +159,25 @@ def _load_now(pool: AdapterPool, adapter: Adapter) -> int:
         time.sleep(0.01)
     return slot
 
+
+
+def test_on_an_nf4_base_adapter_rows_reply_as_the_peft_model_on_that_base(tiny_model, adapters):
+    """bits=4: the base's linears are bitsandbytes NF4 (q, k, v unfused); each adapter's delta goes on top, as
+    PEFT applies it to the same quantized base."""
+    from peft import PeftModel
+
+    from common.models.loader import detect, load_model
+
+    def nf4():
+        return load_model(detect(tiny_model), bits=4, dtype=torch.float32).eval()
+
+    base = nf4()
+    jobs = [(p, 8, [None, *adapters[:2]][i % 3]) for i, p in enumerate(PROMPTS)]
+    engine = start(base, max_loras=2)
+    try:
+        got = run_all(engine, lambda: [collect_with(engine, p, n, a, 0.005 * i) for i, (p, n, a) in enumerate(jobs)])
+    finally:
+        engine.shutdown()
+    refs = {None: base, **{a.folder: PeftModel.from_pretrained(nf4(), a.folder).eval() for a in adapters[:2]}}
+    for (out, end), (p, n, a) in zip(got, jobs):
+        assert end["finish_reason"] == "length" and out == greedy(refs[a.folder if a else None], p, n), (a, p)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -172,6 +173,27 @@ def _adapter_of_another_base(folder) -> None:
                                                     "base_hash": "0" * 64, "family": "chatglm2"}))
 
 
+def test_an_alias_moved_to_another_version_is_followed_once_looked_up_again(env, monkeypatch):
+    from mlflow import MlflowClient
+
+    from serving import adapters
+    from serving.adapters import AdapterCatalog
+
+    catalog = AdapterCatalog("base", env["model"], {"s": "models:/tiny-moving@champion"}, env["server"].uri, 16, True)
+    first = _register_folder(env, env["root"] / "out-tiny-sums", "tiny-moving")
+    client = MlflowClient(env["server"].uri)
+    client.set_registered_model_alias("tiny-moving", "champion", first)
+    catalog.resolve_configured()
+    before = asyncio.run(catalog.resolve("s")).folder
+    second = _register_folder(env, env["root"] / "out-tiny-words", "tiny-moving")
+    client.set_registered_model_alias("tiny-moving", "champion", second)
+    assert asyncio.run(catalog.resolve("s")).folder == before  # within ALIAS_TTL_S: the version it had
+    monkeypatch.setattr(adapters, "ALIAS_TTL_S", 0.0)
+    after = asyncio.run(catalog.resolve("s")).folder
+    assert after != before and (Path(after) / "adapter_model.safetensors").read_bytes() == \
+        (env["root"] / "out-tiny-words" / "adapter_model.safetensors").read_bytes()
+
+
 def _register_folder(env, folder, name: str) -> str:
     import mlflow
     from mlflow import MlflowClient
@@ -180,7 +202,8 @@ def _register_folder(env, folder, name: str) -> str:
     client = MlflowClient(env["server"].uri)
     with mlflow.start_run(experiment_id=client.get_experiment_by_name("adapters").experiment_id) as run:
         mlflow.log_artifacts(str(folder), "model")
-    client.create_registered_model(name)
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
     return client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
 
 
