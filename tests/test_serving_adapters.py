@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import run_job
+from conftest import ROOT, run_job
 from mlflow_server import MlflowServer
 from serve_app import ServeApp
 from test_finetune import run_id_of
@@ -30,7 +32,7 @@ def finetune(env, data: str) -> str:
     path.write_text(json.dumps(DATA[data], ensure_ascii=False))
     proc = run_job("jobs/finetune.py", "--base_model", str(env["model"]), "--data_path", str(path), "--eval_ratio",
                    "0.2", "--bits", "4", "--lora_r", "8", "--lora_alpha", "16", "--lora_dropout", "0",
-                   "--learning_rate", "2e-2", "--warmup_steps", "1", "--max_steps", "12", "--eval_steps", "6",
+                   "--learning_rate", "2e-2", "--warmup_steps", "1", "--max_steps", "10", "--eval_steps", "5",
                    "--max_tokens_per_batch", "128", "--max_source_length", "64", "--max_target_length", "64",
                    "--num_workers", "1", "--cpus_per_worker", "1", "--gradient_checkpointing", "false",
                    "--eval_generate_samples", "0", "--output_dir", str(env["root"] / "runs"), "--run_name", data,
@@ -40,10 +42,15 @@ def finetune(env, data: str) -> str:
     return run_id_of(proc)
 
 
-def register_adapter(env, run_id: str, name: str) -> None:
-    proc = run_job("jobs/merge.py", "--mlflow_tracking_uri", env["server"].uri, "--run_id", run_id, "--adapter_only",
-                   "--registered_model", name, "--output_dir", str(env["root"] / f"out-{name}"), timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def register_adapters(env, runs: dict[str, str]) -> None:
+    """jobs/merge.py --adapter_only for each {registered name: run id}, side by side (no Ray: two processes)."""
+    procs = [subprocess.Popen([sys.executable, "jobs/merge.py", "--mlflow_tracking_uri", env["server"].uri, "--run_id",
+                               run_id, "--adapter_only", "--registered_model", name, "--output_dir",
+                               str(env["root"] / f"out-{name}")], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for name, run_id in runs.items()]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +59,9 @@ def env(tmp_path_factory, tiny_model):
     server = MlflowServer(root).start()
     env = {"root": root, "server": server, "model": tiny_model}
     env["runs"] = {data: finetune(env, data) for data in DATA}
-    register_adapter(env, env["runs"]["sums"], "tiny-sums")
-    register_adapter(env, env["runs"]["words"], "tiny-words")
-    app = ServeApp(root, env={"MLFLOW_TRACKING_URI": server.uri}, model=str(tiny_model),
+    register_adapters(env, {"tiny-sums": env["runs"]["sums"], "tiny-words": env["runs"]["words"]})
+    # The engine in its own process, as on a GPU: adapters cross the pipe, the pool lives in the child.
+    app = ServeApp(root, env={"MLFLOW_TRACKING_URI": server.uri}, model=str(tiny_model), engine_process="true",
                    adapters="sums=models:/tiny-sums@champion", max_loras="2", max_lora_rank="16",
                    tracking_uri=server.uri).start(timeout=240)
     env["app"] = app
