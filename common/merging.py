@@ -181,12 +181,16 @@ def _score(model, tok, template, meta: dict, device, report: dict) -> None:
 WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """A model folder's config and weight files, in name order (what `content_hash` reads)."""
+    return sorted({p for pattern in WEIGHT_FILES for p in Path(folder).glob(pattern) if p.is_file()})
+
+
 def content_hash(folder: Path) -> str:
     """sha256 over a model folder's config and weight files (names and bytes, in name order): which base an
     adapter needs, whatever the folder or hub id it is reached by."""
     h = hashlib.sha256()
-    files = sorted({p for pattern in WEIGHT_FILES for p in Path(folder).glob(pattern) if p.is_file()})
-    for path in files:
+    for path in weight_files(folder):
         h.update(path.name.encode() + b"\0")
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 24), b""):

@@ -204,10 +204,10 @@ class AdapterCatalog:
         """The served base's content hash (common/merging.content_hash), once per process; cached on disk by
         the weight files' names, sizes and times, so a restart does not read 12 GB again."""
         if self._base_hash is None:
-            from common.merging import WEIGHT_FILES, content_hash
+            from common.merging import content_hash, weight_files
             from common.registry import cache_dir
 
-            files = sorted({p for pattern in WEIGHT_FILES for p in self.base_folder.glob(pattern) if p.is_file()})
+            files = weight_files(self.base_folder)
             stamp = hashlib.sha256(json.dumps([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns)
                                                for p in files]).encode()).hexdigest()[:24]
             cached = cache_dir() / "base-hashes" / stamp

@@ -82,6 +82,13 @@ def check_admission(config: EngineConfig, prompt_len: int, params: SamplingParam
                          f"{config.max_queued_requests})")
 
 
+def check_adapter(adapter: Adapter | None, has_pool: bool) -> None:
+    """A request naming an adapter needs an engine with an adapter pool (AdapterError otherwise)."""
+    if adapter is not None and not has_pool:
+        raise AdapterError(f"adapter {adapter.name}: this server runs without an adapter pool (max_loras=0, or "
+                           "a model the adapter pool cannot serve)")
+
+
 class StreamQueue(asyncio.Queue):
     """A request's tokens (ints), then its end (a dict); `ended` is set as soon as the end is queued, so a
     stream that waits to merge tokens into fewer chunks never holds its last chunk back."""
@@ -159,7 +166,7 @@ class Engine:
         """Queue a request; its tokens arrive in `request.queue` (ints, then None when it is done)."""
         if self._error is not None:
             raise RuntimeError(f"the engine stopped: {self._error}")
-        self.check_adapter(adapter)
+        check_adapter(adapter, self.has_adapters)
         pending = len(self.waiting) + sum(1 for kind, _ in list(self._inbox) if kind == "add")
         try:
             check_admission(self.config, len(prompt), params, len(self.running) + pending, self._retry_after)
@@ -174,10 +181,9 @@ class Engine:
         self._post("add", req)
         return req
 
-    def check_adapter(self, adapter: Adapter | None) -> None:
-        if adapter is not None and self.adapters is None:
-            raise AdapterError(f"adapter {adapter.name}: this server runs without an adapter pool (max_loras=0, or "
-                               "a model the adapter pool cannot serve)")
+    @property
+    def has_adapters(self) -> bool:
+        return self.adapters is not None
 
     def abort(self, req: Request) -> None:
         if not req.done:

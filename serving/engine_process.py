@@ -20,8 +20,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from serving.engine import Engine, EngineConfig, Request, StreamQueue, check_admission
-from serving.lora import Adapter, AdapterError
+from serving.engine import Engine, EngineConfig, Request, StreamQueue, check_adapter, check_admission
+from serving.lora import Adapter
 from serving.sampling import SamplingParams
 
 KV_MEMORY_SHARE = 0.85     # of the GPU memory left after the weights, for the KV cache
@@ -245,17 +245,16 @@ class EngineProcess:
                adapter: Adapter | None = None) -> Pending:
         if self.failure:
             raise RuntimeError(self.failure)
-        self.check_adapter(adapter)
+        check_adapter(adapter, self.has_adapters)
         check_admission(self.config, len(prompt), params, len(self.pending), self._retry_after)
         req = Pending(next(self._ids), StreamQueue(), asyncio.get_running_loop(), params.max_tokens)
         self.pending[req.id] = req
         self._send(("add", req.id, list(prompt), params, list(stop_ids), adapter))
         return req
 
-    def check_adapter(self, adapter: Adapter | None) -> None:
-        if adapter is not None and not self.info.get("adapters"):
-            raise AdapterError(f"adapter {adapter.name}: this server runs without an adapter pool (max_loras=0, "
-                               "or a model the adapter pool cannot serve)")
+    @property
+    def has_adapters(self) -> bool:
+        return bool(self.info.get("adapters"))
 
     def _retry_after(self) -> float:
         step = self.step_seconds or 0.05

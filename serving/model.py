@@ -119,11 +119,10 @@ class ChatModel:
                 sys.setswitchinterval(0.0005)
                 self.engine, line = build_engine(self.model, spec)
                 self.max_model_len = self.engine.config.max_model_len
-        pool = self.engine is not None and (self.engine.info.get("adapters") if in_child
-                                            else self.engine.adapters is not None)
+        pool = self.engine is not None and self.engine.has_adapters
         if configured and not pool:
             raise ValueError("adapters need the adapter pool: engine=batch, max_loras >= 1 and a ChatGLM/GLM model")
-        self.catalog = AdapterCatalog(model, info.path, configured, tracking_uri, max_lora_rank, bool(pool))
+        self.catalog = AdapterCatalog(model, info.path, configured, tracking_uri, max_lora_rank, pool)
         self.catalog.resolve_configured()
         if line:
             print(line + (" (engine process)" if in_child else ""), flush=True)

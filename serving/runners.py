@@ -127,7 +127,7 @@ class FlatRunner(Runner):
         """The step's LoRA deltas: `lora(layer, site, h, y)` adds them to a linear's output (nothing without)."""
         from serving.lora import NO_LORA
 
-        return NO_LORA if self.adapters is None else self.adapters.step(loras)
+        return NO_LORA if self.adapters is None or loras is None else self.adapters.step(loras)
 
     def _new_prompts(self, rows: list[RowInput]) -> None:
         """Called with a step's prompt rows before they run (what a model must note of a prompt)."""
