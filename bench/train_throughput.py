@@ -223,6 +223,7 @@ def run_path(name: str, settings: dict, args) -> dict:
     from common.models.loader import load_tokenizer, open_model_folder
     from common.templates import IGNORE
     from common.training.compiling import compile_layers, recompute_lora_dropout
+    from common.training.memory import expandable_segments
     from common.training.packing import pack, packed_batch, padded_batch
     from common.training.worker import (
         CausalLMLoss,
@@ -234,6 +235,7 @@ def run_path(name: str, settings: dict, args) -> dict:
     )
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    expandable_segments()  # as the job does
     folder = Path(args.workdir) / "model"
     tok = load_tokenizer(open_model_folder(str(folder), local_files_only=True))
     E = args.examples_per_step

@@ -36,7 +36,7 @@ from common.training.epochs import (
     step_micro_batches,
     steps_in,
 )
-from common.training.memory import loss_chunk_for
+from common.training.memory import expandable_segments, loss_chunk_for
 from common.training.packing import Batch, Positions, counted
 
 LORA_TARGETS = {
@@ -403,6 +403,7 @@ def _train(config: dict) -> dict:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     os.environ["GLMOPS_WORLD"] = str(world)
     device = ray.train.torch.get_device()
+    expandable_segments()
     # Every rank says where it runs: on a cluster, which node got which worker is the first thing to check.
     print(f"worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]} "
           f"({socket.gethostname()}, {device})", flush=True)
