@@ -20,20 +20,56 @@ from common.errors import DataError
 MAX_REPORTED = 5  # problems listed in full before "... and N more"
 
 
+# An answer is plain text or, with tools, steps: {"call": {"name", "arguments"}}, {"observation": text},
+# {"reply": text} (common/tools.py renders and parses them per family).
+Answer = str | list[dict[str, Any]]
+
+
 @dataclass
 class Conversation:
-    """Earlier (question, answer) turns, then the current question and (for training) its answer."""
+    """Earlier (question, answer) turns, then the current question and (for training) its answer.
 
-    history: list[tuple[str, str]]
+    With tools: `tools` holds the function specs; `pending` the current round's steps so far (the server's
+    prompt after a tool result: the model answers what follows them)."""
+
+    history: list[tuple[str, Answer]]
     query: str
-    answer: str | None = None
+    answer: Answer | None = None
     system: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    pending: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools or self.pending or not isinstance(self.answer, (str, type(None)))
+                    or any(not isinstance(a, str) for _, a in self.history))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Conversation:
         """From its JSON form (the data cache, checkpoint metadata, the server's requests)."""
         return cls(history=[tuple(h) for h in d.get("history") or []], query=d["query"], answer=d.get("answer"),
-                   system=d.get("system"))
+                   system=d.get("system"), tools=d.get("tools"), pending=list(d.get("pending") or []))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"history": self.history, "query": self.query, "answer": self.answer, "system": self.system}
+        if self.tools:
+            d["tools"] = self.tools
+        if self.pending:
+            d["pending"] = self.pending
+        return d
+
+
+def answer_text(answer: Answer | None) -> str:
+    """An answer as text: steps become their replies and calls (for scores, corpora, tables)."""
+    if answer is None or isinstance(answer, str):
+        return answer or ""
+    parts = []
+    for step in answer:
+        if "reply" in step:
+            parts.append(step["reply"])
+        elif "call" in step:
+            parts.append(f"{step['call']['name']}({json.dumps(step['call']['arguments'], ensure_ascii=False)})")
+    return "\n".join(parts)
 
 
 @dataclass
@@ -67,7 +103,12 @@ class Dataset:
 
 
 def record_to_conversation(record: dict[str, Any]) -> Conversation:
-    """Instruction and input are joined with a newline (the seed joined them with nothing)."""
+    """Instruction and input are joined with a newline (the seed joined them with nothing). OpenAI-style
+    `messages` and sharegpt `conversations` records go through common/chat_records.py."""
+    from common.chat_records import chat_conversation, chat_kind
+
+    if chat_kind(record):
+        return chat_conversation(record)
     query = record["instruction"]
     if record.get("input"):
         query = f"{query}\n{record['input']}"
@@ -95,6 +136,14 @@ def check_record(index: int, record: Any) -> list[Problem]:
     """Every problem with one record (empty list: the record is fine)."""
     if not isinstance(record, dict):
         return [Problem(index, "<record>", "an object with instruction/input/output/history", _describe_value(record))]
+    from common.chat_records import RecordError, chat_conversation, chat_kind
+
+    if chat_kind(record):
+        try:
+            chat_conversation(record)
+        except RecordError as err:
+            return [Problem(index, err.field, err.expected, err.found)]
+        return []
     out: list[Problem] = []
     for name in ("instruction", "output"):
         if name not in record:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from common.data import Conversation, record_to_conversation
+from common.data import Conversation, answer_text, record_to_conversation
 from common.errors import DataError, ModelFilesError, UserError
 from common.generation import prompt_text
 from common.metrics import SCORES, average, score
@@ -198,12 +198,12 @@ class Progress:
 
 def score_candidate(candidate: Candidate, convs: list[Conversation]) -> Scored:
     replies = candidate.generate(convs, Progress(candidate.label, len(convs)))
-    return Scored(candidate, replies, [score(r, c.answer or "") for r, c in zip(replies, convs)])
+    return Scored(candidate, replies, [score(r, answer_text(c.answer)) for r, c in zip(replies, convs)])
 
 
 def table(results: list[Scored], convs: list[Conversation]) -> dict[str, list]:
     """The per-example table: prompt, reference, then each model's reply and ROUGE-L."""
-    data: dict[str, list] = {"prompt": [prompt_text(c) for c in convs], "reference": [c.answer or "" for c in convs]}
+    data: dict[str, list] = {"prompt": [prompt_text(c) for c in convs], "reference": [answer_text(c.answer) for c in convs]}
     for r in results:
         data[f"reply [{r.candidate.label}]"] = r.replies
         data[f"rouge-l_jieba [{r.candidate.label}]"] = [round(row["rouge-l_jieba"], 2) for row in r.rows]

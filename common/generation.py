@@ -4,10 +4,11 @@ evals, the merge check and jobs/evaluate.py generate. Serving has its own engine
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
-from common.data import Conversation
+from common.data import Conversation, answer_text
 from common.templates import get_template
 
 REPLACEMENT = "\ufffd"  # what bytes that form no character decode to: never part of a reply
@@ -23,7 +24,7 @@ def generate_replies(model, tok, template_name: str, convs: list[Conversation], 
     template = get_template(template_name)
     stop = template.stop_token_ids(tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    prompts = [template.prompt(tok, Conversation(history=c.history, query=c.query, system=c.system)) for c in convs]
+    prompts = [template.prompt(tok, replace(c, answer=None)) for c in convs]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: list[str] = [""] * len(prompts)
     was_training = model.training
@@ -50,13 +51,13 @@ def generate_replies(model, tok, template_name: str, convs: list[Conversation], 
 
 def prompt_text(conv: Conversation) -> str:
     """A conversation's prompt as plain text, for tables (earlier turns, then the question)."""
-    turns = [f"Q: {q}\nA: {a}" for q, a in conv.history]
+    turns = [f"Q: {q}\nA: {answer_text(a)}" for q, a in conv.history]
     return "\n".join([*turns, f"Q: {conv.query}"])
 
 
 def generations_table(convs: list[Conversation], replies: list[str], rows: list[dict[str, float]]) -> dict[str, list]:
     """Prompt, reference, reply and the main scores per conversation: the MLflow table of an eval."""
-    return {"prompt": [prompt_text(c) for c in convs], "reference": [c.answer or "" for c in convs],
+    return {"prompt": [prompt_text(c) for c in convs], "reference": [answer_text(c.answer) for c in convs],
             "reply": replies, **{k: [round(r[k], 2) for r in rows] for k in ("bleu-4_chars", "rouge-l_jieba")}}
 
 

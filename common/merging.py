@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from common.data import Conversation
+from common.data import Conversation, answer_text
 from common.errors import ModelFilesError, UserError
 from common.models.metadata import METADATA_FILE
 
@@ -173,7 +173,7 @@ def _score(model, tok, template, meta: dict, device, report: dict) -> None:
     convs = [Conversation.from_dict(c) for c in meta.get("eval_conversations") or []]
     if convs:
         replies = generate_replies(model, tok, template.name, convs, device, int(meta.get("eval_max_new_tokens", 128)))
-        rows = [score(r, c.answer or "") for r, c in zip(replies, convs)]
+        rows = [score(r, answer_text(c.answer)) for r, c in zip(replies, convs)]
         report["eval_scores"] = average(rows)
         report["eval_generations"] = generations_table(convs, replies, rows)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from common.data import Conversation
 from common.errors import UserError
+from common.tools import ToolCall, tool_format
 
 IGNORE = -100
 TEMPLATES = ("chatglm", "chatglm2", "chatglm3", "glm4", "hf")
@@ -82,6 +83,20 @@ class Template:
         """(ids, end ids) of the current answer `conv.answer`: its text and what closes it."""
         raise NotImplementedError
 
+    def answer_tokens(self, tok, conv: Conversation) -> tuple[list[int], list[int], int]:
+        """(ids, labels, body) of the current answer: `body` tokens before what closes it. Plain text answers are
+        learned whole; templates with tool steps override this (a tool's result inside an answer is not learned)."""
+        text_ids, end_ids = self.answer_ids(tok, conv)
+        ids = text_ids + end_ids
+        return ids, list(ids), len(text_ids)
+
+    supports_tools = False
+
+    def _check_tools(self, conv: Conversation) -> None:
+        if conv.uses_tools and not self.supports_tools:
+            raise TemplateMismatch(f"template {self.name!r} has no tool-call format; conversations with tools, "
+                                   "tool calls or tool results need the chatglm3 or glm4 template (--template).")
+
     def stop_token_ids(self, tok) -> list[int]:
         raise NotImplementedError
 
@@ -95,11 +110,12 @@ class Template:
         """ids + labels for a conversation whose last turn has an answer."""
         if conv.answer is None:
             raise ValueError("encode() needs a conversation with an answer; use prompt() for generation")
-        text_ids, end_ids = self.answer_ids(tok, conv)
-        answer = text_ids + end_ids
+        self._check_tools(conv)
+        answer, answer_labels, body = self.answer_tokens(tok, conv)
         truncated = False
         if len(answer) > max_target_length:
-            answer, truncated = text_ids[:max_target_length], True
+            keep = min(max_target_length, body)
+            answer, answer_labels, truncated = answer[:keep], answer_labels[:keep], True
         pieces, dropped = self._fit_prompt(tok, conv, max_source_length, history_labels=train_on_history)
         ids: list[int] = []
         labels: list[int] = []
@@ -107,12 +123,13 @@ class Template:
             ids += piece_ids
             labels += piece_labels if (train_on_history and piece_labels) else [IGNORE] * len(piece_ids)
         ids += answer
-        labels += answer
+        labels += answer_labels
         return Encoded(ids, labels, dropped_rounds=dropped, answer_truncated=truncated,
                        meta={"answer_start": len(ids) - len(answer)})
 
     def prompt(self, tok, conv: Conversation, max_source_length: int | None = None) -> list[int]:
         """ids to generate the next answer from (the server's path); oldest history dropped to fit."""
+        self._check_tools(conv)
         pieces, _ = self._fit_prompt(tok, conv, max_source_length, history_labels=False)
         return [i for piece_ids, _ in pieces for i in piece_ids]
 
@@ -218,44 +235,60 @@ class ChatGLM2Template(_RoundTemplate):
 
 
 class ChatGLM3Template(Template):
-    """Role tokens; THUDM's script labels the tokens after <|assistant|> and the one token that follows
-    the answer (the next role token or the end token)."""
+    """Role tokens. THUDM's fine-tuning code (ChatGLM3's and GLM-4's) marks each message as learned or not
+    (assistant messages, replies and tool calls alike, are; system, user and tool results are not) and then
+    labels every token that follows a token of a learned message: the text after `<|assistant|>` and the one
+    token after the message (the next role token or the end token). Tools: common/tools.py."""
 
     name = "chatglm3"
     prefix = ("[gMASK]", "sop")
     roles = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>",
              "observation": "<|observation|>"}
+    supports_tools = True
 
-    def _message(self, tok, role: str, content: str) -> list[int]:
-        return [_id(tok, self.roles[role])] + _enc(tok, "\n") + _enc(tok, content)
+    def _message(self, tok, role: str, content: str, metadata: str = "") -> list[int]:
+        # As THUDM's build_single_message: the role token, "metadata\n" and the content, each encoded apart.
+        return [_id(tok, self.roles[role])] + _enc(tok, f"{metadata}\n") + _enc(tok, content)
+
+    def _step(self, tok, step: dict) -> tuple[list[int], bool]:
+        """One answer step as a message: (ids, learned)."""
+        if "call" in step:
+            call = step["call"]
+            metadata, text = self.tools.call_message(ToolCall(call["name"], call["arguments"]))
+            return self._message(tok, "assistant", text, metadata), True
+        if "observation" in step:
+            return self._message(tok, "observation", step["observation"]), False
+        return self._message(tok, "assistant", step["reply"]), True
+
+    def _answer(self, tok, answer) -> list[tuple[list[int], bool]]:
+        return [self._step(tok, s) for s in ([{"reply": answer}] if isinstance(answer, str) else answer)]
+
+    @property
+    def tools(self):
+        return tool_format(self.name)
 
     def prompt_pieces(self, tok, conv, history, history_labels=True):
-        ids = [_id(tok, t) for t in self.prefix]
+        msgs: list[tuple[list[int], bool]] = [([_id(tok, t) for t in self.prefix], False)]
+        if conv.tools:
+            msgs.append((self._message(tok, "system", self.tools.tools_system(conv.tools)), False))
         if conv.system:
-            ids += self._message(tok, "system", conv.system)
-        pieces: list[tuple[list[int], list[int]]] = []
+            msgs.append((self._message(tok, "system", conv.system), False))
         for q, a in history:
-            user = self._message(tok, "user", q)
-            if pieces and pieces[-1][1]:
-                # The role token that follows an answer is supervised too (it ends the answer).
-                pieces.append((ids + user[:1], [IGNORE] * len(ids) + user[:1]))
-                ids = user[1:]
-            else:
-                ids += user
-            reply = self._message(tok, "assistant", a)
-            pieces.append((ids + reply, [IGNORE] * (len(ids) + 1) + reply[1:]))
-            ids = []
-        user = self._message(tok, "user", conv.query)
-        if pieces and pieces[-1][1]:
-            pieces.append((ids + user[:1], [IGNORE] * len(ids) + user[:1]))
-            ids = user[1:]
-        else:
-            ids += user
-        pieces.append((ids + [_id(tok, self.roles["assistant"])], []))
-        return pieces
+            msgs.append((self._message(tok, "user", q), False))
+            msgs += self._answer(tok, a)
+        msgs.append((self._message(tok, "user", conv.query), False))
+        msgs += [(ids, False) for ids, _ in (self._step(tok, s) for s in conv.pending)]
+        # The answer's role token closes the prompt; it belongs to a learned message (the next token is learned).
+        msgs.append(([_id(tok, self.roles["assistant"])], True))
+        ids, labels = _shifted(msgs)
+        return [(ids, labels if any(x != IGNORE for x in labels) else [])]
 
-    def answer_ids(self, tok, conv):
-        return _enc(tok, "\n") + _enc(tok, conv.answer), [self.end_id(tok)]
+    def answer_tokens(self, tok, conv):
+        msgs = self._answer(tok, conv.answer)
+        msgs[0] = (msgs[0][0][1:], True)  # its role token is the prompt's last token
+        msgs.append(([self.end_id(tok)], False))
+        ids, labels = _shifted(msgs, after_learned=True)
+        return ids, labels, len(ids) - 1
 
     def end_id(self, tok) -> int:
         return tok.eos_token_id
@@ -266,6 +299,20 @@ class ChatGLM3Template(Template):
     def clean_reply(self, text: str) -> str:
         # The reply starts with a metadata line (empty for plain chat).
         return text[1:] if text.startswith("\n") else text
+
+
+def _shifted(msgs: list[tuple[list[int], bool]], after_learned: bool = False) -> tuple[list[int], list[int]]:
+    """ids and labels of messages: a token is labelled when the token before it belongs to a learned message
+    (`after_learned`: whether the token before the first one did)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    prev = after_learned
+    for piece, learned in msgs:
+        for t in piece:
+            ids.append(t)
+            labels.append(t if prev else IGNORE)
+            prev = learned
+    return ids, labels
 
 
 class GLM4Template(ChatGLM3Template):

@@ -368,8 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     # The held-out conversations replied to at every eval travel with every checkpoint too: the merge job
     # checks its merge on the first few prompts and scores the merged model on all of them.
     generate = conversations(data.eval_file, cfg.eval_generate_samples)
-    metadata["eval_prompts"] = [{"history": c["history"], "query": c["query"], "system": c["system"]}
-                                for c in conversations(data.eval_file, 4)]
+    metadata["eval_prompts"] = [{k: v for k, v in c.items() if k != "answer"} for c in conversations(data.eval_file, 4)]
     metadata["eval_conversations"] = generate
     metadata["eval_max_new_tokens"] = cfg.eval_max_new_tokens
     best_key, best_order = BEST_METRICS[cfg.best_metric]

@@ -6,6 +6,10 @@ untied output layer) at toy size, with seeded random weights, and a byte-level B
 in-process on data/sample.json. It uses ChatGLM2's special-token names and ids (<unk>=0 pad, </s>=2 eos,
 [gMASK], sop), so the `chatglm2` template applies unchanged. Loads with plain `AutoModelForCausalLM` /
 `AutoTokenizer`, no `trust_remote_code`.
+
+`--family chatglm3` and `--family glm4` give the same architecture with those families' special tokens
+(role tokens; GLM-4's <sop> and <|endoftext|>) and templates, and a tokenizer that has also seen the bundled
+tool-call set (data/tools.jsonl) written in that family's tool format, so tests and the demo can train tool use.
 """
 
 from __future__ import annotations
@@ -14,12 +18,22 @@ import argparse
 import json
 from pathlib import Path
 
-from common.data import load_dataset, record_to_conversation
+from common.data import answer_text, load_dataset, record_to_conversation
 from common.errors import run_cli
 from common.models.metadata import write_model_metadata
+from common.tools import ToolCall, tool_format
 
 # Ordered so the ids match ChatGLM2's: 0 <unk> (also pad), 2 </s> (eos).
 SPECIALS = ["<unk>", "<s>", "</s>", "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+# family -> (special tokens, unk, eos, pad)
+FAMILIES = {
+    "chatglm2": (SPECIALS, "<unk>", "</s>", "<unk>"),
+    "chatglm3": (SPECIALS + ROLE_TOKENS, "<unk>", "</s>", "<unk>"),
+    "glm4": (["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>"] + ROLE_TOKENS,
+             "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"),
+}
+TOOL_DATA = "data/tools.jsonl"
 
 # The chatglm2 template as Jinja, so plain `tokenizer.apply_chat_template` gives the same ids.
 CHAT_TEMPLATE = (
@@ -28,44 +42,59 @@ CHAT_TEMPLATE = (
     "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{% if not loop.last %}{{ '\n\n' }}{% endif %}{% endif %}"
     "{% endfor %}"
 )
+# chatglm3 / glm4 plain chat with role tokens (tool calls go through common/templates.py).
+ROLE_CHAT_TEMPLATE = ("PREFIX{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def _corpus(data_path: str) -> list[str]:
+def _corpus(data_path: str, family: str = "chatglm2") -> list[str]:
     texts = []
     for rec in load_dataset(data_path).records:
         conv = record_to_conversation(rec)
         for q, a in conv.history:
-            texts += [q, a]
-        texts += [conv.query, conv.answer or ""]
+            texts += [q, answer_text(a)]
+        texts += [conv.query, answer_text(conv.answer)]
     texts += ["[Round 1]\n\n问：", "\n\n答：", "\n\n"] * 20
+    fmt = tool_format(family)
+    if fmt is not None and Path(TOOL_DATA).is_file():
+        for conv in load_dataset(TOOL_DATA).conversations():
+            texts.append(fmt.tools_system(conv.tools))
+            for step in (conv.answer if isinstance(conv.answer, list) else []):
+                if "call" in step:
+                    texts += list(fmt.call_message(ToolCall(**step["call"])))
+                texts.append(step.get("observation") or step.get("reply") or "")
+            texts.append(conv.query)
     return texts
 
 
-def build_tokenizer(data_path: str, vocab_size: int = 1024):
+def build_tokenizer(data_path: str, vocab_size: int = 1024, family: str = "chatglm2"):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    specials, unk, eos, pad = FAMILIES[family]
+    tok = Tokenizer(models.BPE(unk_token=unk))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_corpus(data_path), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<unk>",
-                                 padding_side="left", additional_special_tokens=SPECIALS[3:])
-    hf.chat_template = CHAT_TEMPLATE
+    tok.train_from_iterator(_corpus(data_path, family), trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=unk, eos_token=eos, pad_token=pad,
+                                 padding_side="left",
+                                 additional_special_tokens=[t for t in specials if t not in (unk, eos, pad, "<s>", "</s>")])
+    hf.chat_template = CHAT_TEMPLATE if family == "chatglm2" else ROLE_CHAT_TEMPLATE.replace("PREFIX", (
+        "[gMASK]sop" if family == "chatglm3" else "[gMASK]<sop>"))
     return hf
 
 
 def build_tiny_model(out_dir: str, data_path: str = "data/sample.json", seed: int = 0,
-                     hidden_size: int = 64, num_layers: int = 2) -> Path:
+                     hidden_size: int = 64, num_layers: int = 2, family: str = "chatglm2") -> Path:
     """Write the tiny model folder and return its path."""
     import torch
     from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(data_path)
+    tok = build_tokenizer(data_path, family=family)
     torch.manual_seed(seed)
     cfg = GlmConfig(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -80,7 +109,7 @@ def build_tiny_model(out_dir: str, data_path: str = "data/sample.json", seed: in
                                                max_new_tokens=64, do_sample=False)
     model.save_pretrained(out)
     tok.save_pretrained(out)
-    write_model_metadata(out, family="chatglm2", template="chatglm2", base_model="glmops/tiny-chatglm2",
+    write_model_metadata(out, family=family, template=family, base_model=f"glmops/tiny-{family}",
                          extra={"note": "random weights; for tests and the demo only", "seed": seed,
                                 "tokenizer_trained_on": Path(data_path).name})
     return out
@@ -88,13 +117,15 @@ def build_tiny_model(out_dir: str, data_path: str = "data/sample.json", seed: in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--output_dir", default="models/tiny-chatglm2")
+    ap.add_argument("--output_dir", help="default: models/tiny-FAMILY")
     ap.add_argument("--data_path", default="data/sample.json")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--family", default="chatglm2", choices=sorted(FAMILIES),
+                    help="special tokens and template (chatglm3, glm4: role tokens and tool calls)")
     args = ap.parse_args(argv)
-    out = build_tiny_model(args.output_dir, args.data_path, args.seed)
+    out = build_tiny_model(args.output_dir or f"models/tiny-{args.family}", args.data_path, args.seed, family=args.family)
     n = json.loads((out / "config.json").read_text())["vocab_size"]
-    print(f"wrote {out} (GlmForCausalLM, vocab {n}, template chatglm2)")
+    print(f"wrote {out} (GlmForCausalLM, vocab {n}, template {args.family})")
     return 0
 
 

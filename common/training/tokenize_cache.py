@@ -130,8 +130,7 @@ def encode_chunk(chunk: Chunk, tok, template_name: str, spec: EncodeSpec, out_di
         cols["multi_turn"].append(bool(conv.history))
         cols["dropped_rounds"].append(enc.dropped_rounds)
         cols["answer_truncated"].append(enc.answer_truncated)
-        cols["conversation"].append(json.dumps({"history": conv.history, "query": conv.query, "answer": conv.answer,
-                                                "system": conv.system}, ensure_ascii=False))
+        cols["conversation"].append(json.dumps(conv.to_dict(), ensure_ascii=False))
     if out_dir is not None:
         ids_type = pa.list_(pa.int32())
         table = pa.table({

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import FinetuneConfig
-from common.data import Conversation
+from common.data import Conversation, answer_text
 from common.generation import generate_replies, generations_table
 from common.metrics import SCORES, average, score
 from common.templates import IGNORE
@@ -482,7 +482,7 @@ def _train(config: dict) -> dict:
         if rank == 0:
             with eager():
                 replies = generate_replies(unwrapped, tok, template_name, gen_convs, device, cfg.eval_max_new_tokens)
-            rows = [score(r, c.answer or "") for r, c in zip(replies, gen_convs)]
+            rows = [score(r, answer_text(c.answer)) for r, c in zip(replies, gen_convs)]
             means += torch.tensor([average(rows)[k] for k in SCORES], dtype=torch.float64, device=device)
             first = replies[0]
             tracker.log_columns(generations_table(gen_convs, replies, rows),
