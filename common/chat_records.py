@@ -220,3 +220,31 @@ def chat_kind(record: dict) -> str | None:
 
 def chat_conversation(record: dict):
     return messages_conversation(record) if chat_kind(record) == "messages" else sharegpt_conversation(record)
+
+
+def openai_messages(conv) -> list[dict]:
+    """A conversation's prompt as OpenAI chat messages (the inverse of `messages_conversation`, answer left out):
+    what a client sends to ask for the next reply."""
+    out = [{"role": "system", "content": conv.system}] if conv.system else []
+    n = 0
+
+    def steps(answer) -> None:
+        nonlocal n
+        for step in [{"reply": answer}] if isinstance(answer, str) else answer:
+            if "reply" in step:
+                out.append({"role": "assistant", "content": step["reply"]})
+            elif "call" in step:
+                n += 1
+                out.append({"role": "assistant", "content": None, "tool_calls": [{
+                    "id": f"call_{n}", "type": "function", "function": {
+                        "name": step["call"]["name"],
+                        "arguments": json.dumps(step["call"]["arguments"], ensure_ascii=False)}}]})
+            else:
+                out.append({"role": "tool", "tool_call_id": f"call_{n}", "content": step["observation"]})
+
+    for q, a in conv.history:
+        out.append({"role": "user", "content": q})
+        steps(a)
+    out.append({"role": "user", "content": conv.query})
+    steps(conv.pending)
+    return out

@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-from common.data import Conversation, answer_text, record_to_conversation
+from common.chat_records import openai_messages
+from common.data import Conversation, record_to_conversation
 from common.errors import DataError, ModelFilesError, UserError
 from common.generation import prompt_text
 from common.metrics import SCORES, average, score
+from common.templates import get_template
+from common.tool_eval import TOOL_SCORES, Reply, read_reply, reference_text, reply_text, tool_scores
+from common.tools import ToolCall
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -27,7 +31,7 @@ class Candidate:
 
     label: str                                   # its column in the printed table and the MLflow table
     spec: str                                    # what the user named
-    generate: Callable[[list[Conversation], Callable[[int], None]], list[str]]
+    generate: Callable[[list[Conversation], Callable[[int], None]], list[Reply]]
     links: dict[str, str] = field(default_factory=dict)  # tags for the evaluation run (version, training run)
     version: tuple[str, str] | None = None       # (registered name, version): gets its scores as tags
 
@@ -35,12 +39,13 @@ class Candidate:
 @dataclass
 class Scored:
     candidate: Candidate
-    replies: list[str]
+    replies: list[Reply]
     rows: list[dict[str, float]]
+    tools: dict[str, float] = field(default_factory=dict)  # tool-call scores, for data with tools
 
     @property
     def mean(self) -> dict[str, float]:
-        return average(self.rows)
+        return {**average(self.rows), **self.tools}
 
 
 def load_conversations(data_path: str, limit: int) -> list[Conversation]:
@@ -90,9 +95,13 @@ def _local(model, tok, template: str, cfg) -> Callable:
 
     device = next(model.parameters()).device
 
-    def generate(convs: list[Conversation], progress: Callable[[int], None]) -> list[str]:
-        return generate_replies(model, tok, cfg.template or template, convs, device, cfg.max_new_tokens,
-                                batch_size=cfg.batch_size, progress=progress)
+    name = cfg.template or template
+    clean = get_template(name).clean_reply
+
+    def generate(convs: list[Conversation], progress: Callable[[int], None]) -> list[Reply]:
+        raw = generate_replies(model, tok, name, convs, device, cfg.max_new_tokens, batch_size=cfg.batch_size,
+                               progress=progress, raw=True)
+        return [read_reply(name, r) if c.tools else clean(r) for c, r in zip(convs, raw)]
 
     return generate
 
@@ -147,19 +156,21 @@ def server_candidate(url: str, api_key: str | None, cfg, model: str | None = Non
     `model`: one of the models it serves (an adapter's name, runs:/..., models:/...); None: its base."""
     import httpx
 
-    def ask(client: httpx.Client, conv: Conversation) -> str:
-        messages = [{"role": "system", "content": conv.system}] if conv.system else []
-        for q, a in conv.history:
-            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-        messages.append({"role": "user", "content": conv.query})
-        body = {"messages": messages, "temperature": 0, "max_tokens": cfg.max_new_tokens}
+    def ask(client: httpx.Client, conv: Conversation) -> Reply:
+        body = {"messages": openai_messages(conv), "temperature": 0, "max_tokens": cfg.max_new_tokens}
+        if conv.tools:
+            body["tools"] = [{"type": "function", "function": spec} for spec in conv.tools]
         if model:
             body["model"] = model
         r = client.post("/v1/chat/completions", json=body)
         if r.status_code != 200:
             what = f" (model {model})" if model else ""
             raise UserError(f"--via_url {url}{what}: the server answered {r.status_code}: {r.text[:300]}")
-        return r.json()["choices"][0]["message"]["content"] or ""
+        message = r.json()["choices"][0]["message"]
+        if message.get("tool_calls"):
+            fn = message["tool_calls"][0]["function"]
+            return ToolCall(fn["name"], json.loads(fn["arguments"]))
+        return message["content"] or ""
 
     def generate(convs: list[Conversation], progress: Callable[[int], None]) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
@@ -198,25 +209,28 @@ class Progress:
 
 def score_candidate(candidate: Candidate, convs: list[Conversation]) -> Scored:
     replies = candidate.generate(convs, Progress(candidate.label, len(convs)))
-    return Scored(candidate, replies, [score(r, answer_text(c.answer)) for r, c in zip(replies, convs)])
+    rows = [score(reply_text(r), reference_text(c)) for r, c in zip(replies, convs)]
+    return Scored(candidate, replies, rows, tool_scores(convs, replies))
 
 
 def table(results: list[Scored], convs: list[Conversation]) -> dict[str, list]:
     """The per-example table: prompt, reference, then each model's reply and ROUGE-L."""
-    data: dict[str, list] = {"prompt": [prompt_text(c) for c in convs], "reference": [answer_text(c.answer) for c in convs]}
+    data: dict[str, list] = {"prompt": [prompt_text(c) for c in convs], "reference": [reference_text(c) for c in convs]}
     for r in results:
-        data[f"reply [{r.candidate.label}]"] = r.replies
+        data[f"reply [{r.candidate.label}]"] = [reply_text(x) for x in r.replies]
         data[f"rouge-l_jieba [{r.candidate.label}]"] = [round(row["rouge-l_jieba"], 2) for row in r.rows]
     return data
 
 
 def format_scores(results: list[Scored]) -> str:
-    """Models as rows, scores as columns."""
+    """Models as rows, scores as columns (the tool-call scores too, for data with tools)."""
     width = max(12, *(len(r.candidate.label) for r in results))
-    head = f"{'model':<{width}}  " + "  ".join(f"{k:>13}" for k in SCORES)
+    keys = [*SCORES, *(k for k in TOOL_SCORES if any(k in r.tools for r in results))]
+    head = f"{'model':<{width}}  " + "  ".join(f"{k:>13}" for k in keys)
     lines = [head, "-" * len(head)]
     for r in results:
-        lines.append(f"{r.candidate.label:<{width}}  " + "  ".join(f"{r.mean[k]:>13.2f}" for k in SCORES))
+        lines.append(f"{r.candidate.label:<{width}}  " + "  ".join(f"{r.mean.get(k, 0.0):>{max(13, len(k))}.2f}"
+                                                                   for k in keys))
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ REPLACEMENT = "\ufffd"  # what bytes that form no character decode to: never par
 
 @torch.no_grad()
 def generate_replies(model, tok, template_name: str, convs: list[Conversation], device, max_new_tokens: int,
-                     batch_size: int = 8, progress: Callable[[int], None] | None = None) -> list[str]:
+                     batch_size: int = 8, progress: Callable[[int], None] | None = None, raw: bool = False) -> list[str]:
     """One greedy reply per conversation, `batch_size` prompts at a time.
 
     Prompts are left-padded with an attention mask, which gives the replies of one-at-a-time generation
@@ -41,7 +41,8 @@ def generate_replies(model, tok, template_name: str, convs: list[Conversation], 
             for i, row in zip(chunk, out[:, width:].tolist()):
                 end = next((k for k, t in enumerate(row) if t in stop), len(row))
                 text = tok.decode(row[:end], skip_special_tokens=True)
-                replies[i] = template.clean_reply(text).replace(REPLACEMENT, "")
+                # raw: the metadata line kept (a tool call's function name; common/tool_eval.py reads it).
+                replies[i] = (text if raw else template.clean_reply(text)).replace(REPLACEMENT, "")
             if progress is not None:
                 progress(len(chunk))
     finally:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import ast
 import json
+import keyword
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +112,10 @@ class ToolFormat:
             raise BadToolCall(f"the arguments of {name} do not parse: {err}") from None
 
 
+_RENAMED = "_glmops_kw_"
+_KEYWORD_ARG = re.compile(r"([(,]\s*)(" + "|".join(keyword.kwlist) + r")\s*=(?!=)")
+
+
 class ChatGLM3Tools(ToolFormat):
     PREFIX = "Answer the following questions as best as you can. You have access to the following tools:\n"
 
@@ -127,14 +133,17 @@ class ChatGLM3Tools(ToolFormat):
             lines = lines[1:]
         if lines and lines[-1].strip() == "```":
             lines = lines[:-1]
-        node = ast.parse("\n".join(lines).strip(), mode="eval").body
+        # A parameter named like a Python keyword (`from`, `class`) is written as it is (THUDM's builder does
+        # the same), which Python cannot parse: such names are renamed for the parse and named back after it.
+        code = _KEYWORD_ARG.sub(lambda m: f"{m.group(1)}{_RENAMED}{m.group(2)}=", "\n".join(lines).strip())
+        node = ast.parse(code, mode="eval").body
         if not isinstance(node, ast.Call) or node.args:
             raise ValueError("expected tool_call(name=value, ...)")
         out = {}
         for kw in node.keywords:
             if kw.arg is None:
                 raise ValueError("**kwargs in a call")
-            out[kw.arg] = ast.literal_eval(kw.value)
+            out[kw.arg.removeprefix(_RENAMED)] = ast.literal_eval(kw.value)
         return out
 
 

@@ -28,6 +28,7 @@ MAX_TOKENS_LIMIT = 4096
 DEFAULT_MAX_TOKENS = 512
 MAX_MESSAGES = 256
 MAX_STOP_SEQUENCES = 4
+MAX_TOOLS = 64
 MAX_REQUEST_BYTES = 2 * 2**20  # a request body; far above the longest prompt any ChatGLM context holds
 ADMISSION_TIMEOUT_S = 10.0     # a model replica admits or refuses at once; no answer means none can serve
 ADAPTER_FETCH_TIMEOUT_S = 600.0  # a replica downloading a request's adapter (it said so at once)
@@ -182,11 +183,14 @@ async def _validation_error(_: Request, err: RequestValidationError):
 
 class Message(BaseModel):
     role: str
-    content: str | list[dict[str, Any]]
+    content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None                 # a tool result: the call it answers
+    name: str | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
 
 
@@ -203,6 +207,8 @@ class ChatRequest(BaseModel):
     seed: int | None = None  # the same seed and request give the same sampled reply
     min_tokens: int = 0  # extension (as in vLLM): generate at least this many tokens
     timeout: float | None = None  # seconds; past it the reply ends with a timeout error (capped by request_timeout_s)
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
 
 def to_conversation(messages: list[Message]) -> dict:
@@ -233,6 +239,54 @@ def to_conversation(messages: list[Message]) -> dict:
                                 f"{err.start})", f"messages[{k}].content") from None
     history = [(texts[k], texts[k + 1]) for k in range(0, len(texts) - 1, 2)]
     return {"system": "\n".join(system) or None, "history": history, "query": texts[-1]}
+
+
+def tool_conversation(req: ChatRequest) -> dict | None:
+    """A request with tools, tool calls or tool results: its conversation in common/chat_records.py's terms (the
+    same checks as training data), plus `tool_choice`; None for a plain chat request."""
+    from common.chat_records import RecordError, messages_conversation
+    from common.tools import tool_specs
+
+    uses_tools = req.tools or any(m.role == "tool" or m.tool_calls for m in req.messages)
+    if req.tool_choice is not None and not req.tools and req.tool_choice != "none":
+        raise APIError(400, "tool_choice: needs tools", "tool_choice")
+    if not uses_tools:
+        return None
+    if len(req.tools or []) > MAX_TOOLS:
+        raise APIError(400, f"tools: at most {MAX_TOOLS} tools (MAX_TOOLS)", "tools")
+    try:
+        specs = tool_specs(req.tools) if req.tools else None
+    except ValueError as err:
+        field = str(err).partition(":")[0]
+        raise APIError(400, str(err), field) from None
+    choice = req.tool_choice or "auto"
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
+        if name not in {s["name"] for s in specs or []}:
+            raise APIError(400, "tool_choice: expected {\"type\": \"function\", \"function\": {\"name\": N}} with N one "
+                           f"of the request's tools, found {json.dumps(choice, ensure_ascii=False)[:80]}", "tool_choice")
+        choice = {"type": "function", "function": {"name": name}}
+    elif choice not in ("auto", "none", "required"):
+        raise APIError(400, f"tool_choice: expected auto, none, required or a named function, found {choice!r}",
+                       "tool_choice")
+    messages = [{**m.model_dump(exclude_none=True), "content": m.text() if m.role != "assistant" or m.content
+                 else None} for m in req.messages]
+    try:
+        conv = messages_conversation({"tools": specs, "messages": messages}, prompt=True)
+    except RecordError as err:
+        raise APIError(400, str(err), err.field) from None
+    return {**conv.to_dict(), "tools": specs, "tool_choice": choice}
+
+
+def openai_tool_call(call: dict, index: int | None = None) -> dict:
+    out = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+           "function": {"name": call["name"], "arguments": call["arguments"]}}
+    return out if index is None else {"index": index, **out}
+
+
+def argument_fragments(arguments: str, size: int = 16) -> list[str]:
+    """A call's arguments as a stream's fragments (OpenAI streams them in pieces)."""
+    return [arguments[i:i + size] for i in range(0, len(arguments), size)] or [""]
 
 
 def validate_sampling(req: ChatRequest) -> dict:
@@ -350,7 +404,9 @@ class Ingress:
     @api.post("/v1/chat/completions")
     async def chat(self, req: ChatRequest, request: Request):
         self._check_key(request)
-        conv = to_conversation(req.messages)
+        if len(req.messages) > MAX_MESSAGES:
+            raise APIError(400, f"messages: at most {MAX_MESSAGES} messages", "messages")
+        conv = tool_conversation(req) or to_conversation(req.messages)
         sampling = validate_sampling(req)
         gen, first = await self._admitted(conv, sampling, req.timeout, req.model)
         model = req.model or self.model_name
@@ -358,11 +414,13 @@ class Ingress:
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(time.time())
         if not req.stream:
-            text, final = "", {}
+            text, final, calls = "", {}, []
             try:
                 async for chunk in gen:
                     if "delta" in chunk:
                         text += chunk["delta"]
+                    elif "tool_call" in chunk:
+                        calls.append(openai_tool_call(chunk["tool_call"]))
                     elif "error" in chunk:
                         events.record(f"ended_{chunk['error']}")
                         raise ended_early(chunk)
@@ -374,8 +432,11 @@ class Ingress:
             usage = {"prompt_tokens": final.get("prompt_tokens", n_prompt),
                      "completion_tokens": final.get("completion_tokens", 0)}
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            message = {"role": "assistant", "content": text or (None if calls else "")}
+            if calls:
+                message["tool_calls"] = calls
             return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                    "choices": [{"index": 0, "message": message,
                                  "finish_reason": final.get("finish_reason", "stop")}], "usage": usage}
 
         def event(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
@@ -390,9 +451,16 @@ class Ingress:
             try:
                 yield event({"role": "assistant", "content": ""})
                 try:
+                    calls = 0
                     async for chunk in gen:
                         if "delta" in chunk:
                             yield event({"content": chunk["delta"]})
+                        elif "tool_call" in chunk:  # id and name first, then the arguments in fragments
+                            head = openai_tool_call({**chunk["tool_call"], "arguments": ""}, calls)
+                            yield event({"tool_calls": [head]})
+                            for piece in argument_fragments(chunk["tool_call"]["arguments"]):
+                                yield event({"tool_calls": [{"index": calls, "function": {"arguments": piece}}]})
+                            calls += 1
                         elif "error" in chunk:
                             events.record(f"ended_{chunk['error']}")
                             yield error_event(chunk["error"], chunk["message"])
@@ -436,6 +504,8 @@ class Ingress:
             raise APIError(404, first["message"], "model", code="model_not_found")
         if first.get("error") == "bad_adapter":
             raise APIError(400, first["message"], "model", code="bad_adapter")
+        if first.get("error") == "bad_request":
+            raise APIError(400, first["message"], first.get("param"))
         if first.get("error"):  # engine_failed, unavailable: Serve is replacing or draining this replica
             raise unavailable(first["message"], first["error"])
         return gen, first

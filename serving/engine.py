@@ -320,7 +320,8 @@ class Engine:
         tokens = host = event = None
         if sampled:
             rows = [Row(req.params, req.generator, req.slot,
-                        sorted(req.stop_ids) if req.scheduled < req.params.min_tokens else []) for req in sampled]
+                        (sorted(req.stop_ids) if req.scheduled < req.params.min_tokens else [])
+                        + (list(req.params.suppress_first) if req.scheduled == 0 else [])) for req in sampled]
             tokens = self.sampler(logits[0] if len(logits) == 1 else torch.cat(logits), rows)  # and last_token
             for req in sampled:
                 req.scheduled += 1

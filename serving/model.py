@@ -16,11 +16,13 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 from ray import serve
 
 from common.data import Conversation
+from common.templates import TemplateMismatch
 from serving import events
 from serving.draining import (
     DRAIN_MARGIN_S,  # Serve kills a draining replica this long after our drain timeout
@@ -164,9 +166,11 @@ class ChatModel:
         return {**base, "active_streams": stats["running"], **stats, **(state.get("gpu") or gpu_memory())}
 
     async def metrics(self) -> str:
+        from serving.tool_calls import metrics_text
+
         if self.engine is None or self.engine_failure():
-            return ""
-        return (await self._engine_state())["metrics"]
+            return metrics_text()
+        return (await self._engine_state())["metrics"] + metrics_text()
 
     async def models(self) -> list[dict]:
         """/v1/models: the base, the configured adapters and those resolved since start-up (loaded: in a slot)."""
@@ -183,6 +187,7 @@ class ChatModel:
         base's name or None, else an adapter (serving/adapters.py)."""
         from serving.adapters import BadAdapter, UnknownModel
         from serving.sampling import SamplingParams
+        from serving.tool_calls import ToolReply
 
         self._watch_for_drain()
         if self.draining_since is not None:
@@ -198,10 +203,18 @@ class ChatModel:
         except BadAdapter as err:
             yield {"error": "bad_adapter", "message": str(err)}
             return
-        ids = self._prompt(conv)
+        try:
+            ids = self._prompt(conv)
+        except TemplateMismatch as err:  # tools sent to a model whose template has no tool format
+            yield {"error": "bad_request", "message": str(err), "param": "tools"}
+            return
+        tools = ToolReply.for_request(self.template, self.tok, conv)
         params = SamplingParams(**sampling)
+        if tools is not None:
+            ids += tools.prefix_ids
+            params = replace(params, suppress_first=tools.banned_first)
         if self.engine is None:
-            async for chunk in self._stream_per_request(ids, params):
+            async for chunk in self._stream_per_request(ids, params, tools):
                 yield chunk
             return
         from serving.engine import Overloaded, TooLong
@@ -231,7 +244,7 @@ class ChatModel:
                 "finish_reason": "error", "error": "timeout",
                 "message": f"the request ran past {which} of {limit:g} s and was cancelled"})
         self._open.add(req.queue)
-        detok = Detokenizer(self.tok, params.stop, self.template.clean_reply)
+        detok = Detokenizer(self.tok, params.stop, self.template.clean_reply if tools is None else _raw)
         end, n = None, 0
         try:
             while end is None:
@@ -251,7 +264,8 @@ class ChatModel:
                 if detok.stopped and (end is None or end["finish_reason"] != "error"):
                     end = {"finish_reason": "stop"}
                 if text:
-                    yield {"delta": text}
+                    for chunk in ([{"delta": text}] if tools is None else tools.feed(text)):
+                        yield chunk
                     if self.stream_interval and end is None:
                         # Tokens of the next interval go out as one chunk; the end cuts the wait short.
                         try:
@@ -265,7 +279,10 @@ class ChatModel:
                                                  "generating this reply; the server is restarting its engine")
                 yield {"error": code, "message": message, "completion_tokens": n}
             else:
-                yield {"finish_reason": end["finish_reason"], "completion_tokens": n, "prompt_tokens": len(ids)}
+                for chunk in (tools.finish() if tools is not None else []):
+                    yield chunk
+                reason = (tools.finish_reason if tools is not None else None) or end["finish_reason"]
+                yield {"finish_reason": reason, "completion_tokens": n, "prompt_tokens": len(ids)}
         finally:
             if timer is not None:
                 timer.cancel()
@@ -304,7 +321,7 @@ class ChatModel:
         if shutdown is not None:
             shutdown()
 
-    async def _stream_per_request(self, ids: list[int], params):
+    async def _stream_per_request(self, ids: list[int], params, tools=None):
         from serving.streaming import stream_reply
 
         if len(ids) + params.max_tokens > self.model_context:
@@ -315,10 +332,25 @@ class ChatModel:
         self.active_streams += 1
         try:
             async for chunk in stream_reply(self.model, self.tok, ids, self.stop_ids, params,
-                                            clean=self.template.clean_reply):
-                yield chunk
+                                            clean=self.template.clean_reply if tools is None else _raw):
+                if tools is None:
+                    yield chunk
+                elif "delta" in chunk:
+                    for out in tools.feed(chunk["delta"]):
+                        yield out
+                else:
+                    if "finish_reason" in chunk and chunk["finish_reason"] != "error":
+                        for out in tools.finish():
+                            yield out
+                        chunk = {**chunk, "finish_reason": tools.finish_reason or chunk["finish_reason"]}
+                    yield chunk
         finally:
             self.active_streams -= 1
+
+
+def _raw(text: str) -> str:
+    """A reply with tools keeps its metadata line: serving/tool_calls.py reads it."""
+    return text
 
 
 def deployment(num_replicas: int, max_ongoing: int, num_gpus: float, drain_timeout_s: float):

@@ -24,6 +24,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     min_tokens: int = 0
     seed: int | None = None
+    suppress_first: tuple[int, ...] = ()  # token ids the first generated token may not be (tool_choice required)
 
     @property
     def greedy(self) -> bool:

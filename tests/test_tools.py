@@ -12,6 +12,7 @@ from common.chat_records import messages_conversation
 from common.data import check_record, load_dataset, record_to_conversation
 from common.models.tiny_model import build_tokenizer
 from common.templates import IGNORE, TemplateMismatch, get_template
+from common.tool_eval import Malformed, read_reply, reference_text, tool_scores
 from common.tools import FORMATS, BadToolCall, ToolCall, tool_format
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def test_glm4_tool_conversations_are_token_exact_with_its_chat_template(case, gl
 @pytest.mark.parametrize("family", sorted(FORMATS))
 def test_each_familys_call_parses_back_to_the_same_call(family):
     fmt = tool_format(family)
-    call = ToolCall("book_train", {"from_city": "北京", "to_city": "It's \"far\"", "date": "2026-12-05",
+    call = ToolCall("book_train", {"from": "北京", "to_city": "It's \"far\", x=1", "date": "2026-12-05",
                                    "seats": 2, "window": True, "extra": {"meal": None, "bags": [1, 2.5]}})
     metadata, text = fmt.call_message(call)
     assert fmt.parse(f"{metadata}\n{text}") == call
@@ -151,3 +152,51 @@ def test_the_bundled_tool_set_loads_and_every_record_learns_a_call_or_a_reply(gl
     for conv in convs[:20]:
         enc = get_template("glm4").encode(glm4_tok, conv)
         assert any(x != IGNORE for x in enc.labels)
+
+
+def test_tool_scores_on_hand_made_replies():
+    weather = {"tools": TOOLS, "messages": [USER, CALL, RESULT, REPLY]}
+    chat = {"tools": TOOLS, "messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}
+    convs = [record_to_conversation(r) for r in (weather, weather, weather, weather, weather, chat, chat)]
+    fmt = tool_format("chatglm3")
+    right = "\n".join(fmt.call_message(ToolCall("get_weather", {"city": "北京"})))
+    raw = [right,                                                              # right
+           "\n".join(fmt.call_message(ToolCall("get_time", {"city": "北京"}))),  # wrong name
+           "\n".join(fmt.call_message(ToolCall("get_weather", {"city": "上海"}))),  # wrong arguments
+           "\n北京今天晴。",                                                    # no call where one was expected
+           "get_weather\n```python\ntool_call(city=\n```",                       # a call that does not parse
+           right,                                                              # a call where none was expected
+           "\n你好！"]                                                          # right: text
+    replies = [read_reply("chatglm3", r) for r in raw]
+    assert replies[0] == ToolCall("get_weather", {"city": "北京"}) and replies[3] == "北京今天晴。"
+    assert isinstance(replies[4], Malformed)
+    scores = tool_scores(convs, replies)
+    assert scores == {"tool_name_accuracy": 40.0, "tool_arguments_exact": 20.0, "tool_missed_calls": 40.0,
+                      "tool_spurious_calls": 50.0, "tool_malformed_calls": 100 / 7}
+    assert tool_scores([record_to_conversation({"instruction": "q", "output": "a"})], ["a"]) == {}
+    assert reference_text(convs[0]) == 'get_weather({"city": "北京"})' and reference_text(convs[5]) == "你好！"
+
+
+def test_the_server_holds_a_call_back_until_it_parses_and_sends_a_broken_one_as_text():
+    from serving.tool_calls import PARSE_FAILURES, ToolReply
+
+    tok = build_tokenizer(str(ROOT / "data" / "sample.json"), family="chatglm3")
+    template = get_template("chatglm3")
+    reply = ToolReply(template, tok, "auto")
+    assert reply.feed("get_wea") == [] and reply.feed("ther\n```python\ntool_call(city='北京')\n```") == []
+    assert reply.finish() == [{"tool_call": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]
+    assert reply.finish_reason == "tool_calls"
+    text = ToolReply(template, tok, "auto")
+    assert text.feed("\n北京") == [{"delta": "北京"}] and text.feed("今天晴。") == [{"delta": "今天晴。"}]
+    assert text.finish() == [] and text.finish_reason is None
+    before = PARSE_FAILURES._value.get()
+    broken = ToolReply(template, tok, "auto")
+    broken.feed("get_weather\n```python\ntool_call(city=")
+    assert broken.finish() == [{"delta": "get_weather\n```python\ntool_call(city="}]
+    assert PARSE_FAILURES._value.get() == before + 1 and broken.finish_reason is None
+    named = ToolReply(template, tok, {"type": "function", "function": {"name": "book_train"}})
+    assert tok.decode(named.prefix_ids) == "book_train\n"
+    named.feed("```python\ntool_call(date='2026-12-08')\n```")
+    assert named.finish() == [{"tool_call": {"name": "book_train", "arguments": '{"date": "2026-12-08"}'}}]
+    assert tok.decode(ToolReply(template, tok, "none").prefix_ids) == "\n"
+    assert ToolReply(template, tok, "required").banned_first == (tok("\n", add_special_tokens=False)["input_ids"][0],)
