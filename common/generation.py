@@ -10,6 +10,7 @@ import torch
 
 from common.data import Conversation, answer_text
 from common.templates import get_template
+from common.tool_eval import reference_text
 
 REPLACEMENT = "\ufffd"  # what bytes that form no character decode to: never part of a reply
 
@@ -58,7 +59,7 @@ def prompt_text(conv: Conversation) -> str:
 
 def generations_table(convs: list[Conversation], replies: list[str], rows: list[dict[str, float]]) -> dict[str, list]:
     """Prompt, reference, reply and the main scores per conversation: the MLflow table of an eval."""
-    return {"prompt": [prompt_text(c) for c in convs], "reference": [answer_text(c.answer) for c in convs],
+    return {"prompt": [prompt_text(c) for c in convs], "reference": [reference_text(c) for c in convs],
             "reply": replies, **{k: [round(r[k], 2) for r in rows] for k in ("bleu-4_chars", "rouge-l_jieba")}}
 
 

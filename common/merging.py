@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from common.data import Conversation, answer_text
+from common.data import Conversation
 from common.errors import ModelFilesError, UserError
 from common.models.metadata import METADATA_FILE
 
@@ -167,13 +167,16 @@ def _score(model, tok, template, meta: dict, device, report: dict) -> None:
     """A sample reply, and the run's eval conversations replied to and scored (the version's eval tags)."""
     from common.generation import generate_replies, generations_table, sample_reply
     from common.metrics import average, score
+    from common.tool_eval import reference_text, scored_texts
 
     prompts = meta.get("eval_prompts") or FALLBACK_PROMPTS
     report["sample_reply"] = sample_reply(model, tok, template.name, Conversation.from_dict(prompts[0]), device)
     convs = [Conversation.from_dict(c) for c in meta.get("eval_conversations") or []]
     if convs:
-        replies = generate_replies(model, tok, template.name, convs, device, int(meta.get("eval_max_new_tokens", 128)))
-        rows = [score(r, answer_text(c.answer)) for r, c in zip(replies, convs)]
+        raw = generate_replies(model, tok, template.name, convs, device, int(meta.get("eval_max_new_tokens", 128)),
+                               raw=True)
+        replies = scored_texts(template.name, convs, raw)
+        rows = [score(r, reference_text(c)) for r, c in zip(replies, convs)]
         report["eval_scores"] = average(rows)
         report["eval_generations"] = generations_table(convs, replies, rows)
 

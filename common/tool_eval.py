@@ -67,6 +67,15 @@ def reference_text(conv: Conversation) -> str:
     return reply_text(call) if call is not None else next((s["reply"] for s in conv.answer if "reply" in s), "")
 
 
+def scored_texts(template: str, convs: list[Conversation], raw: list[str]) -> list[str]:
+    """Replies generated raw (metadata line kept) as the text scores see them: a tool record's call as
+    `name({arguments})`, like its reference; any other reply as a user sees it."""
+    from common.templates import get_template
+
+    clean = get_template(template).clean_reply
+    return [reply_text(read_reply(template, r)) if c.tools else clean(r) for c, r in zip(convs, raw)]
+
+
 def tool_scores(convs: list[Conversation], replies: list[Reply]) -> dict[str, float]:
     """The means above over the records with tools (empty when none has tools)."""
     calls = names = exact = missed = texts = spurious = malformed = seen = 0

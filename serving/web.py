@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import hmac
+import json
+import re
 
 from ray.exceptions import RayError
+
+# How the page shows a tool call; read back from the chat history when the conversation goes on.
+CALL_SHOWN = "🔧 **{name}**\n```json\n{arguments}\n```\nSend the tool's result as your next message."
+_CALL_SHOWN = re.compile(r"^🔧 \*\*(\w+)\*\*\n```json\n(.*)\n```\n", re.S)
 
 
 def _text(content) -> str:
@@ -17,6 +23,34 @@ def _text(content) -> str:
     return str(content)
 
 
+def tool_conversation(history: list[tuple[str, str]], message: str, tools_json: str) -> dict:
+    """The chat so far as a conversation with tools: a shown call is the assistant's call again, and the message
+    that follows it is that call's result. Raises ValueError for tools that are not valid."""
+    from common.chat_records import RecordError, messages_conversation
+    from common.tools import tool_specs
+
+    try:
+        specs = tool_specs(tools_json)
+    except ValueError as err:
+        raise ValueError(f"Tools: {err}") from None
+    messages, waiting = [], False
+    for text, role in [*history, (message, "user")]:
+        call = _CALL_SHOWN.match(text) if role == "assistant" else None
+        if call:
+            messages.append({"role": "assistant", "content": None, "tool_calls": [{"id": "call", "type": "function",
+                             "function": {"name": call.group(1), "arguments": call.group(2)}}]})
+        elif role == "user" and waiting:
+            messages.append({"role": "tool", "tool_call_id": "call", "content": text})
+        else:
+            messages.append({"role": role, "content": text})
+        waiting = bool(call)
+    try:
+        conv = messages_conversation({"tools": specs, "messages": messages}, prompt=True)
+    except RecordError as err:
+        raise ValueError(f"this chat cannot continue with tools: {err}") from None
+    return {**conv.to_dict(), "tool_choice": "auto"}
+
+
 def build_ui(streams, api_key: str | None, models: list[str] = ()):
     """`models`: the base's name and the configured adapters' (a selector when there are adapters; any other
     name the API takes, runs:/... or models:/..., may be typed into it)."""
@@ -24,7 +58,8 @@ def build_ui(streams, api_key: str | None, models: list[str] = ()):
 
     async def respond(message, history, max_length, top_p, temperature, *extra):
         key = extra[0] if api_key is not None else None
-        model = extra[-1] if len(models) > 1 else None
+        model = extra[-2] if len(models) > 1 else None
+        tools_json = extra[-1] or ""
         if api_key is not None and not hmac.compare_digest(str(key or ""), api_key):
             yield "This server needs an API key: enter it in the 'API key' box below the chat."
             return
@@ -37,6 +72,12 @@ def build_ui(streams, api_key: str | None, models: list[str] = ()):
                 pairs.append((q, text))
                 q = None
         conv = {"system": None, "history": pairs, "query": _text(message)}
+        if tools_json.strip():
+            try:
+                conv = tool_conversation([(t, r) for t, r in turns], _text(message), tools_json)
+            except ValueError as err:
+                yield f"({err})"
+                return
         sampling = {"max_tokens": int(max_length), "temperature": float(temperature), "top_p": float(top_p),
                     "repetition_penalty": 1.0, "stop": ()}
         reply = ""
@@ -48,6 +89,10 @@ def build_ui(streams, api_key: str | None, models: list[str] = ()):
                 if "delta" in chunk:
                     reply += chunk["delta"]
                     yield reply
+                elif "tool_call" in chunk:
+                    call = chunk["tool_call"]
+                    arguments = json.dumps(json.loads(call["arguments"]), ensure_ascii=False, indent=2)
+                    yield CALL_SHOWN.format(name=call["name"], arguments=arguments)
         except RayError as err:
             yield (reply + "\n\n" if reply else "") + f"(the model replica failed: {type(err).__name__}; retry)"
 
@@ -59,6 +104,10 @@ def build_ui(streams, api_key: str | None, models: list[str] = ()):
     if len(models) > 1:
         inputs.append(gr.Dropdown(list(models), value=models[0], allow_custom_value=True, label="Model",
                                   info="the base or an adapter (or runs:/<run_id>, models:/<name>@<alias>)"))
+    inputs.append(gr.Textbox(label="Tools (JSON)", lines=3, placeholder='[{"type": "function", "function": '
+                             '{"name": "get_weather", "parameters": {...}}}]',
+                             info="ChatGLM3 / GLM-4: the model may call these; a call is shown, and your next "
+                                  "message is its result"))
     return gr.ChatInterface(respond, additional_inputs=inputs, title="glmops chat",
                             additional_inputs_accordion=gr.Accordion("Settings", open=api_key is not None or
                                                                      len(models) > 1),

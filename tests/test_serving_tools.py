@@ -60,6 +60,7 @@ def server(tmp_path_factory):
                    str(root / "merged"), timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     app = ServeApp(root, model=str(root / "merged")).start(timeout=240)
+    app.data, app.tracking_uri = data, uri
     yield app
     app.stop()
 
@@ -137,3 +138,28 @@ def test_malformed_tools_are_a_400_naming_the_field(client, server):
     metrics = httpx.get(server.url + "/metrics", timeout=30).text
     calls = next(float(x.split()[1]) for x in metrics.splitlines() if x.startswith("glmops_tool_calls_total"))
     assert calls >= 1
+
+
+def test_the_web_page_shows_a_call_and_reads_the_next_message_as_its_result(server):
+    from gradio_client import Client
+
+    from serving.web import tool_conversation
+
+    page = Client(server.url + "/ui/", verbose=False)
+    shown = page.predict("北京今天天气怎么样？", 64, 0.7, 0.0, json.dumps(TOOLS, ensure_ascii=False), api_name="/respond")
+    assert shown.startswith("🔧 **get_weather**") and '"city": "北京"' in shown
+    conv = tool_conversation([("北京今天天气怎么样？", "user"), (shown, "assistant")], '{"temperature": 3, "sky": "晴"}',
+                             json.dumps(TOOLS))
+    assert conv["query"] == "北京今天天气怎么样？"
+    assert conv["pending"] == [{"call": {"name": "get_weather", "arguments": {"city": "北京"}}},
+                               {"observation": '{"temperature": 3, "sky": "晴"}'}]
+
+
+def test_evaluate_scores_the_served_models_calls(server):
+    proc = run_job("jobs/evaluate.py", "--via_url", server.url, "--data_path", str(server.data),
+                   "--mlflow_tracking_uri", server.tracking_uri, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    head, row = [x for x in proc.stdout.splitlines() if x.startswith(("model", server.url))][-2:]
+    scores = dict(zip(head.split()[1:], (float(v) for v in row.split()[1:])))
+    assert scores["tool_name_accuracy"] == 100.0 and scores["tool_arguments_exact"] == 100.0
+    assert scores["tool_missed_calls"] == 0.0 and scores["tool_spurious_calls"] == 0.0

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from common.config import FinetuneConfig
-from common.data import Conversation, answer_text
+from common.data import Conversation
 from common.generation import generate_replies, generations_table
 from common.metrics import SCORES, average, score
 from common.templates import IGNORE
+from common.tool_eval import reference_text, scored_texts
 from common.training.attention import rows_mask, use_varlen, varlen_available
 from common.training.compiling import compile_layers, eager, recompute_lora_dropout, wants_compile
 from common.training.epochs import (
@@ -481,8 +482,10 @@ def _train(config: dict) -> dict:
         first = ""
         if rank == 0:
             with eager():
-                replies = generate_replies(unwrapped, tok, template_name, gen_convs, device, cfg.eval_max_new_tokens)
-            rows = [score(r, answer_text(c.answer)) for r, c in zip(replies, gen_convs)]
+                raw = generate_replies(unwrapped, tok, template_name, gen_convs, device, cfg.eval_max_new_tokens,
+                                       raw=True)
+            replies = scored_texts(template_name, gen_convs, raw)
+            rows = [score(r, reference_text(c)) for r, c in zip(replies, gen_convs)]
             means += torch.tensor([average(rows)[k] for k in SCORES], dtype=torch.float64, device=device)
             first = replies[0]
             tracker.log_columns(generations_table(gen_convs, replies, rows),
