@@ -42,6 +42,7 @@ class AppArgs(BaseModel):
     adapters: str | None = None  # name=URI,name2=URI2 (URI: runs:/<run_id>, models:/<name>@<alias>, a folder)
     max_loras: int = 4           # adapter slots on the device (0: no adapters); more adapters are swapped in LRU
     max_lora_rank: int = 64      # the largest adapter rank the slots hold
+    lora_gather_max: int = 0     # GPU steps of up to this many tokens use the gathered adapter kernels (0: never)
     # Staying up (README, "When things fail"):
     request_timeout_s: float | None = None    # every request ends with a timeout error after this many seconds
     graceful_shutdown_timeout_s: float = 30.0  # on shutdown or redeploy, running streams get this long to finish
@@ -91,7 +92,8 @@ def app(args: AppArgs):
         max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests,
         prefill_chunk=args.prefill_chunk, stream_interval=args.stream_interval, engine_process=args.engine_process,
         request_timeout_s=args.request_timeout_s, drain_timeout_s=args.graceful_shutdown_timeout_s,
-        adapters=args.adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+        adapters=args.adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+        lora_gather_max=args.lora_gather_max)
     # Stopping drains (serving/draining.py): serve run's Ctrl-C or SIGTERM, and `serve shutdown` in the controller.
     events.set_draining(False)  # a new app on a cluster that drained an earlier one
     events.set_drain_plan(args.graceful_shutdown_timeout_s, args.replicas)

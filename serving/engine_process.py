@@ -47,6 +47,7 @@ class EngineSpec:
     threads: int = 2         # CPU threads for torch on CPU
     max_loras: int = 0       # adapter slots on the device (0: no adapter pool)
     max_lora_rank: int = 64  # the largest adapter rank the slots hold
+    lora_gather_max: int = 0  # steps of up to this many tokens use the gathered kernels (GPU; 0: never)
 
 
 def load(spec: EngineSpec):
@@ -87,9 +88,10 @@ def build_engine(model, spec: EngineSpec, sink=None) -> tuple[Engine, str]:
     if sites is not None:  # allocated before the KV cache is sized: the cache gets what is left
         from serving.lora import AdapterPool
 
-        pool = AdapterPool(sites, spec.max_loras, spec.max_lora_rank, kv_dtype(model), torch.device(spec.device))
+        pool = AdapterPool(sites, spec.max_loras, spec.max_lora_rank, kv_dtype(model), torch.device(spec.device),
+                           gather_max=spec.lora_gather_max)
         adapters = (f"; adapter pool {spec.max_loras} x rank {spec.max_lora_rank} on {len(sites)} linears "
-                    f"({pool.bytes / 2**20:.0f} MiB)")
+                    f"({pool.bytes / 2**20:.0f} MiB; kernels: {pool.kernels})")
     elif spec.max_loras:
         adapters = "; no adapters (the generic runner cannot apply them)"
     if spec.device == "cuda" and spec.max_model_len is None and per_token:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from serving.kernels_lora import add_lora, gates_for
+from serving.kernels_lora import add_lora, add_lora_gathered, check_gathered, gates_for, triton
 
 log = logging.getLogger("ray.serve")
 
@@ -148,16 +148,20 @@ def read_host_adapter(adapter: Adapter, sites: list[Site], max_rank: int, dtype:
 class LoraStep:
     """One step's adapters: `step(layer, site, h, y)` adds each token's delta to a linear's output `y`."""
 
-    def __init__(self, pool: AdapterPool | None = None, gates: torch.Tensor | None = None):
-        self.pool, self.gates = pool, gates
+    def __init__(self, pool: AdapterPool | None = None, gates: torch.Tensor | None = None,
+                 slots: torch.Tensor | None = None):
+        """`gates` for the dense pass, or `slots` (each token's slot) for the gathered kernels."""
+        self.pool, self.gates, self.slots = pool, gates, slots
 
     def __call__(self, layer: int, name: str, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.gates is None:
+        if self.gates is None and self.slots is None:
             return y
         pool = self.pool
         i = pool.index.get((layer, name))
         if i is None:
             return y
+        if self.slots is not None:
+            return add_lora_gathered(y, h, self.slots, pool.scales, pool.a[i], pool.b[i], pool.offsets[i])
         return add_lora(y, h, self.gates, pool.a[i], pool.b[i], pool.offsets[i])
 
 
@@ -166,7 +170,7 @@ NO_LORA = LoraStep()
 
 class AdapterPool:
     def __init__(self, sites: list[Site], max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device,
-                 metrics=None):
+                 metrics=None, gather_max: int = 0):
         if max_loras < 1 or max_rank < 1:
             raise ValueError(f"max_loras and max_lora_rank must be >= 1, not {max_loras} and {max_rank}")
         self.sites, self.max_loras, self.max_rank = sites, max_loras, max_rank
@@ -186,6 +190,24 @@ class AdapterPool:
         self.failed: dict[str, str] = {}
         self.on_read = None  # called (from the reading thread) when a read ends: the engine wakes up
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glmops-adapter-read")
+        self.gather_max = gather_max
+        self.gathered, self.kernels = self._pick_kernels()
+
+    def _pick_kernels(self) -> tuple[bool, str]:
+        """With `gather_max`, the gathered kernels on a GPU where they run and agree with the dense pass (checked
+        now), else dense. Off by default until measured against the dense pass on the GPU (bench/serve_lora.py)."""
+        if self.device.type != "cuda" or not self.gather_max:
+            return False, "dense"
+        if triton is None:
+            return False, "dense (Triton is not installed)"
+        try:
+            problem = check_gathered(self.device, self.dtype)
+        except Exception as err:  # noqa: BLE001 - any failure means: the dense pass
+            problem = f"{type(err).__name__}: {err}"
+        if problem:
+            log.warning("adapter kernels: the gathered kernels disagree with the dense pass (%s); dense only", problem)
+            return False, "dense (gathered kernels failed their check)"
+        return True, f"gathered up to {self.gather_max} tokens, dense above"
 
     @property
     def bytes(self) -> int:
@@ -196,6 +218,8 @@ class AdapterPool:
         """The step whose tokens use adapter slots `loras` [tokens] (-1: the base); None: no adapter at all."""
         if loras is None:
             return NO_LORA
+        if self.gathered and loras.shape[0] <= self.gather_max:
+            return LoraStep(self, slots=loras)
         return LoraStep(self, gates_for(loras, self.scales, self.dtype))
 
     def acquire(self, adapter: Adapter) -> int | None:

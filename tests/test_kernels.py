@@ -53,3 +53,15 @@ def test_the_reference_ops_are_the_glm_layer_arithmetic(tiny_model):
                                            cfg.rms_norm_eps)
             got = res + layer.mlp.down_proj(TorchOps.silu_mul(layer.mlp.gate_up_proj(h)))
             torch.testing.assert_close(got, want[:, t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="Triton kernels need a GPU")
+@pytest.mark.parametrize("shape", [dict(hidden=4096, rank=64, slots=8, widths=(4096, 256, 256)),
+                                   dict(hidden=13696, rank=64, slots=8, widths=(4096,)),
+                                   dict(hidden=64, rank=8, slots=2, widths=(64, 32, 32))],
+                         ids=["chatglm2-qkv", "chatglm2-down", "tiny"])
+def test_gathered_lora_kernels_agree_with_the_dense_pass(shape):
+    from serving.kernels_lora import check_gathered
+
+    assert check_gathered(torch.device("cuda"), torch.bfloat16, **shape) is None
