@@ -223,6 +223,10 @@ def to_conversation(messages: list[Message]) -> dict:
         system.append(messages[i].text())
         i += 1
     turns = messages[i:]
+    for k, m in enumerate(messages):
+        if m.content is None:
+            raise APIError(400, f"messages[{k}].content: required (only an assistant message with tool_calls may "
+                                "leave it out)", f"messages[{k}].content")
     for j, m in enumerate(turns):
         expected = "user" if j % 2 == 0 else "assistant"
         if m.role != expected:
@@ -269,8 +273,9 @@ def tool_conversation(req: ChatRequest) -> dict | None:
     elif choice not in ("auto", "none", "required"):
         raise APIError(400, f"tool_choice: expected auto, none, required or a named function, found {choice!r}",
                        "tool_choice")
-    messages = [{**m.model_dump(exclude_none=True), "content": m.text() if m.role != "assistant" or m.content
-                 else None} for m in req.messages]
+    # Text parts joined; an assistant message that only calls keeps content None.
+    messages = [{**m.model_dump(exclude_none=True), "content": None if m.content is None else m.text()}
+                for m in req.messages]
     try:
         conv = messages_conversation({"tools": specs, "messages": messages}, prompt=True)
     except RecordError as err:

@@ -80,6 +80,10 @@ def test_models_and_health(server):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens: must be > 0"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "max_tokens: at most"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user"}]}, 400, "messages[0].content: required"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400, "tool_choice: needs tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
+     400, "template 'chatglm2' has no tool-call format"),
 ])
 def test_bad_requests_are_4xx_naming_the_field(server, body, status, fragment):
     data = body if isinstance(body, str) else json.dumps(body)
