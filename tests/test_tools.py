@@ -177,26 +177,29 @@ def test_tool_scores_on_hand_made_replies():
     assert reference_text(convs[0]) == 'get_weather({"city": "北京"})' and reference_text(convs[5]) == "你好！"
 
 
-def test_the_server_holds_a_call_back_until_it_parses_and_sends_a_broken_one_as_text():
+@pytest.mark.parametrize("family", sorted(FORMATS))
+def test_the_server_holds_a_call_back_until_it_parses_and_sends_a_broken_one_as_text(family):
     from serving.tool_calls import PARSE_FAILURES, ToolReply
 
-    tok = build_tokenizer(str(ROOT / "data" / "sample.json"), family="chatglm3")
-    template = get_template("chatglm3")
+    tok = build_tokenizer(str(ROOT / "data" / "sample.json"), family=family)
+    template = get_template(family)
+    fmt = tool_format(family)
     reply = ToolReply(template, tok, "auto")
-    assert reply.feed("get_wea") == [] and reply.feed("ther\n```python\ntool_call(city='北京')\n```") == []
+    name, text = fmt.call_message(ToolCall("get_weather", {"city": "北京"}))
+    assert reply.feed(name[:3]) == [] and reply.feed(f"{name[3:]}\n{text}") == []
     assert reply.finish() == [{"tool_call": {"name": "get_weather", "arguments": '{"city": "北京"}'}}]
     assert reply.finish_reason == "tool_calls"
-    text = ToolReply(template, tok, "auto")
-    assert text.feed("\n北京") == [{"delta": "北京"}] and text.feed("今天晴。") == [{"delta": "今天晴。"}]
-    assert text.finish() == [] and text.finish_reason is None
+    plain = ToolReply(template, tok, "auto")
+    assert plain.feed("\n北京") == [{"delta": "北京"}] and plain.feed("今天晴。") == [{"delta": "今天晴。"}]
+    assert plain.finish() == [] and plain.finish_reason is None
     before = PARSE_FAILURES._value.get()
     broken = ToolReply(template, tok, "auto")
-    broken.feed("get_weather\n```python\ntool_call(city=")
-    assert broken.finish() == [{"delta": "get_weather\n```python\ntool_call(city="}]
+    broken.feed(f"get_weather\n{text[:-6]}")
+    assert broken.finish() == [{"delta": f"get_weather\n{text[:-6]}"}]
     assert PARSE_FAILURES._value.get() == before + 1 and broken.finish_reason is None
     named = ToolReply(template, tok, {"type": "function", "function": {"name": "book_train"}})
     assert tok.decode(named.prefix_ids) == "book_train\n"
-    named.feed("```python\ntool_call(date='2026-12-08')\n```")
+    named.feed(fmt.call_message(ToolCall("book_train", {"date": "2026-12-08"}))[1])
     assert named.finish() == [{"tool_call": {"name": "book_train", "arguments": '{"date": "2026-12-08"}'}}]
     assert tok.decode(ToolReply(template, tok, "none").prefix_ids) == "\n"
     assert ToolReply(template, tok, "required").banned_first == (tok("\n", add_special_tokens=False)["input_ids"][0],)
