@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--lora_r", type=int, default=16)
     ap.add_argument("--learning_rate", default="5e-3")
     ap.add_argument("--workdir", default="/tmp/glmops-bench-tools")
+    ap.add_argument("--run_id", help="score this fine-tune (in --workdir's MLflow store) instead of training one")
     ap.add_argument("--out")
     args = ap.parse_args()
     command = portable_command("tool_calls.py", args)
@@ -56,17 +57,19 @@ def main() -> None:
     from common.tool_eval import TOOL_SCORES, expected_call, tool_scores
     from common.tools import ToolCall
 
-    base = build_tiny_model(str(work / "tiny-chatglm3"), family="chatglm3", hidden_size=args.hidden_size,
-                            num_layers=args.layers)
     t0 = time.time()
-    out = job("jobs/finetune.py", "--config", "configs/finetune-tiny.yaml", "--base_model", str(base),
-              "--data_path", args.data_path, "--eval_data_path", args.data_path, "--bits", "16",
-              "--max_source_length", "512", "--max_target_length", "128", "--max_tokens_per_batch", "2048",
-              "--num_workers", "1", "--cpus_per_worker", "1", "--num_train_epochs", str(args.epochs),
-              "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r), "--learning_rate", args.learning_rate,
-              "--eval_steps", "500", "--logging_steps", "100", "--eval_generate_samples", "0",
-              "--output_dir", str(work / "runs"), "--mlflow_tracking_uri", uri)
-    run_id = next(x for x in out.splitlines() if x.startswith("MLflow run id:")).split()[3]
+    run_id, out = args.run_id, ""
+    if run_id is None:
+        base = build_tiny_model(str(work / "tiny-chatglm3"), family="chatglm3", hidden_size=args.hidden_size,
+                                num_layers=args.layers)
+        out = job("jobs/finetune.py", "--config", "configs/finetune-tiny.yaml", "--base_model", str(base),
+                  "--data_path", args.data_path, "--eval_data_path", args.data_path, "--bits", "16",
+                  "--max_source_length", "512", "--max_target_length", "128", "--max_tokens_per_batch", "2048",
+                  "--num_workers", "1", "--cpus_per_worker", "1", "--num_train_epochs", str(args.epochs),
+                  "--lora_r", str(args.lora_r), "--lora_alpha", str(2 * args.lora_r), "--learning_rate",
+                  args.learning_rate, "--eval_steps", "500", "--logging_steps", "100", "--eval_generate_samples",
+                  "0", "--output_dir", str(work / "runs"), "--mlflow_tracking_uri", uri)
+        run_id = next(x for x in out.splitlines() if x.startswith("MLflow run id:")).split()[3]
     train_s = time.time() - t0
     job("jobs/merge.py", "--run_id", run_id, "--mlflow_tracking_uri", uri, "--output_dir", str(work / "merged"))
     print(f"fine-tuned in {train_s:.0f} s (run {run_id}), merged", flush=True)
