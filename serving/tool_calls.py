@@ -65,13 +65,12 @@ class ToolReply:
         """At the reply's end: the call, or what was held back as plain content."""
         if self.mode != "call":
             return []
+        text = self.forced + self.raw  # starts with a function name: parse gives a call or raises
         try:
-            call = self.format.parse(self.forced + self.raw)
+            call = self.format.parse(text)
         except BadToolCall:
             PARSE_FAILURES.inc()
-            return [{"delta": self.forced + self.raw}] if self.forced + self.raw else []
-        if call is None:  # cannot happen for a call's text; kept for safety of the protocol
-            return [{"delta": self.raw}]
+            return [{"delta": text}]
         CALLS.inc()
         self.finish_reason = "tool_calls"
         return [{"tool_call": {"name": call.name, "arguments": call.arguments_json()}}]
