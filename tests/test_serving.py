@@ -232,9 +232,9 @@ def test_gradio_page_streams_through_the_deployment_and_needs_the_key(server):
     from gradio_client import Client
 
     c = Client(server.url + "/ui/", verbose=False)
-    refused = c.predict("你好", 32, 0.7, 0.95, "wrong", api_name="/respond")
+    refused = c.predict("你好", 32, 0.7, 0.95, "wrong", "", api_name="/respond")  # "": no tools
     assert "API key" in refused
-    job = c.submit("你好", 32, 0.7, 0.95, KEY, api_name="/respond")
+    job = c.submit("你好", 32, 0.7, 0.95, KEY, "", api_name="/respond")
     outputs = [o for o in job]  # the partial replies as they grew
     assert job.outputs() and isinstance(job.outputs()[-1], str)
     assert len(outputs) >= 1

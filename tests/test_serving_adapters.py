@@ -225,7 +225,7 @@ def test_the_terminal_client_and_the_web_page_choose_an_adapter_by_name(env, exp
     assert proc.returncode != 0 and "(404)" in proc.stderr and "'sums'" in proc.stderr
     for model, which in (("sums", "sums"), (str(env["model"]), "base")):  # a new page each: no history between
         page = Client(url + "/ui/", verbose=False)
-        assert page.predict(QUESTIONS[1], 12, 0.7, 0.0, model, api_name="/respond") == expected[which][1]
+        assert page.predict(QUESTIONS[1], 12, 0.7, 0.0, model, "", api_name="/respond") == expected[which][1]
 
 
 def test_evaluate_scores_served_adapters_side_by_side_in_one_run(env):
