@@ -215,8 +215,6 @@ def to_conversation(messages: list[Message]) -> dict:
     """OpenAI messages → {system, history [(q, a)], query}; roles must alternate user/assistant, ending with user."""
     if not messages:
         raise APIError(400, "messages: at least one message is required", "messages")
-    if len(messages) > MAX_MESSAGES:
-        raise APIError(400, f"messages: at most {MAX_MESSAGES} messages", "messages")
     system: list[str] = []
     i = 0
     while i < len(messages) and messages[i].role == "system":

@@ -187,7 +187,7 @@ class ChatModel:
         base's name or None, else an adapter (serving/adapters.py)."""
         from serving.adapters import BadAdapter, UnknownModel
         from serving.sampling import SamplingParams
-        from serving.tool_calls import ToolReply
+        from serving.tool_calls import reply_for
 
         self._watch_for_drain()
         if self.draining_since is not None:
@@ -208,13 +208,11 @@ class ChatModel:
         except TemplateMismatch as err:  # tools sent to a model whose template has no tool format
             yield {"error": "bad_request", "message": str(err), "param": "tools"}
             return
-        tools = ToolReply.for_request(self.template, self.tok, conv)
-        params = SamplingParams(**sampling)
-        if tools is not None:
-            ids += tools.prefix_ids
-            params = replace(params, suppress_first=tools.banned_first)
+        reply = reply_for(self.template, self.tok, conv)  # plain text, or tool calls (serving/tool_calls.py)
+        ids += reply.prefix_ids
+        params = replace(SamplingParams(**sampling), suppress_first=reply.banned_first)
         if self.engine is None:
-            async for chunk in self._stream_per_request(ids, params, tools):
+            async for chunk in self._stream_per_request(ids, params, reply):
                 yield chunk
             return
         from serving.engine import Overloaded, TooLong
@@ -244,7 +242,7 @@ class ChatModel:
                 "finish_reason": "error", "error": "timeout",
                 "message": f"the request ran past {which} of {limit:g} s and was cancelled"})
         self._open.add(req.queue)
-        detok = Detokenizer(self.tok, params.stop, self.template.clean_reply if tools is None else _raw)
+        detok = Detokenizer(self.tok, params.stop, reply.clean)
         end, n = None, 0
         try:
             while end is None:
@@ -264,7 +262,7 @@ class ChatModel:
                 if detok.stopped and (end is None or end["finish_reason"] != "error"):
                     end = {"finish_reason": "stop"}
                 if text:
-                    for chunk in ([{"delta": text}] if tools is None else tools.feed(text)):
+                    for chunk in reply.feed(text):
                         yield chunk
                     if self.stream_interval and end is None:
                         # Tokens of the next interval go out as one chunk; the end cuts the wait short.
@@ -279,10 +277,10 @@ class ChatModel:
                                                  "generating this reply; the server is restarting its engine")
                 yield {"error": code, "message": message, "completion_tokens": n}
             else:
-                for chunk in (tools.finish() if tools is not None else []):
+                for chunk in reply.finish():
                     yield chunk
-                reason = (tools.finish_reason if tools is not None else None) or end["finish_reason"]
-                yield {"finish_reason": reason, "completion_tokens": n, "prompt_tokens": len(ids)}
+                yield {"finish_reason": reply.finish_reason or end["finish_reason"], "completion_tokens": n,
+                       "prompt_tokens": len(ids)}
         finally:
             if timer is not None:
                 timer.cancel()
@@ -321,7 +319,7 @@ class ChatModel:
         if shutdown is not None:
             shutdown()
 
-    async def _stream_per_request(self, ids: list[int], params, tools=None):
+    async def _stream_per_request(self, ids: list[int], params, reply):
         from serving.streaming import stream_reply
 
         if len(ids) + params.max_tokens > self.model_context:
@@ -332,25 +330,18 @@ class ChatModel:
         self.active_streams += 1
         try:
             async for chunk in stream_reply(self.model, self.tok, ids, self.stop_ids, params,
-                                            clean=self.template.clean_reply if tools is None else _raw):
-                if tools is None:
-                    yield chunk
-                elif "delta" in chunk:
-                    for out in tools.feed(chunk["delta"]):
+                                            clean=reply.clean):
+                if "delta" in chunk:
+                    for out in reply.feed(chunk["delta"]):
                         yield out
-                else:
-                    if "finish_reason" in chunk and chunk["finish_reason"] != "error":
-                        for out in tools.finish():
-                            yield out
-                        chunk = {**chunk, "finish_reason": tools.finish_reason or chunk["finish_reason"]}
-                    yield chunk
+                    continue
+                if "finish_reason" in chunk and chunk["finish_reason"] != "error":
+                    for out in reply.finish():
+                        yield out
+                    chunk = {**chunk, "finish_reason": reply.finish_reason or chunk["finish_reason"]}
+                yield chunk
         finally:
             self.active_streams -= 1
-
-
-def _raw(text: str) -> str:
-    """A reply with tools keeps its metadata line: serving/tool_calls.py reads it."""
-    return text
 
 
 def deployment(num_replicas: int, max_ongoing: int, num_gpus: float, drain_timeout_s: float):

@@ -27,6 +27,31 @@ def metrics_text() -> str:
     return generate_latest(REGISTRY).decode()
 
 
+class PlainReply:
+    """A reply without tools: text as a user sees it, streamed as it comes."""
+
+    prefix_ids: tuple[int, ...] = ()
+    banned_first: tuple[int, ...] = ()
+    finish_reason: str | None = None
+
+    def __init__(self, clean):
+        self.clean = clean
+
+    def feed(self, text: str) -> list[dict]:
+        return [{"delta": text}] if text else []
+
+    def finish(self) -> list[dict]:
+        return []
+
+
+def reply_for(template, tok, conv: dict) -> PlainReply | ToolReply:
+    """How the replica shapes a request's reply: ToolReply for a request with tools (and a template with a tool
+    format; otherwise the prompt refuses it), else PlainReply with the template's clean-up."""
+    if not conv.get("tools") or tool_format(template.name) is None:
+        return PlainReply(template.clean_reply)
+    return ToolReply(template, tok, conv.get("tool_choice") or "auto")
+
+
 class ToolReply:
     def __init__(self, template, tok, choice):
         from common.templates import _enc
@@ -43,12 +68,10 @@ class ToolReply:
         self.mode = "text" if self.plain else ("call" if self.named else None)
         self.finish_reason: str | None = None
 
-    @classmethod
-    def for_request(cls, template, tok, conv: dict) -> ToolReply | None:
-        """None for a request without tools (or a template without a tool format: the prompt refuses it)."""
-        if not conv.get("tools") or tool_format(template.name) is None:
-            return None
-        return cls(template, tok, conv.get("tool_choice") or "auto")
+    @staticmethod
+    def clean(text: str) -> str:
+        """The detokenizer keeps the metadata line: feed() reads it."""
+        return text
 
     def feed(self, text: str) -> list[dict]:
         """Chunks for the client after `text` more of the raw reply (what follows the forced start)."""
