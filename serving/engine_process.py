@@ -138,7 +138,7 @@ def kv_bytes_per_token(model) -> int:
     size = kv_dtype(model).itemsize
     if type(model).__name__ == "ChatGLM1ForCausalLM":
         return 2 * cfg.num_layers * cfg.hidden_size * size
-    if type(model).__name__ == "GlmForCausalLM":
+    if type(model).__name__ in ("GlmForCausalLM", "Glm4ForCausalLM"):
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * size
     return 0

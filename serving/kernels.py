@@ -4,7 +4,9 @@ A decode step of a 6B model reads ~12 GB of weights (≈ 2.9 ms on an H200); eve
 tiny, so what it costs is the number of kernels. transformers' layer runs ~30 per layer (norms, rotary,
 cache writes and gathers, the mask, SDPA, copies); these five cover the same work in five:
 
-  add_rms_norm    x + delta and RMSNorm of the sum, both returned (the residual and the next input)
+  add_rms_norm    x + delta and RMSNorm of the sum, both returned (the residual and the next input); with
+                  `delta_weight`, delta is RMS-normed first (GLM-4-0414's post-attention and post-MLP norms,
+                  Glm4ForCausalLM), in the same kernel
   rope_write      rotary on q and k straight out of the fused QKV projection; k and v written into the
                   cache at (slot, position); q returned as [rows, heads, head_dim]
   decode_attention
@@ -31,11 +33,16 @@ class TorchOps:
     name = "torch"
 
     @staticmethod
-    def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                     delta_weight: torch.Tensor | None = None):
         if delta is not None:
-            x = x + delta
+            x = x + (delta if delta_weight is None else TorchOps.rms_norm(delta, delta_weight, eps))
+        return x, TorchOps.rms_norm(x, weight, eps)
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        return x, weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
     @staticmethod
     def rope_write(qkv, cos, sin, k_cache, v_cache, slots, positions, heads: int, kv_heads: int):
@@ -106,15 +113,20 @@ except ImportError:  # CPU installs: the reference ops only
 if triton is not None:
 
     @triton.jit
-    def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, sum_ptr, out_ptr, n, eps, HAS_DELTA: tl.constexpr,
-                             BLOCK: tl.constexpr):
+    def _add_rms_norm_kernel(x_ptr, delta_ptr, w_ptr, dw_ptr, sum_ptr, out_ptr, n, eps, HAS_DELTA: tl.constexpr,
+                             NORM_DELTA: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         m = cols < n
         x = tl.load(x_ptr + row * n + cols, mask=m, other=0.0)
         if HAS_DELTA:
-            x = (x.to(tl.float32) + tl.load(delta_ptr + row * n + cols, mask=m, other=0.0).to(tl.float32)).to(
-                x.dtype)
+            d = tl.load(delta_ptr + row * n + cols, mask=m, other=0.0)
+            if NORM_DELTA:  # RMSNorm of delta first, rounded as the model's own norm rounds
+                df = d.to(tl.float32)
+                drstd = 1.0 / tl.sqrt(tl.sum(df * df, axis=0) / n + eps)
+                dw = tl.load(dw_ptr + cols, mask=m, other=0.0)
+                d = ((df * drstd).to(x.dtype).to(tl.float32) * dw.to(tl.float32)).to(x.dtype)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(x.dtype)
             tl.store(sum_ptr + row * n + cols, x, mask=m)
         xf = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / n + eps)
@@ -247,13 +259,15 @@ class TritonOps:
     name = "triton"
 
     @staticmethod
-    def add_rms_norm(x, delta, weight, eps):
+    def add_rms_norm(x, delta, weight, eps, delta_weight=None):
         n = x.shape[-1]
         rows = x.numel() // n
         out = torch.empty_like(x)
         total = torch.empty_like(x) if delta is not None else x
-        _add_rms_norm_kernel[(rows,)](x, delta if delta is not None else x, weight, total, out, n, eps,
-                                      HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(n))
+        _add_rms_norm_kernel[(rows,)](x, delta if delta is not None else x, weight,
+                                      delta_weight if delta_weight is not None else weight, total, out, n, eps,
+                                      HAS_DELTA=delta is not None, NORM_DELTA=delta_weight is not None,
+                                      BLOCK=triton.next_power_of_2(n))
         return total, out
 
     @staticmethod
@@ -328,11 +342,13 @@ def check_ops(ops, *, heads: int, kv_heads: int, head_dim: int, rot: int, hidden
     rand, close, gen = check.rand, check.close, check.gen
     b, slots, max_len = 3, 4, 2048
 
-    x, delta, w = rand(b, hidden), rand(b, hidden), rand(hidden)
-    for with_delta in (delta, None):
-        got, ref = ops.add_rms_norm(x, with_delta, w, 1e-5), TorchOps.add_rms_norm(x, with_delta, w, 1e-5)
-        close("add_rms_norm sum", got[0], ref[0])
-        close("add_rms_norm norm", got[1], ref[1])
+    x, delta, w, dw = rand(b, hidden), rand(b, hidden), rand(hidden), rand(hidden)
+    for with_delta, delta_weight in ((delta, None), (None, None), (delta * 30, dw)):
+        got = ops.add_rms_norm(x, with_delta, w, 1e-5, delta_weight)
+        ref = TorchOps.add_rms_norm(x, with_delta, w, 1e-5, delta_weight)
+        what = "add_rms_norm" + (" (delta normed)" if delta_weight is not None else "")
+        close(f"{what} sum", got[0], ref[0])
+        close(f"{what} norm", got[1], ref[1])
     gu = rand(b, 2 * ffn)
     close("silu_mul", ops.silu_mul(gu), TorchOps.silu_mul(gu))
     qkv = rand(b, (heads + 2 * kv_heads) * head_dim)

@@ -14,8 +14,9 @@ With an adapter pool (serving/lora.py), each row names its adapter's slot (`RowI
 and the flat runners add every row's LoRA delta at the sites they declare (`lora_sites`); a step without
 adapter rows skips them. Decode graphs are captured with and without adapters, never per adapter.
 
-  GlmRunner       ChatGLM2/3 and GLM-4 as transformers' GlmForCausalLM (and Llama-shaped layouts with
-                  the same module names); decode steps captured in CUDA graphs per (batch, bucket)
+  GlmRunner       ChatGLM2/3 and GLM-4 as transformers' GlmForCausalLM, GLM-4-0414 as Glm4ForCausalLM (its
+                  post-attention and post-MLP norms folded into the residual adds); decode steps captured in
+                  CUDA graphs per (batch, bucket)
   ChatGLM1Runner  ChatGLM-6B through our ChatGLM1ForCausalLM: the same flat step with its own small ops (2D
                   rotary, LayerNorm with the scaled residual, GELU) and a bidirectional prompt
   HFRunner        any other causal LM: one sequence at a time through its own forward and cache
@@ -234,7 +235,9 @@ class GlmRunner(FlatRunner):
     """GlmForCausalLM-shaped models: embed → [RMSNorm → q/k/v → partial rotary → attention → o] + MLP.
 
     Per layer: the GEMMs plus five small ops (serving/kernels.py; Triton kernels on a GPU); each token attends
-    to its slot's cache up to its own position."""
+    to its slot's cache up to its own position. Glm4ForCausalLM (GLM-4-0414) also RMS-norms the attention's and
+    the MLP's outputs before they join the residual: the residual add's kernel norms them first, so its step
+    has as many kernels as GLM's."""
 
     family = "glm"
 
@@ -248,6 +251,9 @@ class GlmRunner(FlatRunner):
         self._allocate(len(self.layers), cfg.num_key_value_heads, head_dim, kv_dtype(model))
         self.eps = cfg.rms_norm_eps
         self.silu = getattr(cfg, "hidden_act", "silu") == "silu"
+        # Glm4ForCausalLM: per layer, the norms of the attention's and the MLP's outputs (None: GLM has none)
+        self.post_norms = [(layer.post_self_attn_layernorm.weight, layer.post_mlp_layernorm.weight)
+                           if hasattr(layer, "post_mlp_layernorm") else (None, None) for layer in self.layers]
         self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
         from serving.kernels import pick_ops
 
@@ -290,15 +296,17 @@ class GlmRunner(FlatRunner):
         lora = self._lora(loras)
         x = self.embed(self.last_token[slots] if tokens is None else tokens)
         cos, sin = (c[:, 0] for c in self.rotary(x, positions[:, None]))
-        h = None
+        h, h_norm = None, None  # the MLP's output, and its norm's weight (Glm4) before it joins the residual
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            x, h = ops.add_rms_norm(x, h, layer.input_layernorm.weight, self.eps)
+            post_attn, post_mlp = self.post_norms[i]
+            x, h = ops.add_rms_norm(x, h, layer.input_layernorm.weight, self.eps, h_norm)
             q = ops.rope_write(lora(i, "qkv", h, self._qkv(i, h)), cos, sin, self.k_cache[i], self.v_cache[i],
                                slots, positions, self.heads, self.kv_heads)
             out = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, positions, attn.scaling, bucket)
             x, h = ops.add_rms_norm(x, lora(i, "o", out, attn.o_proj(out)), layer.post_attention_layernorm.weight,
-                                    self.eps)
+                                    self.eps, post_attn)
+            h_norm = post_mlp
             mlp = layer.mlp
             if self.silu:
                 act = ops.silu_mul(lora(i, "gate_up", h, mlp.gate_up_proj(h)))
@@ -307,7 +315,7 @@ class GlmRunner(FlatRunner):
                 h = mlp(h)
         if last is not None:  # only the rows whose logits are wanted go through the final norm and the head
             x, h = x[last], h[last]
-        _, h = ops.add_rms_norm(x, h, self.norm.weight, self.eps)
+        _, h = ops.add_rms_norm(x, h, self.norm.weight, self.eps, h_norm)
         return self.model.lm_head(h).float()
 
 def _fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -502,7 +510,7 @@ def runner_class(model) -> type[Runner]:
         return ChatGLM1Runner
     inner = getattr(model, "model", None)
     layer = inner.layers[0] if inner is not None and hasattr(inner, "layers") else None
-    if kind == "GlmForCausalLM" and layer is not None and hasattr(layer.mlp, "gate_up_proj"):
+    if kind in ("GlmForCausalLM", "Glm4ForCausalLM") and layer is not None and hasattr(layer.mlp, "gate_up_proj"):
         return GlmRunner
     return HFRunner
 

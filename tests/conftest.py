@@ -28,6 +28,15 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_glm4(tmp_path_factory) -> Path:
+    """GLM-4-0414's layout (transformers' Glm4ForCausalLM) with GLM-4's tokens and template."""
+    from common.models.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-glm4-0414"), str(ROOT / "data/sample.json"),
+                            family="glm4", arch="glm4")
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model):
     from transformers import AutoTokenizer
 

@@ -69,6 +69,44 @@ def test_greedy_replies_equal_generate_with_staggered_arrivals_and_lengths(tiny)
         assert out == greedy(tiny, p, n) and finish == "length"
 
 
+def _tiny_glm4():
+    """GLM-4-0414's layout (Glm4ForCausalLM) at toy size; its norms' weights drawn away from one so that the
+    post-attention and post-MLP norms show in every logit."""
+    from transformers import Glm4Config, Glm4ForCausalLM
+
+    torch.manual_seed(0)
+    model = Glm4ForCausalLM(Glm4Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, partial_rotary_factor=0.5, attention_bias=True, initializer_range=0.25,
+        pad_token_id=0, eos_token_id=None, bos_token_id=None))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_glm4_0414_greedy_replies_equal_generate_and_its_step_logits_equal_the_models():
+    """Glm4ForCausalLM through the flat-token step (its extra norms folded into the residual adds): staggered
+    requests give generate's greedy replies, and a step's logits equal the model's forward over the sequence."""
+    model = _tiny_glm4()
+    engine = start(model)
+    assert isinstance(engine.runner, GlmRunner)
+    try:
+        got = staggered_greedy(engine)
+    finally:
+        engine.shutdown()
+    for (out, finish), p, n in zip(got, PROMPTS, LENGTHS):
+        assert out == greedy(model, p, n) and finish == "length"
+    runner = runner_for(model, 2, 128)
+    seqs = [list(range(5, 30)), [9, 8, 7]]
+    logits = runner.forward([RowInput(slot, seq, 0) for slot, seq in enumerate(seqs)])
+    for slot, seq in enumerate(seqs):
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([seq]), use_cache=False).logits[0, -1]
+        torch.testing.assert_close(logits[slot], expected, atol=1e-4, rtol=1e-4)
+
+
 def test_chatglm1_greedy_replies_equal_generate_with_staggered_arrivals_and_long_prompts():
     """ChatGLM-6B through the flat-token step: bidirectional prompts (longer than a prefill chunk, taken whole),
     2D positions, its own ops; 6 requests on 4 slots, arriving 10 ms apart, each with its own length."""
@@ -235,9 +273,12 @@ async def _last(req):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_decode_steps_give_the_greedy_replies_of_generate_on_gpu(tiny_model):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).cuda().eval()
+@pytest.mark.parametrize("arch", ["glm", "glm4-0414"])
+def test_cuda_graph_decode_steps_give_the_greedy_replies_of_generate_on_gpu(tiny_model, arch):
+    model = (AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32) if arch == "glm"
+             else _tiny_glm4()).cuda().eval()
     runner = runner_for(model, 8, 512)
+    assert runner.ops.name == "triton", runner.ops_note
     assert runner.capture(8, 512) > 0
     engine = Engine(runner, EngineConfig(8, 512, 16, 16), model.config.vocab_size)
     try:

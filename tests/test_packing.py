@@ -28,8 +28,10 @@ def _token_losses(model, batch) -> torch.Tensor:
     return F.cross_entropy(logits[0], batch.targets[0], ignore_index=IGNORE, reduction="none")
 
 
-def test_per_example_losses_are_the_same_packed_and_alone(tiny_model, tiny_tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+@pytest.mark.parametrize("arch", ["glm", "glm4-0414"])
+def test_per_example_losses_are_the_same_packed_and_alone(arch, tiny_tokenizer, request):
+    folder = request.getfixturevalue("tiny_model" if arch == "glm" else "tiny_glm4")
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     examples = _examples(tiny_tokenizer)
     row = packed_batch(examples, list(range(len(examples))), max_tokens=4096)
     packed = _token_losses(model, row)

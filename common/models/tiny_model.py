@@ -10,6 +10,8 @@ in-process on data/sample.json. It uses ChatGLM2's special-token names and ids (
 `--family chatglm3` and `--family glm4` give the same architecture with those families' special tokens
 (role tokens; GLM-4's <sop> and <|endoftext|>) and templates, and a tokenizer that has also seen the bundled
 tool-call set (data/tools.jsonl) written in that family's tool format, so tests and the demo can train tool use.
+`--arch glm4` builds transformers' `Glm4ForCausalLM` instead (GLM-4-0414's layout: RMSNorms also on the
+attention's and the MLP's outputs), with GLM-4's tokens unless --family says otherwise.
 """
 
 from __future__ import annotations
@@ -86,17 +88,21 @@ def build_tokenizer(data_path: str, vocab_size: int = 1024, family: str = "chatg
     return hf
 
 
+ARCHS = ("glm", "glm4")  # transformers' GlmForCausalLM, Glm4ForCausalLM
+
+
 def build_tiny_model(out_dir: str, data_path: str = "data/sample.json", seed: int = 0,
-                     hidden_size: int = 64, num_layers: int = 2, family: str = "chatglm2") -> Path:
+                     hidden_size: int = 64, num_layers: int = 2, family: str = "chatglm2", arch: str = "glm") -> Path:
     """Write the tiny model folder and return its path."""
     import torch
-    from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
+    from transformers import GenerationConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(data_path, family=family)
     torch.manual_seed(seed)
-    cfg = GlmConfig(
+    config_class, model_class = (Glm4Config, Glm4ForCausalLM) if arch == "glm4" else (GlmConfig, GlmForCausalLM)
+    cfg = config_class(
         vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden_size // 4,
         max_position_embeddings=2048, partial_rotary_factor=0.5, attention_bias=True, rms_norm_eps=1e-5,
@@ -104,7 +110,7 @@ def build_tiny_model(out_dir: str, data_path: str = "data/sample.json", seed: in
         # so the demo visibly learns; with 0.02 the largest reachable logit is about 1.3.
         initializer_range=0.25, tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
     )
-    model = GlmForCausalLM(cfg)
+    model = model_class(cfg)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                                max_new_tokens=64, do_sample=False)
     model.save_pretrained(out)
@@ -120,12 +126,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output_dir", help="default: models/tiny-FAMILY")
     ap.add_argument("--data_path", default="data/sample.json")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--family", default="chatglm2", choices=sorted(FAMILIES),
-                    help="special tokens and template (chatglm3, glm4: role tokens and tool calls)")
+    ap.add_argument("--family", choices=sorted(FAMILIES),
+                    help="special tokens and template (chatglm3, glm4: role tokens and tool calls); "
+                         "default chatglm2, glm4 with --arch glm4")
+    ap.add_argument("--arch", default="glm", choices=ARCHS,
+                    help="glm: GlmForCausalLM (ChatGLM2/3, glm-4-9b-chat); glm4: Glm4ForCausalLM (GLM-4-0414)")
     args = ap.parse_args(argv)
-    out = build_tiny_model(args.output_dir or f"models/tiny-{args.family}", args.data_path, args.seed, family=args.family)
-    n = json.loads((out / "config.json").read_text())["vocab_size"]
-    print(f"wrote {out} (GlmForCausalLM, vocab {n}, template {args.family})")
+    family = args.family or ("glm4" if args.arch == "glm4" else "chatglm2")
+    name = f"tiny-{family}" if args.arch == "glm" else "tiny-glm4-0414"
+    out = build_tiny_model(args.output_dir or f"models/{name}", args.data_path, args.seed, family=family,
+                           arch=args.arch)
+    cfg = json.loads((out / "config.json").read_text())
+    print(f"wrote {out} ({cfg['architectures'][0]}, vocab {cfg['vocab_size']}, template {family})")
     return 0
 
 

@@ -65,6 +65,8 @@ class LayerActivations:
                     + hidden  # attention's output
                     + hidden  # the second RMSNorm's input
                     + 2 * inter)  # the gate and up projections, for SwiGLU
+        if getattr(config, "model_type", None) == "glm4":  # GLM-4-0414's norms of the attention's and MLP's outputs
+            kept += 2 * 2 * hidden
         kept += 4 * _heads(config) + 4 * hidden  # attention's fp32 log-sum-exp; what the GPU runs kept beyond the graph
         if self.dropout_recomputed and self.lora_dropout > 0:
             return kept
