@@ -57,30 +57,35 @@ def add_lora(y: torch.Tensor, h: torch.Tensor, gates: torch.Tensor, a: torch.Ten
 if triton is not None:
 
     @triton.jit
-    def _shrink_kernel(h_ptr, a_ptr, slots_ptr, scales_ptr, t_ptr, stride_h, stride_a, stride_t, K: tl.constexpr,
-                       PR: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-        """t[i, :PR] = scale[s_i] * h[i] @ A[:, s_i * PR:(s_i + 1) * PR] (zeros for a base row, s_i = -1)."""
+    def _shrink_kernel(h_ptr, a_ptr, slots_ptr, part_ptr, stride_h, stride_a, K: tl.constexpr, PR: tl.constexpr,
+                       SPLITS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """part[i, split, :PR] = h[i, split's K range] @ A[that range, s_i * PR:(s_i + 1) * PR] (s_i = -1, a base
+        row: nothing read or written). K is split over programs: one program per token would stream a whole
+        slice of A alone (a few MB on one SM: the first version took 25 ms per step)."""
         i = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        split = tl.program_id(2)
         in_cols = cols < PR
         s = tl.load(slots_ptr + i)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         if s >= 0:
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, SPLIT_K, BLOCK_K):
+                ks = split * SPLIT_K + k0 + tl.arange(0, BLOCK_K)
                 hk = tl.load(h_ptr + i * stride_h + ks, mask=ks < K, other=0.0).to(tl.float32)
                 a = tl.load(a_ptr + ks[:, None] * stride_a + s * PR + cols[None, :],
                             mask=(ks < K)[:, None] & in_cols[None, :], other=0.0).to(tl.float32)
                 acc += tl.sum(hk[:, None] * a, axis=0)
-            acc = acc * tl.load(scales_ptr + s)
-        tl.store(t_ptr + i * stride_t + cols, acc, mask=in_cols)
+            tl.store(part_ptr + (i * SPLITS + split) * PR + cols, acc, mask=in_cols)
 
     @triton.jit
-    def _expand_part(t_row, b_ptr, stride_b, y_row, s, c0, W: tl.constexpr, R: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _expand_part(t_row, b_ptr, stride_b, y_row, s, scale, c0, W: tl.constexpr, R: tl.constexpr, PR: tl.constexpr,
+                     SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
         cols = c0 + tl.arange(0, BLOCK_N)
         rs = tl.arange(0, BLOCK_R)
-        tv = tl.load(t_row + rs, mask=rs < R, other=0.0)
+        tv = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for sp in range(SPLITS):  # the shrink's partial sums, in a fixed order (deterministic)
+            tv += tl.load(t_row + sp * PR + rs, mask=rs < R, other=0.0)
+        tv = tv * scale
         b = tl.load(b_ptr + (s * R + rs)[:, None] * stride_b + cols[None, :],
                     mask=(rs < R)[:, None] & (cols < W)[None, :], other=0.0).to(tl.float32)
         delta = tl.sum(tv[:, None] * b, axis=0)
@@ -88,28 +93,30 @@ if triton is not None:
         tl.store(y_row + cols, (y.to(tl.float32) + delta).to(y.dtype), mask=cols < W)
 
     @triton.jit
-    def _expand_kernel(t_ptr, b0, b1, b2, slots_ptr, y_ptr, stride_t, stride_y, sb0, sb1, sb2,
+    def _expand_kernel(part_ptr, b0, b1, b2, slots_ptr, scales_ptr, y_ptr, stride_y, sb0, sb1, sb2,
                        W0: tl.constexpr, W1: tl.constexpr, W2: tl.constexpr, O0: tl.constexpr, O1: tl.constexpr,
-                       O2: tl.constexpr, NB0: tl.constexpr, NB1: tl.constexpr, R: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-        """y[i, O_p:O_p + W_p] += t[i, p * R:(p + 1) * R] @ B_p[s_i * R:(s_i + 1) * R] for the up-to-three parts p;
-        the column blocks of all parts are one grid axis."""
+                       O2: tl.constexpr, NB0: tl.constexpr, NB1: tl.constexpr, R: tl.constexpr, PR: tl.constexpr,
+                       SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y[i, O_p:O_p + W_p] += scale[s_i] * t[i, p * R:(p + 1) * R] @ B_p[s_i * R:(s_i + 1) * R] for the up-to-three
+        parts p, t summed from the shrink's partials; the column blocks of all parts are one grid axis."""
         i = tl.program_id(0)
         blk = tl.program_id(1)
         s = tl.load(slots_ptr + i)
         if s >= 0:
-            t_row = t_ptr + i * stride_t
+            t_row = part_ptr + i * SPLITS * PR
             y_row = y_ptr + i * stride_y
+            scale = tl.load(scales_ptr + s)
             if blk < NB0:
-                _expand_part(t_row, b0, sb0, y_row + O0, s, blk * BLOCK_N, W0, R, BLOCK_R, BLOCK_N)
+                _expand_part(t_row, b0, sb0, y_row + O0, s, scale, blk * BLOCK_N, W0, R, PR, SPLITS, BLOCK_R, BLOCK_N)
             elif blk < NB0 + NB1:
-                _expand_part(t_row + R, b1, sb1, y_row + O1, s, (blk - NB0) * BLOCK_N, W1, R, BLOCK_R, BLOCK_N)
+                _expand_part(t_row + R, b1, sb1, y_row + O1, s, scale, (blk - NB0) * BLOCK_N, W1, R, PR, SPLITS,
+                             BLOCK_R, BLOCK_N)
             else:
-                _expand_part(t_row + 2 * R, b2, sb2, y_row + O2, s, (blk - NB0 - NB1) * BLOCK_N, W2, R, BLOCK_R,
-                             BLOCK_N)
+                _expand_part(t_row + 2 * R, b2, sb2, y_row + O2, s, scale, (blk - NB0 - NB1) * BLOCK_N, W2, R, PR,
+                             SPLITS, BLOCK_R, BLOCK_N)
 
 
-SHRINK_BLOCK_K, SHRINK_BLOCK_N, EXPAND_BLOCK_N = 128, 64, 128
+SHRINK_SPLIT_K, SHRINK_BLOCK_K, SHRINK_BLOCK_N, EXPAND_BLOCK_N = 256, 64, 64, 128
 
 
 def add_lora_gathered(y: torch.Tensor, h: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor, a: torch.Tensor,
@@ -119,19 +126,21 @@ def add_lora_gathered(y: torch.Tensor, h: torch.Tensor, slots: torch.Tensor, sca
     n, k = h.shape
     parts = len(bs)
     rank = bs[0].shape[0] // scales.shape[0]
-    t = torch.empty(n, parts * rank, dtype=torch.float32, device=h.device)
+    splits = triton.cdiv(k, SHRINK_SPLIT_K)
+    part = torch.empty(n, splits, parts * rank, dtype=torch.float32, device=h.device)
     h = h.contiguous()
-    _shrink_kernel[(n, triton.cdiv(parts * rank, SHRINK_BLOCK_N))](
-        h, a, slots, scales, t, h.stride(0), a.stride(0), t.stride(0), K=k, PR=parts * rank, BLOCK_K=SHRINK_BLOCK_K,
-        BLOCK_N=SHRINK_BLOCK_N)
+    _shrink_kernel[(n, triton.cdiv(parts * rank, SHRINK_BLOCK_N), splits)](
+        h, a, slots, part, h.stride(0), a.stride(0), K=k, PR=parts * rank, SPLITS=splits, SPLIT_K=SHRINK_SPLIT_K,
+        BLOCK_K=SHRINK_BLOCK_K, BLOCK_N=SHRINK_BLOCK_N)
     widths = [b.shape[1] for b in bs] + [0] * (3 - parts)
     starts = list(offsets) + [0] * (3 - parts)
     blocks = [triton.cdiv(w, EXPAND_BLOCK_N) for w in widths]
     b = list(bs) + [bs[0]] * (3 - parts)
     _expand_kernel[(n, sum(blocks))](
-        t, b[0], b[1], b[2], slots, y, t.stride(0), y.stride(0), b[0].stride(0), b[1].stride(0), b[2].stride(0),
+        part, b[0], b[1], b[2], slots, scales, y, y.stride(0), b[0].stride(0), b[1].stride(0), b[2].stride(0),
         W0=widths[0], W1=widths[1], W2=widths[2], O0=starts[0], O1=starts[1], O2=starts[2], NB0=blocks[0],
-        NB1=blocks[1], R=rank, BLOCK_R=triton.next_power_of_2(rank), BLOCK_N=EXPAND_BLOCK_N)
+        NB1=blocks[1], R=rank, PR=parts * rank, SPLITS=splits, BLOCK_R=triton.next_power_of_2(rank),
+        BLOCK_N=EXPAND_BLOCK_N)
     return y
 
 
