@@ -1,6 +1,6 @@
 """THUDM ChatGLM folders → native checkpoints that plain transformers (and other engines) load.
 
-  ChatGLM2/3 → `GlmForCausalLM` (transformers' own class; no glmops code needed to load it)
+  ChatGLM2/3, glm-4-9b-chat → `GlmForCausalLM` (transformers' own class; no glmops code needed to load it)
   ChatGLM-6B → our `ChatGLM1ForCausalLM` (`model_type: chatglm1`; load after `import common`)
 Weights go to safetensors shards; tokenizer files, generation config and glmops.json come along.
 """
@@ -58,8 +58,8 @@ def _save_sharded(tensors, out: Path) -> None:
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _route_autotokenizer_to_ours(out: Path) -> None:
-    """Make AutoTokenizer pick our exact ChatGLMTokenizer for a native GLM folder.
+def _route_autotokenizer_to_ours(out: Path, cls: str) -> None:
+    """Make AutoTokenizer pick our exact tokenizer (ChatGLMTokenizer, ChatGLM4Tokenizer) for a native GLM folder.
 
     For `model_type: glm` transformers would otherwise build an approximate fast tokenizer from
     tokenizer.model. With an auto_map entry, AutoTokenizer uses the class registered by `import common`;
@@ -67,7 +67,7 @@ def _route_autotokenizer_to_ours(out: Path) -> None:
     entry names no file: nothing is ever downloaded or executed from the folder."""
     path = out / "tokenizer_config.json"
     cfg = json.loads(path.read_text(encoding="utf-8"))
-    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}
+    cfg["auto_map"] = {"AutoTokenizer": [f"tokenization_chatglm.{cls}", None]}
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -85,7 +85,7 @@ def convert_to_native(info: ModelInfo, out_dir: str | Path, dtype: torch.dtype |
         model = ChatGLM1ForCausalLM.from_pretrained(info.path, config=cfg, dtype=dtype or torch.float16)
         model.generation_config = GenerationConfig(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
         model.save_pretrained(out)
-    elif info.family in ("chatglm2", "chatglm3"):
+    elif info.family in ("chatglm2", "chatglm3", "glm4"):
         cfg = load_thudm_v2_config(info.path, info.family)
         q_rows = cfg.num_attention_heads * cfg.head_dim
         kv_rows = cfg.num_key_value_heads * cfg.head_dim
@@ -106,8 +106,8 @@ def convert_to_native(info: ModelInfo, out_dir: str | Path, dtype: torch.dtype |
     else:
         raise ModelFilesError(f"{info.path}: already in a native layout ({info.family}); nothing to convert.")
     tok.save_pretrained(out)
-    if info.family in ("chatglm2", "chatglm3"):
-        _route_autotokenizer_to_ours(out)
+    if info.family in ("chatglm2", "chatglm3", "glm4"):
+        _route_autotokenizer_to_ours(out, type(tok).__name__)
     write_model_metadata(out, family=info.family, template=info.template, base_model=info.name,
                          revision=info.revision, extra={"converted_from": "thudm"})
     for extra in ("README.md", "LICENSE", "MODEL_LICENSE"):

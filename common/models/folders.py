@@ -3,7 +3,8 @@ offline or with `--local_files_only`), its layout and family, and its tokenizer.
 
 Folders come in two layouts, detected automatically:
   native  transformers' own format (GlmForCausalLM, GLM-4 `-hf`, our tiny model, converted ChatGLMs)
-  thudm   THUDM's original repos (config `model_type: chatglm`, remote-code files we never execute)
+  thudm   THUDM's original repos (config `model_type: chatglm`, remote-code files we never execute): ChatGLM-6B,
+          ChatGLM2/3-6B and glm-4-9b-chat (told apart by their tokenizer files)
 The family (chatglm, chatglm2, chatglm3, glm4, other) decides the chat template. Both the converter and the
 loader stand on this module; it imports neither.
 """
@@ -82,13 +83,30 @@ def detect(folder: Path, name: str | None = None) -> ModelInfo:
     model_type = cfg.get("model_type", "")
     if model_type == "chatglm":
         layout = "thudm"
-        family = "chatglm" if cfg.get("position_encoding_2d") or (folder / "ice_text.model").is_file() else _v2_or_v3(folder, name)
+        if cfg.get("position_encoding_2d") or (folder / "ice_text.model").is_file():
+            family = "chatglm"
+        elif _is_bpe_ranks(folder / "tokenizer.model"):
+            family = "glm4"  # glm-4-9b-chat: ChatGLM2's model code and layout, GLM-4's tokenizer
+        else:
+            family = _v2_or_v3(folder, name)
     else:
         layout = "native"
         family = meta.get("family") or {"glm": "chatglm2", "glm4": "glm4", "chatglm1": "chatglm"}.get(model_type, "other")
     template = meta.get("template") or (family if family != "other" else "hf")
     return ModelInfo(path=folder, name=name, layout=layout, family=family, template=template,
                      revision=meta.get("revision"))
+
+
+def _is_bpe_ranks(path: Path) -> bool:
+    """GLM-4's tokenizer.model is text ("base64-token rank" lines); ChatGLM2/3's is a binary sentencepiece model."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(256).split(b"\n")[0].split()
+    return len(head) == 2 and head[1].isdigit() and all(c in _BASE64 for c in head[0])
+
+
+_BASE64 = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=")
 
 
 def _v2_or_v3(folder: Path, name: str) -> str:
@@ -114,6 +132,10 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
             vocab = info.path / "ice_text.model"
             _require(vocab, info.path, "ChatGLM-6B's sentencepiece model")
             return ChatGLM1Tokenizer(str(vocab))
+        if info.family == "glm4":
+            from common.models.tokenization_glm4 import ChatGLM4Tokenizer
+
+            return ChatGLM4Tokenizer(str(info.path / "tokenizer.model"))
         vocab = info.path / "tokenizer.model"
         _require(vocab, info.path, "ChatGLM2/3's sentencepiece model")
         return ChatGLMTokenizer(str(vocab), chat_roles=info.family == "chatglm3")
@@ -121,11 +143,13 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
 
     tcfg_path = info.path / "tokenizer_config.json"
     tcfg = _read_json(tcfg_path) if tcfg_path.is_file() else {}
-    if tcfg.get("tokenizer_class") in ("ChatGLMTokenizer", "ChatGLM1Tokenizer"):
+    if tcfg.get("tokenizer_class") in ("ChatGLMTokenizer", "ChatGLM1Tokenizer", "ChatGLM4Tokenizer"):
         # Our exact tokenizers, whatever AutoTokenizer would pick for the model type.
         from common.models.tokenization_chatglm import ChatGLM1Tokenizer, ChatGLMTokenizer
+        from common.models.tokenization_glm4 import ChatGLM4Tokenizer
 
-        cls = ChatGLM1Tokenizer if tcfg["tokenizer_class"] == "ChatGLM1Tokenizer" else ChatGLMTokenizer
+        cls = {"ChatGLM1Tokenizer": ChatGLM1Tokenizer, "ChatGLM4Tokenizer": ChatGLM4Tokenizer}.get(
+            tcfg["tokenizer_class"], ChatGLMTokenizer)
         vocab = info.path / next(iter(cls.vocab_files_names.values()))
         _require(vocab, info.path, "the sentencepiece model")
         return cls.from_pretrained(info.path)
