@@ -7,7 +7,7 @@ Side by side in one run: the engine (`engine=batch`, the default) and the old pe
 (`engine=per_request`). Every request generates exactly --tokens tokens (`min_tokens`), greedy; two
 workloads: short (64-token prompts, 128 new tokens) and chat (512-token prompts, 256 new tokens), at each
 of --streams concurrent streams; long (2,000-token prompts, 48 new tokens: time to first token) at 1 and 8.
-With no --model, a model of --family (ChatGLM2-6B or ChatGLM-6B) with random weights is built on the GPU
+With no --model, a model of --family (ChatGLM2-6B, ChatGLM-6B, or GLM-4-9B in either format) with random weights is built on the GPU
 (bench/gpu_models.py). Prints a table; --out writes every row with the command, GPU
 and versions.
 """
@@ -217,8 +217,9 @@ def versions() -> dict:
 def add_server_args(ap: argparse.ArgumentParser) -> None:
     """What the serving benchmarks serve: a folder, or a random-weight ChatGLM2-6B built on the GPU."""
     ap.add_argument("--model", help="serve this folder (default: build a random-weight model of --family on the GPU)")
-    ap.add_argument("--family", default="chatglm2", choices=["chatglm2", "chatglm"],
-                    help="with no --model: ChatGLM2-6B or ChatGLM-6B, random weights at the real size")
+    ap.add_argument("--family", default="chatglm2", choices=["chatglm2", "chatglm", "glm4", "glm4-chat"],
+                    help="with no --model: ChatGLM2-6B, ChatGLM-6B, GLM-4-9B-0414 or glm-4-9b-chat, random "
+                         "weights at the real size (bench/gpu_models.py)")
     ap.add_argument("--tokenizers", help="with no --model: a folder with the family's tokenizer "
                                          "(ChatGLM2's tokenizer.model, ChatGLM-6B's ice_text.model)")
     ap.add_argument("--workdir", default="/tmp/glmops-serve-bench")
@@ -231,11 +232,12 @@ def served_model(args) -> str:
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     if args.model is not None:
         return args.model
-    from bench.gpu_models import build
+    from bench.gpu_models import GLM4_FAMILIES, build
 
-    model = str(Path(args.workdir) / f"{args.family}-6b-random")
+    model = str(Path(args.workdir) / (f"{args.family}-9b-random" if args.family in GLM4_FAMILIES
+                                      else f"{args.family}-6b-random"))
     if not (Path(model) / "config.json").is_file():
-        build(args.family, Path(model), Path(args.tokenizers))
+        build(args.family, Path(model), Path(args.tokenizers) if args.tokenizers else None)
         import torch
 
         torch.cuda.empty_cache()  # the replica sizes its KV cache from the free GPU memory

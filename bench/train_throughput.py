@@ -5,6 +5,8 @@
     python3 bench/train_throughput.py --smoke        # the script itself on CPU with the tiny model
     python3 bench/train_throughput.py --family chatglm --tokenizer .gpuassets/ice_text.model \
         --out $OUT/train_chatglm1.json               # ChatGLM-6B: its own model code, 2D positions, prefix mask
+    python3 bench/train_throughput.py --family glm4 --paths ours,ours_small --out $OUT/train_glm4.json
+                                                     # GLM-4-9B-0414 (Glm4ForCausalLM); glm4-chat: glm-4-9b-chat
 
 Model: a random-weight ChatGLM2-6B (6.24 B parameters) saved once, loaded in 4-bit NF4 with double
 quantization and bf16 compute. Data: instruction records whose lengths follow the seed benchmark's mix
@@ -43,7 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PEAK_FLOPS = 790e12  # bf16 dense, measured on the H200 (issue #8)
-QKV = {"chatglm2": ["q_proj", "k_proj", "v_proj"], "chatglm": ["query_key_value"]}
+QKV = {"chatglm2": ["q_proj", "k_proj", "v_proj"], "chatglm": ["query_key_value"],
+       "glm4": ["q_proj", "k_proj", "v_proj"], "glm4-chat": ["q_proj", "k_proj", "v_proj"]}
 LORA = {"r": 8, "alpha": 32.0, "dropout": 0.05}
 LR = 1e-3
 SEED_MICRO_BATCH = 8
@@ -120,10 +123,11 @@ def make_records(n: int, overhead: int = 12) -> list[dict]:
 
 def make_examples(tok, n: int, family: str = "chatglm2"):
     """The records encoded with the family's template (prompt tokens masked from the loss)."""
+    from bench.gpu_models import template_of
     from common.templates import get_template
     from common.training.examples import encode_records
 
-    return encode_records(make_records(n), tok, get_template(family), 1024, 1024).examples
+    return encode_records(make_records(n), tok, get_template(template_of(family)), 1024, 1024).examples
 
 
 # -- model -------------------------------------------------------------------------------------------------
@@ -137,8 +141,12 @@ def build_checkpoint(folder: Path, tokenizer: str, smoke: bool, family: str = "c
 
         build_tiny_model(str(folder), str(ROOT / "data/sample.json"))
     else:
-        from bench.gpu_models import build
+        from bench.gpu_models import GLM4_FAMILIES, build
 
+        if family in GLM4_FAMILIES:  # a stand-in vocabulary in GLM-4's format (bench/gpu_models.py)
+            build(family, folder, None)
+            print(f"model saved to {folder} in {time.time() - t0:.0f} s", flush=True)
+            return
         tok_dir = folder.parent / "tokenizer"
         tok_dir.mkdir(parents=True, exist_ok=True)
         link = tok_dir / ("ice_text.model" if family == "chatglm" else "tokenizer.model")
@@ -505,8 +513,9 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/glmops-bench")
     ap.add_argument("--tokenizer", help="the family's tokenizer: ChatGLM2's tokenizer.model or ChatGLM-6B's "
                                         "ice_text.model (e.g. from ../shared/reference)")
-    ap.add_argument("--family", default="chatglm2", choices=["chatglm2", "chatglm"],
-                    help="the model shape: ChatGLM2-6B or ChatGLM-6B (random weights, real size)")
+    ap.add_argument("--family", default="chatglm2", choices=["chatglm2", "chatglm", "glm4", "glm4-chat"],
+                    help="the model shape (random weights, real size): ChatGLM2-6B, ChatGLM-6B, GLM-4-9B-0414 "
+                         "(Glm4ForCausalLM) or glm-4-9b-chat (as converted: GlmForCausalLM)")
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
     ap.add_argument("--examples_per_step", type=int, default=32)
@@ -535,7 +544,7 @@ def main() -> None:
 
     if args.smoke:
         args.steps, args.warmup, args.examples_per_step, args.lever_steps = 4, 1, 4, 3
-    elif not args.tokenizer:
+    elif not args.tokenizer and args.family in ("chatglm2", "chatglm"):
         ap.error("--tokenizer is needed (the family's tokenizer file)")
     build_checkpoint(Path(args.workdir) / "model", args.tokenizer, args.smoke, args.family)
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
