@@ -42,7 +42,7 @@ class AppArgs(BaseModel):
     adapters: str | None = None  # name=URI,name2=URI2 (URI: runs:/<run_id>, models:/<name>@<alias>, a folder)
     max_loras: int = 4           # adapter slots on the device (0: no adapters); more adapters are swapped in LRU
     max_lora_rank: int = 64      # the largest adapter rank the slots hold
-    lora_gather_max: int = 0     # GPU steps of up to this many tokens use the gathered adapter kernels (0: never)
+    lora_gather_max: int = 16    # GPU steps of up to this many tokens use the gathered adapter kernels (0: never)
     # Staying up (README, "When things fail"):
     request_timeout_s: float | None = None    # every request ends with a timeout error after this many seconds
     graceful_shutdown_timeout_s: float = 30.0  # on shutdown or redeploy, running streams get this long to finish

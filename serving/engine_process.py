@@ -47,7 +47,7 @@ class EngineSpec:
     threads: int = 2         # CPU threads for torch on CPU
     max_loras: int = 0       # adapter slots on the device (0: no adapter pool)
     max_lora_rank: int = 64  # the largest adapter rank the slots hold
-    lora_gather_max: int = 0  # steps of up to this many tokens use the gathered kernels (GPU; 0: never)
+    lora_gather_max: int = 16  # steps of up to this many tokens use the gathered kernels (GPU; 0: never)
 
 
 def load(spec: EngineSpec):

@@ -17,9 +17,9 @@ step is captured in a CUDA graph once and replayed with any mix of adapters (`ga
 The cost is reading every slot's A and B in each step, whichever adapters it uses: with r=64 on all linears
 of ChatGLM2-6B that is ~254 MiB per slot against the base's 12.5 GB, in 3 to 5 small kernels per linear.
 
-On a GPU, steps of at most `lora_gather_max` tokens (an app argument, 0 by default until measured; decode at
-low concurrency, where those reads and launches are most of the LoRA cost) can go through two gathered Triton
-kernels instead (Punica's BGMV, written for this
+On a GPU, steps of at most `lora_gather_max` tokens (an app argument, 16 by default; decode at low
+concurrency, where those reads and launches are most of the LoRA cost) go through two gathered Triton kernels
+instead (Punica's BGMV, written for this
 layout): `shrink` reads, for each token, only its own slot's columns of A and scales by its adapter's scale;
 `expand` reads only its slot's rows of each part's B and adds into y, all parts in one launch. Base rows read
 nothing. With many tokens the dense pass should win: tokens of one adapter then share its reads.

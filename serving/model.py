@@ -71,7 +71,7 @@ class ChatModel:
                  max_queued_requests: int = 256, prefill_chunk: int | None = None, stream_interval: float = 0.04,
                  engine_process: bool | None = None, request_timeout_s: float | None = None,
                  drain_timeout_s: float = 30.0, adapters: str | None = None, max_loras: int = 4,
-                 max_lora_rank: int = 64, lora_gather_max: int = 0):
+                 max_lora_rank: int = 64, lora_gather_max: int = 16):
         import torch
 
         from common.models.loader import detect, load_tokenizer, open_model_folder
