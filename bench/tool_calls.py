@@ -43,6 +43,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--lora_r", type=int, default=16)
     ap.add_argument("--learning_rate", default="5e-3")
+    ap.add_argument("--pretrain_steps", type=int, default=0,
+                    help="first teach the random base to copy from the user's turn (bench/tiny_pretrain.py)")
     ap.add_argument("--workdir", default="/tmp/glmops-bench-tools")
     ap.add_argument("--run_id", help="score this fine-tune (in --workdir's MLflow store) instead of training one")
     ap.add_argument("--out")
@@ -58,10 +60,14 @@ def main() -> None:
     from common.tools import ToolCall
 
     t0 = time.time()
-    run_id, out = args.run_id, ""
+    run_id, out, pretrained = args.run_id, "", None
     if run_id is None:
         base = build_tiny_model(str(work / "tiny-chatglm3"), family="chatglm3", hidden_size=args.hidden_size,
                                 num_layers=args.layers)
+        if args.pretrain_steps:
+            from bench.tiny_pretrain import pretrain_copy
+
+            pretrained = pretrain_copy(str(base), args.pretrain_steps)
         out = job("jobs/finetune.py", "--config", "configs/finetune-tiny.yaml", "--base_model", str(base),
                   "--data_path", args.data_path, "--eval_data_path", args.data_path, "--bits", "16",
                   "--max_source_length", "512", "--max_target_length", "128", "--max_tokens_per_batch", "2048",
@@ -109,7 +115,7 @@ def main() -> None:
             "command": command, "date": time.strftime("%Y-%m-%d"), "versions": versions(), "records": len(convs),
             "records_that_call": calls, "epochs": args.epochs, "train_seconds": round(train_s),
             "model": {"hidden_size": args.hidden_size, "layers": args.layers, "lora_r": args.lora_r,
-                      "learning_rate": args.learning_rate},
+                      "learning_rate": args.learning_rate, "copy_pretraining": pretrained},
             "scores": {k: round(v, 2) for k, v in scores.items()}, "target": {"tool_arguments_exact": ">= 90"},
             "wrong": wrong[:20]}, ensure_ascii=False, indent=1))
         print(f"wrote {args.out}")
