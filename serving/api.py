@@ -323,6 +323,9 @@ def validate_sampling(req: ChatRequest) -> dict:
 class Ingress:
     def __init__(self, model: DeploymentHandle, api_key: str | None = None, model_name: str = "glmops",
                  ui: bool = True, stalled_client_timeout_s: float = 0, adapter_names: tuple[str, ...] = ()):
+        from serving.loopback import bind_replica_server_to_node
+
+        bind_replica_server_to_node()
         self.model = model
         self.streams = model.options(stream=True)
         self.api_key = api_key or None

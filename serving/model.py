@@ -74,6 +74,9 @@ class ChatModel:
                  max_lora_rank: int = 64, lora_gather_max: int = 16):
         import torch
 
+        from serving.loopback import bind_replica_server_to_node
+
+        bind_replica_server_to_node()
         from common.models.loader import detect, load_tokenizer, open_model_folder
         from common.registry import local_model_folder
         from common.templates import get_template

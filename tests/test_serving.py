@@ -442,3 +442,32 @@ def test_a_client_leaving_mid_read_ends_the_stream_quietly(wrapped):
         with pytest.raises(BaseException) as err:
             asyncio.run(app(scope, receive, send))
         assert "TaskCancelledError" in repr(err.value)
+
+
+def test_nothing_the_app_starts_listens_beyond_loopback(server):
+    """With the default host, every listening socket of `serve run` and of what it started (Ray's GCS, raylet,
+    dashboard agent, workers, the Serve proxy and replicas, the engine process) is bound to loopback."""
+    import psutil
+
+    root = psutil.Process(server.proc.pid)
+    procs = [root, *root.children(recursive=True)]
+    procs += [p for p in psutil.process_iter() if p not in procs and _session_of(p) == root.pid]
+    listening = []
+    for p in procs:
+        try:
+            conns = p.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening += [(p.name(), c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
+    assert any(port == server.port for _, _, port in listening)  # the check sees the app's own port
+    wide = [s for s in listening if s[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    assert not wide, f"listening beyond loopback: {wide}"
+
+
+def _session_of(p) -> int | None:
+    import os
+
+    try:
+        return os.getsid(p.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
