@@ -151,7 +151,7 @@ def load_tokenizer(info: ModelInfo, trust_remote_code: bool = False):
         cls = {"ChatGLM1Tokenizer": ChatGLM1Tokenizer, "ChatGLM4Tokenizer": ChatGLM4Tokenizer}.get(
             tcfg["tokenizer_class"], ChatGLMTokenizer)
         vocab = info.path / next(iter(cls.vocab_files_names.values()))
-        _require(vocab, info.path, "the sentencepiece model")
+        _require(vocab, info.path, "the tokenizer's vocabulary file")
         return cls.from_pretrained(info.path)
     try:
         return AutoTokenizer.from_pretrained(info.path, trust_remote_code=trust_remote_code)
