@@ -58,15 +58,19 @@ def greedy(model, prompt, n, stop_ids=None):
     return out[0, len(prompt):].tolist()
 
 
-def test_greedy_replies_equal_generate_with_staggered_arrivals_and_lengths(tiny):
-    engine = start(tiny)  # 6 requests, 4 slots: two wait; prompts of 40 tokens take 3 prefill chunks
+def assert_staggered_replies_equal_generate(model) -> None:
+    engine = start(model)  # 6 requests, 4 slots: two wait; prompts of 40 tokens take 3 prefill chunks
     assert isinstance(engine.runner, GlmRunner)
     try:
         got = staggered_greedy(engine)
     finally:
         engine.shutdown()
     for (out, finish), p, n in zip(got, PROMPTS, LENGTHS):
-        assert out == greedy(tiny, p, n) and finish == "length"
+        assert out == greedy(model, p, n) and finish == "length"
+
+
+def test_greedy_replies_equal_generate_with_staggered_arrivals_and_lengths(tiny):
+    assert_staggered_replies_equal_generate(tiny)
 
 
 def _tiny_glm4():
@@ -90,14 +94,7 @@ def test_glm4_0414_greedy_replies_equal_generate_and_its_step_logits_equal_the_m
     """Glm4ForCausalLM through the flat-token step (its extra norms folded into the residual adds): staggered
     requests give generate's greedy replies, and a step's logits equal the model's forward over the sequence."""
     model = _tiny_glm4()
-    engine = start(model)
-    assert isinstance(engine.runner, GlmRunner)
-    try:
-        got = staggered_greedy(engine)
-    finally:
-        engine.shutdown()
-    for (out, finish), p, n in zip(got, PROMPTS, LENGTHS):
-        assert out == greedy(model, p, n) and finish == "length"
+    assert_staggered_replies_equal_generate(model)
     runner = runner_for(model, 2, 128)
     seqs = [list(range(5, 30)), [9, 8, 7]]
     logits = runner.forward([RowInput(slot, seq, 0) for slot, seq in enumerate(seqs)])
