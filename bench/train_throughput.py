@@ -7,6 +7,8 @@
         --out $OUT/train_chatglm1.json               # ChatGLM-6B: its own model code, 2D positions, prefix mask
     python3 bench/train_throughput.py --family glm4 --paths ours,ours_small --out $OUT/train_glm4.json
                                                      # GLM-4-9B-0414 (Glm4ForCausalLM); glm4-chat: glm-4-9b-chat
+    python3 bench/train_throughput.py --tokenizer .gpuassets/tokenizer.model --paths ours,ours_dpo,ours_simpo \
+        --out $OUT/train_dpo.json                    # preference tuning against SFT, per trained token
 
 Model: a random-weight ChatGLM2-6B (6.24 B parameters) saved once, loaded in 4-bit NF4 with double
 quantization and bf16 compute. Data: instruction records whose lengths follow the seed benchmark's mix
@@ -21,6 +23,9 @@ order, `--examples_per_step` per optimizer step, with the same LoRA (r=8 on q/k/
               the step's supervised tokens
   ours        `common.training.worker.train_step`, the function the Ray worker runs, with the worker's defaults
   ours_small  the same within `gpu_memory_gib: 16` (auto checkpointing plans for it; the cap is enforced)
+  ours_dpo    `--stage dpo` (sigmoid loss, reference = adapter off in the same step) on pairs: each record of the
+              mix with a second answer of the same length mix; a step takes `--examples_per_step` pairs, and every
+              token of both sequences counts (ours_simpo: no reference pass)
 
 Each path runs in its own process (clean peak memory). Reported: real tokens/s (pads excluded) over
 the steps after the warm-up, peak GiB allocated, MFU at 4N FLOP per token (frozen base: forward 2N plus
@@ -58,6 +63,8 @@ PATHS = {
     "ours_small_4096": {"gpu_memory_gib": 16, "max_tokens_per_batch": 4096},
     "ours_small_8192": {"gpu_memory_gib": 16, "max_tokens_per_batch": 8192},  # the rows 16 GiB took before round 4
     "ours_16384": {"max_tokens_per_batch": 16384},
+    "ours_dpo": {"stage": "dpo"},
+    "ours_simpo": {"stage": "dpo", "pref_loss": "simpo"},
     # the job's own LoRA (r=64 on every linear layer, alpha 16, dropout 0.1) in the benchmark's step
     "ours_job_lora": {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_target": ["auto"]},
 }
@@ -119,6 +126,22 @@ def make_records(n: int, overhead: int = 12) -> list[dict]:
         records.append({"instruction": "".join(r.choice(CHARS) for _ in range(q)), "input": "",
                         "output": "".join(r.choice(CHARS) for _ in range(a))})
     return records
+
+
+def make_pair_examples(tok, n: int, family: str = "chatglm2"):
+    """The records as preference pairs: the record's answer is chosen; a second answer drawn from the same length
+    mix (seed 2) is rejected. Encoded as the data pipeline stores pairs (chosen, then rejected)."""
+    from bench.gpu_models import template_of
+    from common.templates import get_template
+    from common.training.tokenize_cache import EncodeSpec, encode_record
+
+    r = random.Random(2)
+    other = make_records(n)
+    r.shuffle(other)
+    spec = EncodeSpec(None, template_of(family), 1024, 1024, False, pairs=True)
+    template = get_template(template_of(family))
+    return [encode_record({"instruction": a["instruction"], "chosen": a["output"], "rejected": b["output"]},
+                          tok, template, spec)[0] for a, b in zip(make_records(n), other)]
 
 
 def make_examples(tok, n: int, family: str = "chatglm2"):
@@ -231,8 +254,10 @@ def run_path(name: str, settings: dict, args) -> dict:
     from common.models.loader import load_tokenizer, open_model_folder
     from common.templates import IGNORE
     from common.training.compiling import compile_layers, recompute_lora_dropout
+    from common.training.epochs import InMemoryExamples
     from common.training.memory import expandable_segments
-    from common.training.packing import pack, packed_batch, padded_batch
+    from common.training.objectives import training_loss
+    from common.training.packing import pack, packed_batch, packed_rows, padded_batch
     from common.training.worker import (
         CausalLMLoss,
         build_model,
@@ -247,7 +272,9 @@ def run_path(name: str, settings: dict, args) -> dict:
     folder = Path(args.workdir) / "model"
     tok = load_tokenizer(open_model_folder(str(folder), local_files_only=True))
     E = args.examples_per_step
-    examples = make_examples(tok, E * args.steps, args.family)
+    pairs = settings.get("stage") == "dpo"
+    examples = (make_pair_examples if pairs else make_examples)(tok, E * args.steps, args.family)
+    part = InMemoryExamples(examples).load_part(0) if pairs else None
     steps = [list(range(s * E, (s + 1) * E)) for s in range(args.steps)]
     torch.manual_seed(0)
     if device.type == "cuda":
@@ -296,15 +323,21 @@ def run_path(name: str, settings: dict, args) -> dict:
                     p.data = p.data.float()
         reinit_lora(model)
         dtype = compute_dtype(device, cfg)
-        loss_fn = CausalLMLoss(model, dtype if dtype != torch.float32 else None,
-                               varlen=settings.get("varlen", True), build_masks=settings.get("build_masks", False),
-                               **({"loss_chunk": settings["loss_chunk"]} if "loss_chunk" in settings else {}))
+        if pairs:  # the job's preference loss, as the worker chooses it
+            loss_fn = training_loss(cfg, model, dtype if dtype != torch.float32 else None)
+        else:
+            loss_fn = CausalLMLoss(model, dtype if dtype != torch.float32 else None,
+                                   varlen=settings.get("varlen", True), build_masks=settings.get("build_masks", False),
+                                   **({"loss_chunk": settings["loss_chunk"]} if "loss_chunk" in settings else {}))
         params = [p for p in model.parameters() if p.requires_grad]
         sched = None
         positions = example_positions_for(args.family, model.get_base_model().config)
 
         def prepare(idx: list[int]) -> list:
-            if cfg.packing:
+            if pairs:  # whole pairs per row, each as its chosen and rejected sequence
+                batches = [packed_rows([s for i in row for s in part.sequences(i)], cfg.max_tokens_per_batch, positions)
+                           for row in pack(examples, idx, cfg.max_tokens_per_batch)]
+            elif cfg.packing:
                 batches = [packed_batch(examples, row, cfg.max_tokens_per_batch, positions)
                            for row in pack(examples, idx, cfg.max_tokens_per_batch)]
             else:
@@ -317,7 +350,7 @@ def run_path(name: str, settings: dict, args) -> dict:
             return batches
 
         def run(batches: list):
-            n_targets = sum(b.num_targets for b in batches)
+            n_targets = sum(b.num_sequences // 2 if pairs else b.num_targets for b in batches)  # the loss's units
             out = train_step(loss_fn, opt, sched, batches, n_targets, 1, 1.0)
             loss = out["loss_sum"] / n_targets
             return loss if overlap else float(loss), sum(b.num_tokens for b in batches), max(b.input_ids.numel() for b in batches)
@@ -580,6 +613,12 @@ def main() -> None:
     base_tps = base["tokens_per_s"] if base and "error" not in base else float("nan")
     print()
     print(table(rows, base_tps))
+    sft = by.get("ours")
+    for r in rows:
+        if r["name"] in ("ours_dpo", "ours_simpo") and sft and "error" not in sft and "error" not in r:
+            r["vs_sft"] = round(r["tokens_per_s"] / sft["tokens_per_s"], 3)
+            print(f"{r['name']}: {r['vs_sft']:.2f} x the SFT step's tokens/s (every token of chosen and rejected "
+                  f"counted; {r['peak_gib']} GiB peak vs {sft['peak_gib']})")
     for r in rows:
         if r.get("profile"):
             p = r["profile"]

@@ -281,6 +281,15 @@ class FinetuneConfig:
     max_source_length: int = opt(512, "token budget of the prompt (history is dropped oldest-first to fit)")
     max_target_length: int = opt(512, "token budget of the answer (longer answers are cut, without an end token)")
     train_on_history: bool = opt(False, "learn every answer of a multi-turn record, not only the last one")
+    # what is learned
+    stage: str = opt("sft", "sft: learn the answers (instruction records); dpo: learn preferences from records with a "
+                     "chosen and a rejected answer, with --pref_loss", choices=("sft", "dpo"))
+    pref_loss: str = opt("sigmoid", "--stage dpo: sigmoid (DPO), ipo (IPO), simpo (SimPO: no reference, length-"
+                         "normalized) or orpo (ORPO: no reference, the chosen answer's NLL plus an odds-ratio term)",
+                         choices=("sigmoid", "ipo", "simpo", "orpo"))
+    pref_beta: float | None = opt(None, "--stage dpo: beta of sigmoid, ipo and simpo (default 0.1; simpo 2.0)")
+    simpo_margin: float = opt(1.0, "--pref_loss simpo: the target reward margin gamma")
+    orpo_weight: float = opt(0.1, "--pref_loss orpo: lambda, the weight of the odds-ratio term")
     # training
     num_train_epochs: float = opt(3.0, "passes over the training data")
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")
@@ -324,9 +333,10 @@ class FinetuneConfig:
     eval_generate_samples: int = opt(32, "at each eval, greedy replies to this many held-out prompts, scored with "
                                      "BLEU-4 / ROUGE (common/metrics.py); 0 turns it off")
     eval_max_new_tokens: int = opt(128, "length limit of those replies")
-    best_metric: str = opt("eval_loss", "what makes a checkpoint the best: the lowest eval loss, or the highest "
-                           "ROUGE-L (jieba words) or BLEU-4 (characters) of the eval replies",
-                           choices=("eval_loss", "rouge-l", "bleu-4"))
+    best_metric: str = opt("eval_loss", "what makes a checkpoint the best: the lowest eval loss, the highest "
+                           "ROUGE-L (jieba words) or BLEU-4 (characters) of the eval replies, or (--stage dpo) the "
+                           "highest share of eval pairs whose chosen answer gets the higher reward",
+                           choices=("eval_loss", "rouge-l", "bleu-4", "eval_rewards_accuracy"))
     save_total_limit: int = opt(3, "checkpoints kept (the best by eval loss and the latest are always among them)")
     output_dir: str = opt("output", "where Ray Train keeps checkpoints (its storage_path)", aliases=("output_path",))
     run_name: str | None = opt(None, "name of this run in Ray and MLflow (default: finetune-<time>)")
@@ -359,10 +369,17 @@ class FinetuneConfig:
                f"per_device_train_batch_size: must be >= 1, found {self.per_device_train_batch_size}")
         _check(p, self.gradient_accumulation_steps is None or self.gradient_accumulation_steps >= 1,
                f"gradient_accumulation_steps: must be >= 1, found {self.gradient_accumulation_steps}")
-        _check(p, self.max_tokens_per_batch is None or not self.packing
-               or self.max_tokens_per_batch >= self.max_source_length + self.max_target_length,
-               f"max_tokens_per_batch: must hold one full example (max_source_length + max_target_length = "
-               f"{self.max_source_length + self.max_target_length}), found {self.max_tokens_per_batch}")
+        # a preference pair's two sequences train in one row
+        one, sizes = (("preference pair", "2 x (max_source_length + max_target_length)") if self.stage == "dpo"
+                      else ("example", "max_source_length + max_target_length"))
+        longest = (self.max_source_length + self.max_target_length) * (2 if self.stage == "dpo" else 1)
+        _check(p, self.max_tokens_per_batch is None or not self.packing or self.max_tokens_per_batch >= longest,
+               f"max_tokens_per_batch: must hold one full {one} ({sizes} = {longest}), "
+               f"found {self.max_tokens_per_batch}")
+        _check(p, self.pref_beta is None or self.pref_beta > 0, f"pref_beta: must be > 0, found {self.pref_beta}")
+        _check(p, self.orpo_weight >= 0, f"orpo_weight: must be >= 0, found {self.orpo_weight}")
+        _check(p, not self.best_metric.startswith("eval_rewards") or self.stage == "dpo",
+               f"best_metric {self.best_metric}: only with --stage dpo")
         resource_problem = _resource_problem(self.resources_per_worker)
         _check(p, resource_problem is None, f"resources_per_worker: {resource_problem}")
         _check(p, self.gpu_memory_gib is None or self.gpu_memory_gib > 0,
@@ -383,7 +400,7 @@ class FinetuneConfig:
         _check(p, self.eval_generate_samples >= 0,
                f"eval_generate_samples: must be >= 0, found {self.eval_generate_samples}")
         _check(p, self.eval_max_new_tokens >= 1, f"eval_max_new_tokens: must be >= 1, found {self.eval_max_new_tokens}")
-        _check(p, self.best_metric == "eval_loss" or self.eval_generate_samples > 0,
+        _check(p, self.best_metric in ("eval_loss", "eval_rewards_accuracy") or self.eval_generate_samples > 0,
                f"best_metric {self.best_metric}: needs eval replies; set --eval_generate_samples > 0")
         _check(p, self.save_total_limit >= 1, f"save_total_limit: must be >= 1, found {self.save_total_limit}")
         _check(p, self.num_workers >= 1, f"num_workers: must be >= 1, found {self.num_workers}")

@@ -310,6 +310,7 @@ def merge_adapter(source: AdapterSource, cfg, out: Path) -> dict[str, Any]:
     lineage = {"training_run_id": source.training_run_id, "dataset_hash": meta.get("dataset_hash"),
                "eval_loss": meta.get("eval_loss"), "adapter": str(source.path), "adapter_origin": source.origin,
                "merge_base": cfg.merge_base, "dtype": cfg.dtype, "trained_bits": meta.get("bits"),
+               "stage": meta.get("stage", "sft"), "preference": meta.get("preference"),
                "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_model_metadata(out, family=meta["family"], template=template.name, base_model=meta["base_model"],
                          revision=meta.get("revision"), extra={"lineage": lineage})
@@ -341,7 +342,7 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
         exp_id = exp.experiment_id if exp else client.create_experiment("glmops-merge",
                                                                         artifact_location=artifact_root_for(uri))
     tags = {"glmops.job": "merge", "training_run_id": str(source.training_run_id), "base_model": meta["base_model"],
-            "family": meta["family"], "glmops.kind": kind}
+            "family": meta["family"], "glmops.kind": kind, "glmops.stage": meta.get("stage", "sft")}
     if kind == "merged":
         tags["merge_base"] = cfg.merge_base
     run = client.create_run(exp_id, run_name=f"merge-{name}", tags={**source_tags("jobs/merge.py"), **tags})
@@ -367,7 +368,8 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
         version_tags = {"training_run_id": str(source.training_run_id), "dataset_hash": str(meta.get("dataset_hash")),
                         "eval_loss": str(meta.get("eval_loss")), "base_model": meta["base_model"],
                         "base_revision": str(meta.get("revision")), "family": meta["family"],
-                        "template": meta["template"], "glmops.kind": kind}
+                        "template": meta["template"], "glmops.kind": kind,
+                        "glmops.stage": meta.get("stage", "sft")}  # sft, or dpo (with meta["preference"])
         version_tags.update({"merge_base": cfg.merge_base, "dtype": cfg.dtype} if kind == "merged" else
                             {"base_hash": report["base_hash"], "trained_bits": str(meta.get("bits")),
                              "lora_r": str(json.loads((out / "adapter_config.json").read_text())["r"])})

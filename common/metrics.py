@@ -24,7 +24,7 @@ from collections.abc import Iterable
 SCORES = ("bleu-4_chars", "rouge-1_jieba", "rouge-2_jieba", "rouge-l_jieba", "exact_match", "reply_chars")
 # What `--best_metric` may name: the metric a training run reports at each eval, and which way is better.
 BEST_METRICS = {"eval_loss": ("eval_loss", "min"), "bleu-4": ("eval_bleu-4_chars", "max"),
-                "rouge-l": ("eval_rouge-l_jieba", "max")}
+                "rouge-l": ("eval_rouge-l_jieba", "max"), "eval_rewards_accuracy": ("eval_rewards_accuracy", "max")}
 
 
 def _words(text: str) -> list[str]:

@@ -25,6 +25,9 @@ from common.errors import UserError
 def default_tracking_uri(explicit: str | None) -> str:
     """--mlflow_tracking_uri, else $MLFLOW_TRACKING_URI, else an SQLite store in the project folder."""
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri and uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        # relative to where it was typed: Ray's workers run in their own folders, so pass it on absolute
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     if uri:
         return uri
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}" if (Path.cwd() / "jobs").is_dir() else \

@@ -50,6 +50,7 @@ from common.tracking import (
 from common.training.epochs import ParquetExamples, fit_batching
 from common.training.examples import length_summary
 from common.training.memory import large_data_batching, loss_chunk_for, model_shape
+from common.training.objectives import preference_settings
 from common.training.tokenize_cache import (
     META_COLUMNS,
     EncodeSpec,
@@ -92,7 +93,7 @@ def prepare_data(cfg: FinetuneConfig, start_ray) -> PreparedData:
         print(f"  token statistics skipped: {err}")
         info = template = None
     spec = EncodeSpec(str(info.path) if info else None, template.name if template else "-", cfg.max_source_length,
-                      cfg.max_target_length, cfg.train_on_history, cfg.trust_remote_code)
+                      cfg.max_target_length, cfg.train_on_history, cfg.trust_remote_code, pairs=cfg.stage == "dpo")
     cache_root = cfg.data_cache_dir or str(Path(cfg.output_dir) / "data_cache")
     train = tokenize(cfg.data_path, spec, cache_root, start_ray=start_ray)
     train.check(cfg.skip_invalid_records)
@@ -134,8 +135,9 @@ def print_data_report(cfg: FinetuneConfig, data: PreparedData) -> None:
     lengths = cols["num_tokens"]
     print(f"  model: {data.info.name} ({data.info.layout} layout, family {data.info.family}, "
           f"template {data.template.name})")
+    unit = "preference pair (chosen + rejected)" if cfg.stage == "dpo" else "example"
     print(f"  train tokens: {int(lengths.sum())} ({int(cols['num_targets'].sum())} supervised); "
-          f"per example: {length_summary(lengths)}")
+          f"per {unit}: {length_summary(lengths)}")
     rejected = m["too_long"]
     print(f"  truncation (prompt <= {cfg.max_source_length}, answer <= {cfg.max_target_length}): "
           f"{int(cols['dropped_rounds'].sum())} history round(s) dropped, {int(cols['answer_truncated'].sum())} "
@@ -170,7 +172,7 @@ def fit_to_data(cfg: FinetuneConfig, data: PreparedData, gpu_bytes: int | None =
     for name in BATCHING:
         if getattr(cfg, name) is None and (resumed or {}).get(name):
             cfg = dataclasses.replace(cfg, **{name: int(resumed[name])})
-    large_tokens = max(large_tokens, cfg.max_source_length + cfg.max_target_length)
+    large_tokens = max(large_tokens, (cfg.max_source_length + cfg.max_target_length) * (2 if cfg.stage == "dpo" else 1))
     fit = fit_batching(src, packing=packing, workers=cfg.num_workers, batch_size=cfg.per_device_train_batch_size,
                        seed=cfg.seed, max_tokens=cfg.max_tokens_per_batch,
                        accumulation=cfg.gradient_accumulation_steps, large_tokens=large_tokens,
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tags = {"base_model": str(Path(info.name).resolve()) if Path(info.name).is_dir() else info.name, "base_revision": str(info.revision), "family": info.family,
             "template": template.name, "dataset_hash": dataset_hash, "dataset_size": str(data.train.manifest["valid"]),
-            "ray_run_name": run_name, "glmops.job": "finetune", "glmops.auto_settings": ",".join(auto) or "none"}
+            "ray_run_name": run_name, "glmops.job": "finetune", "glmops.stage": cfg.stage,
+            "glmops.auto_settings": ",".join(auto) or "none"}
     run_id = start_mlflow_run(cfg, uri, run_name, tags, resume_meta.get("mlflow_run_id"), data)
     cfg_dict = asdict(cfg)
     if Path(cfg.base_model).expanduser().is_dir():
@@ -364,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                 "mlflow_run_id": run_id, "ray_run_name": run_name,
                 "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                          "target": cfg.lora_target},
-                "batching": {name: getattr(cfg, name) for name in BATCHING}}
+                "batching": {name: getattr(cfg, name) for name in BATCHING}, "stage": cfg.stage}
+    if cfg.stage == "dpo":
+        metadata["preference"] = asdict(preference_settings(cfg))
     # The held-out conversations replied to at every eval travel with every checkpoint too: the merge job
     # checks its merge on the first few prompts and scores the merged model on all of them.
     generate = conversations(data.eval_file, cfg.eval_generate_samples)
@@ -458,11 +463,13 @@ def print_summary(best, run_id: str, uri: str, summary: dict, wall: float) -> No
     if summary.get("best_eval_loss") is not None:
         print(f"best eval loss:  {summary['best_eval_loss']:.4f}")
     history = summary.get("history") or []
-    for key, name in (("eval_bleu-4_chars", "best BLEU-4:"), ("eval_rouge-l_jieba", "best ROUGE-L:")):
+    for key, name, unit in (("eval_rewards_accuracy", "best reward acc.:", "share of eval pairs whose chosen "
+                             "answer gets the higher reward"), ("eval_bleu-4_chars", "best BLEU-4:", "bleu-4_chars, x100"),
+                            ("eval_rouge-l_jieba", "best ROUGE-L:", "rouge-l_jieba, x100")):
         seen = [(h[key], h["step"]) for h in history if key in h]
         if seen:
             value, step = max(seen)
-            print(f"{name:<16} {value:.2f} at step {step} ({key.removeprefix('eval_')}, x100)")
+            print(f"{name:<16} {value:.2f} at step {step} ({unit})")
     print(f"wall time:       {wall:.0f} s (training loop {summary.get('wall_seconds', 0):.0f} s)")
     if summary.get("tokens_per_second"):
         print(f"throughput:      {summary['tokens_per_second']:,.0f} tokens/s over the loop (evals included)")

@@ -32,20 +32,32 @@ WINDOW_EXAMPLES = int(os.environ.get("GLMOPS_WINDOW_EXAMPLES", "32768"))
 
 @dataclass
 class Part:
-    """The tokens of one stored part: flat ids/labels with per-row offsets (zero-copy from Arrow)."""
+    """The tokens of one stored part: flat ids/labels with per-row offsets (zero-copy from Arrow).
+
+    `chosen_tokens`: preference pairs, where each row's chosen sequence ends (the rest is the rejected one)."""
 
     ids: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
+    chosen_tokens: np.ndarray | None = None
 
     def example(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = self.offsets[row], self.offsets[row + 1]
         return self.ids[a:b], self.labels[a:b]
 
+    def sequences(self, row: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The sequences a row trains as: itself, or a pair's chosen then rejected sequence (kept together in one
+        micro-batch, each attending only to itself)."""
+        ids, labels = self.example(row)
+        if self.chosen_tokens is None:
+            return [(ids, labels)]
+        c = int(self.chosen_tokens[row])
+        return [(ids[:c], labels[:c]), (ids[c:], labels[c:])]
+
 
 class ExampleSource:
     """Examples in parts. `ids` (the record ids), `num_tokens`, `num_targets`, `part` (which part holds
-    it) and `row` (its row there) are per-example arrays."""
+    it) and `row` (its row there) are per-example arrays. `pairs`: each example is a preference pair."""
 
     ids: np.ndarray
     num_tokens: np.ndarray
@@ -53,9 +65,15 @@ class ExampleSource:
     part: np.ndarray
     row: np.ndarray
     n_parts: int
+    pairs: bool = False
 
     def __len__(self) -> int:
         return len(self.num_tokens)
+
+    @property
+    def units(self) -> np.ndarray:
+        """What a step's loss is averaged over, per example: its supervised tokens, or one per pair."""
+        return np.ones_like(self.num_targets) if self.pairs else self.num_targets
 
     def load_part(self, p: int) -> Part:
         raise NotImplementedError
@@ -71,8 +89,12 @@ class InMemoryExamples(ExampleSource):
         self.part = np.zeros(len(examples), dtype=np.int64)
         self.row = self.ids = np.arange(len(examples))
         self.n_parts = 1
+        self.pairs = bool(examples) and "chosen_tokens" in getattr(examples[0], "meta", {})
+        if self.pairs:
+            self.num_targets = np.asarray([e.meta["targets"] for e in examples], dtype=np.int64)
         flat = lambda key: np.asarray([x for e in examples for x in getattr(e, key)], dtype=np.int64)  # noqa: E731
-        self._part = Part(flat("input_ids"), flat("labels"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        self._part = Part(flat("input_ids"), flat("labels"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                          np.asarray([e.meta["chosen_tokens"] for e in examples]) if self.pairs else None)
 
     def load_part(self, p: int) -> Part:
         return self._part
@@ -87,6 +109,7 @@ class ParquetExamples(ExampleSource):
         import pyarrow.parquet as pq
 
         self.files = list(files)
+        self.pairs = bool(self.files) and "chosen_tokens" in pq.read_schema(self.files[0]).names
         cols: dict[str, list[np.ndarray]] = {"ids": [], "num_tokens": [], "num_targets": [], "part": [], "row": []}
         for p, f in enumerate(self.files):
             t = pq.read_table(f, columns=["id", "num_tokens", "num_targets"])
@@ -104,9 +127,10 @@ class ParquetExamples(ExampleSource):
     def load_part(self, p: int) -> Part:
         import pyarrow.parquet as pq
 
-        t = pq.read_table(self.files[p], columns=["input_ids", "labels"])
+        t = pq.read_table(self.files[p], columns=["input_ids", "labels"] + (["chosen_tokens"] if self.pairs else []))
         ids, labels = t["input_ids"].combine_chunks(), t["labels"].combine_chunks()
-        return Part(ids.values.to_numpy(), labels.values.to_numpy(), ids.offsets.to_numpy())
+        return Part(ids.values.to_numpy(), labels.values.to_numpy(), ids.offsets.to_numpy(),
+                    t["chosen_tokens"].to_numpy() if self.pairs else None)
 
 
 @dataclass
@@ -115,7 +139,7 @@ class EpochPlan:
     bounds: np.ndarray     # micro-batch b is order[bounds[b]:bounds[b + 1]]
     window_of: np.ndarray  # the window of each micro-batch
     windows: list[list[int]]  # the parts of each window
-    targets: np.ndarray    # supervised tokens per micro-batch
+    targets: np.ndarray    # loss units per micro-batch: supervised tokens, or preference pairs
     tokens: np.ndarray     # real tokens per micro-batch (truncated to the budget)
 
     def __len__(self) -> int:
@@ -160,7 +184,7 @@ def plan_epoch(src: ExampleSource, *, epoch: int, seed: int, packing: bool, max_
     clipped = np.minimum(src.num_tokens[order_arr], max_tokens) if packing else src.num_tokens[order_arr]
     per_mb = lambda x: np.add.reduceat(x, bounds_arr[:-1]) if len(order_arr) else np.zeros(0, np.int64)  # noqa: E731
     return EpochPlan(order_arr, bounds_arr, np.asarray(window_of, dtype=np.int64), windows,
-                     per_mb(src.num_targets[order_arr]), per_mb(clipped))
+                     per_mb(src.units[order_arr]), per_mb(clipped))
 
 
 @dataclass
@@ -232,7 +256,7 @@ class BatchReader:
     def batch(self, b: int) -> Batch:
         self._parts_for(int(self.plan.window_of[b]))
         ex = self.plan.examples(b)
-        seqs = [self.loaded[int(self.src.part[i])].example(int(self.src.row[i])) for i in ex]
+        seqs = [s for i in ex for s in self.loaded[int(self.src.part[i])].sequences(int(self.src.row[i]))]
         if self.packing:
             return packed_rows(seqs, self.max_tokens, self.positions)
         return padded_rows(seqs, self.pad_id)

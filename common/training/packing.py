@@ -38,6 +38,9 @@ class Batch:
     # packed ChatGLM-6B rows: each example's prompt length (the tokens before <sop>, which all of its tokens see);
     # position_ids are then its 2D positions [rows, 2, length]
     prefix_lens: torch.Tensor | None = None
+    # which sequence (example, or half of a preference pair) each supervised position belongs to, in order
+    sequence_of: torch.Tensor | None = None
+    num_sequences: int = 0
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         """On `device`. `non_blocking` on CUDA: copied from pinned memory without waiting, so the host can build
@@ -51,7 +54,7 @@ class Batch:
             return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
                      self.num_tokens, self.num_targets, move(self.cu_seqlens), self.max_seqlen, move(self.supervised),
-                     move(self.prefix_lens))
+                     move(self.prefix_lens), move(self.sequence_of), self.num_sequences)
 
 
 def shifted_targets(labels) -> np.ndarray:
@@ -106,7 +109,12 @@ def packed_rows(seqs: list[Seq], max_tokens: int, positions: Positions = counted
     supervised = np.flatnonzero(flat != IGNORE)
     prefix_lens = None if prefixes[0] is None else torch.tensor(prefixes, dtype=torch.int32)
     return Batch(t(ids), t(pos), t(tgt), None, sum(lengths), len(supervised), cu_seqlens(lengths), max(lengths),
-                 torch.from_numpy(supervised), prefix_lens)
+                 torch.from_numpy(supervised), prefix_lens, _sequence_of([x != IGNORE for x in tgt]), len(seqs))
+
+
+def _sequence_of(supervised_masks: list[np.ndarray]) -> torch.Tensor:
+    counts = [int(m.sum()) for m in supervised_masks]
+    return torch.from_numpy(np.repeat(np.arange(len(counts), dtype=np.int64), counts))
 
 
 def padded_rows(seqs: list[Seq], pad_id: int) -> Batch:
@@ -121,7 +129,8 @@ def padded_rows(seqs: list[Seq], pad_id: int) -> Batch:
         ids[r, :n], pos[r, :n], tgt[r, :n], mask[r, :n] = input_ids, np.arange(n), shifted_targets(labels), 1
     t = torch.from_numpy
     supervised = np.flatnonzero(tgt.reshape(-1) != IGNORE)
-    return Batch(t(ids), t(pos), t(tgt), t(mask), int(mask.sum()), len(supervised), supervised=t(supervised))
+    return Batch(t(ids), t(pos), t(tgt), t(mask), int(mask.sum()), len(supervised), supervised=t(supervised),
+                 sequence_of=_sequence_of(list(tgt != IGNORE)), num_sequences=len(seqs))
 
 
 def packed_batch(examples: list[Encoded], row: list[int], max_tokens: int, positions: Positions = counted) -> Batch:

@@ -39,7 +39,8 @@ from common.data import (
     sample_positions,
 )
 from common.errors import DataError
-from common.templates import IGNORE, ExampleTooLong, get_template
+from common.pairs import pair_conversations, pair_problems
+from common.templates import IGNORE, Encoded, ExampleTooLong, get_template
 from common.training.sources import Chunk, SourcePlan, content_hash_of, plan_sources, resolve_files
 
 # Bump when the stored columns, or the ids a tokenizer gives the same text, change. 2: ChatGLM-6B splits its
@@ -59,11 +60,16 @@ class EncodeSpec:
     max_target_length: int
     train_on_history: bool
     trust_remote_code: bool = False
+    # preference pairs (--stage dpo): records with chosen and rejected answers, stored as one example whose
+    # first `chosen_tokens` tokens are the chosen sequence and the rest the rejected one (common/pairs.py)
+    pairs: bool = False
 
     def key(self, content_hash: str) -> str:
         parts = {"version": PIPELINE_VERSION, "data": content_hash, "tokenizer": tokenizer_digest(self.tokenizer_path),
                  "template": self.template, "max_source_length": self.max_source_length,
                  "max_target_length": self.max_target_length, "train_on_history": self.train_on_history}
+        if self.pairs:
+            parts["pairs"] = True
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -85,6 +91,26 @@ def _problem_dict(p: Problem, file: int) -> dict:
     return {"file": file, **asdict(p)}
 
 
+def _supervised(labels: list[int]) -> int:
+    """Tokens whose next token is learned (the label of position 0 predicts nothing)."""
+    return len(labels) - 1 - labels.count(IGNORE) + (labels[0] == IGNORE)
+
+
+def encode_record(record: dict, tok, template, spec: EncodeSpec):
+    """(example, conversation it stores) of a valid record; a pair is its chosen sequence then its rejected one,
+    with `meta["chosen_tokens"]` where they meet."""
+    limits = (spec.max_source_length, spec.max_target_length, spec.train_on_history)
+    if not spec.pairs:
+        conv = record_to_conversation(record)
+        return template.encode(tok, conv, *limits), conv
+    chosen, rejected = pair_conversations(record)
+    a, b = template.encode(tok, chosen, *limits), template.encode(tok, rejected, *limits)
+    pair = Encoded(a.input_ids + b.input_ids, a.labels + b.labels, dropped_rounds=max(a.dropped_rounds, b.dropped_rounds),
+                   answer_truncated=a.answer_truncated or b.answer_truncated,
+                   meta={"chosen_tokens": len(a.input_ids), "targets": _supervised(a.labels) + _supervised(b.labels)})
+    return pair, chosen
+
+
 def encode_chunk(chunk: Chunk, tok, template_name: str, spec: EncodeSpec, out_dir: str | None) -> dict:
     """Check, convert and tokenize one chunk; write its examples to `out_dir`; return its summary."""
     import pyarrow as pa
@@ -94,15 +120,16 @@ def encode_chunk(chunk: Chunk, tok, template_name: str, spec: EncodeSpec, out_di
 
     t0 = time.time()
     template = get_template(template_name) if tok is not None else None
+    check = pair_problems if spec.pairs else check_record
     cols: dict[str, list] = {name: [] for name in ("id", "input_ids", "labels", "num_tokens", "num_targets",
                                                     "multi_turn", "dropped_rounds", "answer_truncated",
-                                                    "conversation")}
+                                                    "conversation", "chosen_tokens")}
     problems: list[dict] = []
     reasons: dict[str, int] = {}
     n_problems = n_invalid = n_too_long = 0
     too_long: list[int] = []
     for item in read_chunk(chunk):
-        found = [item.problem] if item.problem else check_record(item.index, item.record)
+        found = [item.problem] if item.problem else check(item.index, item.record)
         if found:
             n_invalid += 1
             for p in found:
@@ -114,9 +141,8 @@ def encode_chunk(chunk: Chunk, tok, template_name: str, spec: EncodeSpec, out_di
             continue
         if template is None:
             continue
-        conv = record_to_conversation(item.record)
         try:
-            enc = template.encode(tok, conv, spec.max_source_length, spec.max_target_length, spec.train_on_history)
+            enc, conv = encode_record(item.record, tok, template, spec)
         except ExampleTooLong:
             n_too_long += 1
             if len(too_long) < 10:
@@ -126,7 +152,8 @@ def encode_chunk(chunk: Chunk, tok, template_name: str, spec: EncodeSpec, out_di
         cols["input_ids"].append(enc.input_ids)
         cols["labels"].append(enc.labels)
         cols["num_tokens"].append(len(enc.input_ids))
-        cols["num_targets"].append(len(enc.labels) - 1 - enc.labels.count(IGNORE) + (enc.labels[0] == IGNORE))
+        cols["num_targets"].append(enc.meta["targets"] if "targets" in enc.meta else _supervised(enc.labels))
+        cols["chosen_tokens"].append(enc.meta.get("chosen_tokens", 0))
         cols["multi_turn"].append(bool(conv.history))
         cols["dropped_rounds"].append(enc.dropped_rounds)
         cols["answer_truncated"].append(enc.answer_truncated)
@@ -140,7 +167,8 @@ def encode_chunk(chunk: Chunk, tok, template_name: str, spec: EncodeSpec, out_di
             "multi_turn": pa.array(cols["multi_turn"], pa.bool_()),
             "dropped_rounds": pa.array(cols["dropped_rounds"], pa.int16()),
             "answer_truncated": pa.array(cols["answer_truncated"], pa.bool_()),
-            "conversation": pa.array(cols["conversation"], pa.string())})
+            "conversation": pa.array(cols["conversation"], pa.string()),
+            **({"chosen_tokens": pa.array(cols["chosen_tokens"], pa.int32())} if spec.pairs else {})})
         final = Path(out_dir) / part_name(chunk.number)
         tmp = final.with_suffix(f".tmp{os.getpid()}")
         pq.write_table(table, tmp, compression="zstd")
@@ -341,6 +369,8 @@ def write_subset(ts: TokenizedSet, ids: np.ndarray, label: str) -> str:
     out = ts.path / f"{label}-{digest}.parquet"
     if not out.is_file():
         cols = ["id", "input_ids", "labels", "num_tokens", "num_targets", "conversation"]
+        if ts.manifest.get("spec", {}).get("pairs"):
+            cols.append("chosen_tokens")
         tmp = out.with_suffix(f".tmp{os.getpid()}")
         pq.write_table(ts.read_columns(cols, ids), tmp, compression="zstd")
         tmp.replace(out)

@@ -16,18 +16,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from common.config import FinetuneConfig
 from common.data import Conversation
 from common.generation import generate_replies, generations_table
 from common.metrics import SCORES, average, score
-from common.templates import IGNORE
 from common.tool_eval import reference_text, scored_texts
-from common.training.attention import rows_mask, use_varlen, varlen_available
 from common.training.compiling import compile_layers, eager, recompute_lora_dropout, wants_compile
 from common.training.epochs import (
     BatchReader,
@@ -38,7 +34,13 @@ from common.training.epochs import (
     steps_in,
 )
 from common.training.memory import expandable_segments, loss_chunk_for
+from common.training.objectives import training_loss
 from common.training.packing import Batch, Positions, counted
+from common.training.sft import (  # noqa: F401 - the benchmark and tests import the SFT loss from here too
+    CausalLMLoss,
+    batch_loss_sum,
+    chunked_cross_entropy_sum,
+)
 
 LORA_TARGETS = {
     "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
@@ -152,95 +154,6 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
 
 # -- one step --------------------------------------------------------------------------------------------
 
-
-
-def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
-
-def chunked_cross_entropy_sum(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-                              chunk: int = 2048) -> torch.Tensor:
-    """Sum of cross-entropies of `head(hidden)` against `targets`, a slice of positions at a time.
-
-    Each slice's logits are recomputed in backward instead of kept: the vocabulary is 65k wide, so fp32
-    logits for a whole packed batch would be the largest tensor of the step (8k supervised tokens: 2 GiB,
-    twice with their gradient)."""
-    from torch.utils.checkpoint import checkpoint
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], chunk):
-        h, t = hidden[i:i + chunk], targets[i:i + chunk]
-        if torch.is_grad_enabled() and h.requires_grad:
-            total = total + checkpoint(_chunk_loss, head, h, t, use_reentrant=False)
-        else:
-            total = total + _chunk_loss(head, h, t)
-    return total
-
-
-class CausalLMLoss(torch.nn.Module):
-    """The training objective as a module: summed next-token loss of a micro-batch.
-
-    It runs the decoder, keeps only supervised positions, and applies the vocabulary projection slice
-    by slice. Being a module lets DDP wrap it (DDP only syncs gradients for work done through its own
-    forward)."""
-
-    def __init__(self, model, autocast_dtype: torch.dtype | None, *, varlen: bool = True,
-                 loss_chunk: int | None = None, build_masks: bool = False):
-        super().__init__()
-        self.model = model
-        self.autocast_dtype = autocast_dtype
-        # positions per slice of the loss (memory.loss_chunk_for the model's vocabulary when None); 0: the whole
-        # batch's logits at once (the benchmark's lever)
-        self.loss_chunk = loss_chunk_for(model.config) if loss_chunk is None else loss_chunk
-        # varlen=False: packed rows use SDPA with a block-diagonal mask (the benchmark's lever)
-        self.varlen = varlen and varlen_available(next(model.parameters()).device, autocast_dtype)
-        # build_masks=True: transformers still builds its packed-row mask (unused on the varlen path; the
-        # benchmark's lever)
-        self.build_masks = build_masks
-        if self.varlen:
-            use_varlen(model)
-
-    def forward(self, input_ids, targets, position_ids=None, attention_mask=None, cu_seqlens=None,
-                max_seqlen: int = 0, supervised: torch.Tensor | None = None,
-                prefix_lens: torch.Tensor | None = None) -> torch.Tensor:
-        """`supervised`: flat indices of the positions whose targets count (Batch.supervised); without
-        them they are found with a boolean mask, which waits for the GPU mid-step. `prefix_lens`: packed
-        ChatGLM-6B rows, whose model builds its own prefix masks from them and the boundaries."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        else:
-            kwargs["position_ids"] = position_ids
-        device = input_ids.device
-        if prefix_lens is not None:
-            kwargs.update(cu_seq_lens_q=cu_seqlens, prefix_lens=prefix_lens)
-        elif self.varlen and cu_seqlens is not None and attention_mask is None:
-            kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
-                          max_length_k=max_seqlen)
-            if not self.build_masks:
-                kwargs["attention_mask"] = rows_mask(device)
-        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            hidden = base.get_decoder()(**kwargs).last_hidden_state
-            if supervised is not None:
-                hidden = hidden.flatten(0, 1).index_select(0, supervised)
-                targets = targets.flatten().index_select(0, supervised)
-            else:
-                keep = targets != IGNORE
-                hidden, targets = hidden[keep], targets[keep]
-            head = base.get_output_embeddings()
-            if self.loss_chunk <= 0:
-                return _chunk_loss(head, hidden, targets)
-            return chunked_cross_entropy_sum(head, hidden, targets, self.loss_chunk)
-
-
-def batch_loss_sum(loss_fn: CausalLMLoss | torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Sum of next-token losses over the supervised positions of one micro-batch."""
-    return loss_fn(batch.input_ids, batch.targets, position_ids=batch.position_ids,
-                   attention_mask=batch.attention_mask, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
-                   supervised=batch.supervised, prefix_lens=batch.prefix_lens)
-
-
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, *,
                    fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW; on CUDA the fused kernel (one launch for all LoRA tensors, step counters on the device) instead
@@ -260,31 +173,41 @@ def train_step(loss_fn, optimizer, scheduler, micro_batches: list[Batch], global
     the world-size factor). `loss_weight=0` runs a pass that contributes nothing: a worker with no
     micro-batch in an epoch's short last step still has to join DDP's gradient all-reduce.
 
-    Returns the summed loss and the gradient norm as tensors on the device: reading them waits for the whole
-    step, so the caller reads them after it has queued what comes next (the next step's batches)."""
+    `global_targets` counts the loss's units: supervised tokens, or preference pairs (their loss is a mean per pair).
+
+    Returns the summed loss, the gradient norm and the stage's summed statistics (`sums`: a tensor of
+    `num_stats`, empty for SFT) as tensors on the device: reading them waits for the whole step, so the caller reads
+    them after it has queued what comes next (the next step's batches)."""
     loss_fn.train()
-    total = torch.zeros((), dtype=torch.float64, device=micro_batches[0].input_ids.device)
+    device = micro_batches[0].input_ids.device
+    total = torch.zeros((), dtype=torch.float64, device=device)
     scale = world_size / max(global_targets, 1) * loss_weight
     for mb in micro_batches:
         loss_sum = batch_loss_sum(loss_fn, mb)
         (loss_sum * scale).backward()
         total += loss_sum.detach() * loss_weight
+    stage = getattr(loss_fn, "module", loss_fn)  # under DDP, the loss module itself
+    sums = stage.pop_sums()
+    sums = torch.zeros(stage.num_stats, dtype=torch.float64, device=device) if sums is None else sums * loss_weight
     params = [p for p in loss_fn.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss_sum": total, "grad_norm": grad_norm}
+    return {"loss_sum": total, "grad_norm": grad_norm, "sums": sums}
 
 
 @torch.no_grad()
-def evaluate(loss_fn: CausalLMLoss, batches: list[Batch], device) -> tuple[float, int]:
+def evaluate(loss_fn: CausalLMLoss, batches: list[Batch], device) -> tuple[float, int, torch.Tensor]:
+    """(summed loss, its units: supervised tokens or pairs, the stage's summed statistics) over `batches`."""
     loss_fn.eval()
     loss, n = 0.0, 0
+    loss_fn.pop_sums()
     for b in batches:
         loss += batch_loss_sum(loss_fn, b.to(device)).item()
-        n += b.num_targets
-    return loss, n
+        n += b.num_targets if loss_fn.units == "tokens" else b.num_sequences // 2
+    sums = loss_fn.pop_sums()
+    return loss, n, torch.zeros(loss_fn.num_stats, dtype=torch.float64) if sums is None else sums.cpu()
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
@@ -465,7 +388,10 @@ def _train(config: dict) -> dict:
             state = load_checkpoint(Path(config["resume_from"]), model, optimizer, scheduler, device)
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch * per_step})")
 
-    loss_fn = CausalLMLoss(model, autocast_dtype)
+    loss_fn = training_loss(cfg, model, autocast_dtype)
+    if loss_fn.units == "pairs":
+        log(f"preference loss: {loss_fn.settings.loss} (beta {loss_fn.settings.beta:g}); reference policy: "
+            + ("the base model with the adapter off" if loss_fn.settings.needs_reference else "none needed"))
     ddp = ray.train.torch.prepare_model(loss_fn, move_to_device=False) if world > 1 else loss_fn
     unwrapped = model
     metadata = dict(config["metadata"])
@@ -496,22 +422,23 @@ def _train(config: dict) -> dict:
 
     def eval_and_checkpoint(final: bool) -> None:
         # The unwrapped model: DDP would sync buffers on every forward, and ranks may hold unequal eval shares.
-        loss, n = evaluate(loss_fn, eval_batches, device)
-        sums = torch.tensor([loss, n], dtype=torch.float64, device=device)
+        loss, n, stats = evaluate(loss_fn, eval_batches, device)
+        sums = torch.cat([torch.tensor([loss, n], dtype=torch.float64), stats]).to(device)
         if world > 1:
             torch.distributed.all_reduce(sums)
-        eval_loss = float(sums[0] / max(sums[1], 1))
-        ppl = math.exp(min(eval_loss, 50))
+        measured = loss_fn.eval_metrics(float(sums[0]), float(sums[1]), sums[2:])  # eval_loss first
+        eval_loss = measured.pop("eval_loss")
         scores, reply = eval_generation()
+        scores = {**measured, **scores}  # perplexity, or the preference rewards; then the replies' scores
         state.best_eval_loss = eval_loss if state.best_eval_loss is None else min(state.best_eval_loss, eval_loss)
         state.history.append({"step": state.step, "eval_loss": eval_loss, "sample": reply, **scores})
-        shown = "".join(f" | {k.removeprefix('eval_')} {scores[k]:.1f}" for k in
-                        ("eval_bleu-4_chars", "eval_rouge-l_jieba") if k in scores)
-        log(f"eval   step {state.step}/{total_steps} | eval_loss {eval_loss:.4f} | ppl {ppl:.2f}{shown} | "
-            f"sample: {reply[:80]!r}")
-        tracker.log_metrics({"eval_loss": eval_loss, "perplexity": ppl, **scores}, state.step)
-        metrics = {"eval_loss": eval_loss, "perplexity": ppl, **scores, "step": state.step, "epoch": state.epoch,
-                   "final": final}
+        shown = "".join(f" | {label} {scores[k]:.{digits}f}" for k, label, digits in
+                        (("perplexity", "ppl", 2), ("eval_rewards_accuracy", "reward accuracy", 3),
+                         ("eval_rewards_margins", "margin", 3), ("eval_bleu-4_chars", "bleu-4_chars", 1),
+                         ("eval_rouge-l_jieba", "rouge-l_jieba", 1)) if k in scores)
+        log(f"eval   step {state.step}/{total_steps} | eval_loss {eval_loss:.4f}{shown} | sample: {reply[:80]!r}")
+        tracker.log_metrics({"eval_loss": eval_loss, **scores}, state.step)
+        metrics = {"eval_loss": eval_loss, **scores, "step": state.step, "epoch": state.epoch, "final": final}
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
@@ -527,6 +454,7 @@ def _train(config: dict) -> dict:
     tokens_seen = 0
     steady_tokens, steady_seconds = 0, 0.0  # training steps only, after two warm-up steps: the throughput figure
     window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.time()
+    window_stats = torch.zeros(loss_fn.num_stats, dtype=torch.float64)
     while state.step < total_steps:
         plan = plan_for(state.epoch)
         reader = BatchReader(train_src, plan, pad_id=pad_id, positions=positions, **batch_kw)
@@ -556,9 +484,11 @@ def _train(config: dict) -> dict:
                 ahead = load(state.step_in_epoch)
             step_tokens = int(plan.tokens[group.start:group.stop].sum())
             tokens_seen += step_tokens
-            loss_sum = out["loss_sum"].reshape(1)
+            reduced = torch.cat([out["loss_sum"].reshape(1), out["sums"]])  # one all-reduce for both
             if world > 1:
-                torch.distributed.all_reduce(loss_sum)
+                torch.distributed.all_reduce(reduced)
+            reduced = reduced.cpu()
+            loss_sum, stats = reduced[0], reduced[1:]
             step_loss = float(loss_sum) / max(global_targets, 1)
             if state.step - start_step > 2:
                 steady_tokens += step_tokens
@@ -566,18 +496,24 @@ def _train(config: dict) -> dict:
             window_loss += float(loss_sum)
             window_targets += global_targets
             window_tokens += step_tokens
+            window_stats += stats
             lr = scheduler.get_last_lr()[0]
             grad_norm = float(out["grad_norm"])
-            tracker.log_metrics({"loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm}, state.step)
+            tracker.log_metrics({"loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm,
+                                 **loss_fn.train_metrics(stats, global_targets)}, state.step)
             if state.step % cfg.logging_steps == 0 or state.step == total_steps:
                 dt = time.time() - window_t0
                 tps = window_tokens / max(dt, 1e-9)
                 eta = (time.time() - t_start) / max(state.step - start_step, 1) * (total_steps - state.step)
+                rewards = loss_fn.train_metrics(window_stats, window_targets)
+                shown = (f" | reward accuracy {rewards['rewards/accuracies']:.2f} | margin "
+                         f"{rewards['rewards/margins']:.3f}") if rewards else ""
                 log(f"train  {_bar(state.step / total_steps)} step {state.step}/{total_steps} | "
-                    f"loss {window_loss / max(window_targets, 1):.4f} | lr {lr:.2e} | "
+                    f"loss {window_loss / max(window_targets, 1):.4f}{shown} | lr {lr:.2e} | "
                     f"grad {grad_norm:.2f} | {tps:,.0f} tok/s | eta {_fmt_time(eta)}", flush=True)
                 tracker.log_metrics({"tokens_per_second": tps}, state.step)
                 window_loss, window_targets, window_tokens, window_t0 = 0.0, 0, 0, time.time()
+                window_stats.zero_()
             hook = _test_hooks(state.step, rank)
             if state.step % cfg.eval_steps == 0 or state.step == total_steps or hook == "stop":
                 eval_and_checkpoint(final=state.step == total_steps)
