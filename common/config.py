@@ -290,6 +290,10 @@ class FinetuneConfig:
     pref_beta: float | None = opt(None, "--stage dpo: beta of sigmoid, ipo and simpo (default 0.1; simpo 2.0)")
     simpo_margin: float = opt(1.0, "--pref_loss simpo: the target reward margin gamma")
     orpo_weight: float = opt(0.1, "--pref_loss orpo: lambda, the weight of the odds-ratio term")
+    init_adapter: str | None = opt(None, "start from a trained adapter (usually an SFT run's): runs:/<run id>, "
+                                   "models:/<name>/<version> or models:/<name>@<alias> (an adapter-only version), or "
+                                   "an adapter folder; its LoRA settings replace --lora_*. With --stage dpo it is "
+                                   "also the reference policy (sigmoid, ipo)")
     # training
     num_train_epochs: float = opt(3.0, "passes over the training data")
     max_steps: int = opt(-1, "stop after this many optimizer steps (-1: run all epochs)")

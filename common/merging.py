@@ -92,6 +92,26 @@ def find_adapter(cfg, uri: str) -> AdapterSource:
     return adapter_of_run(run_id, uri, origin)
 
 
+def adapter_from(spec: str, uri: str) -> AdapterSource:
+    """An adapter named as users name one: `runs:/<run id>` (its best adapter), `models:/<name>/<version>` or
+    `models:/<name>@<alias>` (an adapter-only registry version), or a folder. UserError when it is none of them."""
+    from common.registry import download_version, is_adapter_folder
+
+    if spec.startswith("runs:/"):
+        return adapter_of_run(spec.removeprefix("runs:/").strip("/"), uri, "run")
+    if spec.startswith("models:/"):
+        folder, name, version = download_version(spec, uri)
+        if not is_adapter_folder(folder):
+            raise UserError(f"{spec}: version {version} of {name} is a whole model, not an adapter; register the "
+                            "run with `jobs/merge.py --adapter_only`, or pass runs:/<run id>.")
+        return _read_adapter(folder, f"{name} version {version}", None)
+    folder = _adapter_folder(Path(spec).expanduser())
+    if folder is None:
+        raise UserError(f"{spec}: no adapter_config.json there (or in adapter/, adapter_model/); pass an adapter "
+                        "folder, runs:/<run id> or models:/<name>/<version>.")
+    return _read_adapter(folder, "adapter folder", None)
+
+
 def adapter_of_run(run_id: str, uri: str, origin: str = "run", dst: Path | None = None) -> AdapterSource:
     """A run's best adapter: its best checkpoint's folder when this machine has it, else the run's `adapter`
     artifact downloaded (into `dst`, or a temporary folder). UserError for an unknown run or one without."""

@@ -316,6 +316,27 @@ def start_mlflow_run(cfg: FinetuneConfig, uri: str, run_name: str, tags: dict, r
     return rid
 
 
+def start_from_adapter(cfg: FinetuneConfig, info: ModelInfo) -> FinetuneConfig:
+    """--init_adapter resolved to a local folder (workers load it from there), checked against the base, its LoRA
+    settings taking the place of --lora_*."""
+    from common.merging import adapter_from
+
+    source = adapter_from(cfg.init_adapter, default_tracking_uri(cfg.mlflow_tracking_uri))
+    trained_on = str(source.metadata.get("base_model", ""))
+    same = trained_on == info.name or (Path(trained_on).is_dir() and Path(info.path).is_dir()
+                                       and Path(trained_on).resolve() == Path(info.path).resolve())
+    if not same:
+        raise UserError(f"--init_adapter {cfg.init_adapter}: trained on {trained_on or 'an unknown base'}, not on "
+                        f"--base_model {cfg.base_model}. Pass the base it was trained on.")
+    lora = json.loads((source.path / "adapter_config.json").read_text(encoding="utf-8"))
+    targets = lora["target_modules"] if isinstance(lora["target_modules"], str) else sorted(lora["target_modules"])
+    print(f"starting from the adapter {source.describe()}: LoRA r={lora['r']}, alpha {lora['lora_alpha']}, "
+          f"targets {targets}" + (" (also the reference policy)" if cfg.stage == "dpo" else ""))
+    return dataclasses.replace(cfg, init_adapter=str(source.path.resolve()), lora_r=int(lora["r"]),
+                               lora_alpha=float(lora["lora_alpha"]),
+                               lora_target=[targets] if isinstance(targets, str) else list(targets))
+
+
 def data_name(path: str) -> str:
     first = path.split(",")[0]
     return Path(first).name if Path(first).exists() else first
@@ -327,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     print_data_report(cfg, data)
     auto: list[str] = []
     resume_meta = read_checkpoint_metadata(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else {}
+    given_init = cfg.init_adapter
+    if cfg.init_adapter and data.info is not None:
+        cfg = start_from_adapter(cfg, data.info)
     if data.info is not None:
         resumed = resume_meta.get("batching") or {}
         # The card only matters for batching left to choose (a resumed run keeps its checkpoint's).
@@ -367,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                 "mlflow_run_id": run_id, "ray_run_name": run_name,
                 "lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                          "target": cfg.lora_target},
-                "batching": {name: getattr(cfg, name) for name in BATCHING}, "stage": cfg.stage}
+                "batching": {name: getattr(cfg, name) for name in BATCHING}, "stage": cfg.stage,
+                "init_adapter": given_init}
     if cfg.stage == "dpo":
         metadata["preference"] = asdict(preference_settings(cfg))
     # The held-out conversations replied to at every eval travel with every checkpoint too: the merge job

@@ -399,13 +399,18 @@ def test_batching_follows_the_card_and_a_resumed_run_keeps_the_checkpoints(tiny_
 
 # -- preference tuning (--stage dpo) -------------------------------------------------------------------------
 
+def dpo(env, run_name: str, sft_run_id: str, *extra: str):
+    """DPO (the sigmoid loss) on the bundled pairs, starting from the SFT run's adapter, which is also the
+    reference; 2 workers, 4-bit."""
+    return finetune(env, run_name, "--stage", "dpo", "--data_path", str(ROOT / "data/preference.json"),
+                    "--init_adapter", f"runs:/{sft_run_id}", "--eval_ratio", "0.1", "--learning_rate", "5e-3",
+                    "--max_tokens_per_batch", "512", *extra, experiment="ft-dpo")
+
+
 @pytest.fixture(scope="module")
-def dpo_run(env):
-    """DPO (the sigmoid loss, reference = adapter off) on the bundled pairs, 2 workers, 4-bit: every checkpoint
-    kept, so one of them can be resumed from."""
-    proc = finetune(env, "dpo", "--stage", "dpo", "--data_path", str(ROOT / "data/preference.json"),
-                    "--eval_ratio", "0.1", "--learning_rate", "5e-3", "--max_tokens_per_batch", "512",
-                    "--best_metric", "eval_rewards_accuracy", "--save_total_limit", "5", experiment="ft-dpo")
+def dpo_run(env, uninterrupted):
+    """Every checkpoint kept, so one of them can be resumed from."""
+    proc = dpo(env, "dpo", uninterrupted[1], "--best_metric", "eval_rewards_accuracy", "--save_total_limit", "5")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, run_id_of(proc)
 
@@ -427,19 +432,19 @@ def test_dpo_learns_the_bundled_preferences_and_logs_its_rewards(env, dpo_run):
     # held-out pairs (24 of them): the chosen answers win, by a positive margin
     assert accuracy[-1][1] >= 0.9 and margins[-1][1] > 0, (accuracy, margins)
     losses = [v for _, v in sorted(history(uri, run_id, "loss"))]
-    assert losses[0] == pytest.approx(math.log(2), abs=0.02)  # the adapter starts at zero: policy = reference
+    assert losses[0] == pytest.approx(math.log(2), abs=0.02)  # policy = reference at the start
+    assert "starting from the adapter" in proc.stdout and "(also the reference policy)" in proc.stdout
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
     assert "reward accuracy" in proc.stdout and "best reward acc.:" in proc.stdout
     meta = json.loads(next((env["root"] / "runs" / "dpo").glob("checkpoint-*/adapter/glmops.json")).read_text())
     assert meta["stage"] == "dpo" and meta["preference"]["loss"] == "sigmoid"
+    assert meta["init_adapter"].startswith("runs:/") and meta["lora"]["r"] == 8
 
 
-def test_a_resumed_dpo_run_reproduces_the_losses(env, dpo_run):
+def test_a_resumed_dpo_run_reproduces_the_losses(env, uninterrupted, dpo_run):
     first, run_id = dpo_run
     ckpt = env["root"] / "runs" / "dpo" / "checkpoint-000012"
-    resumed = finetune(env, "dpo-resumed", "--stage", "dpo", "--data_path", str(ROOT / "data/preference.json"),
-                       "--eval_ratio", "0.1", "--learning_rate", "5e-3", "--max_tokens_per_batch", "512",
-                       "--resume_from_checkpoint", str(ckpt), experiment="ft-dpo")
+    resumed = dpo(env, "dpo-resumed", uninterrupted[1], "--resume_from_checkpoint", str(ckpt))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
     assert "resumed at step 12" in resumed.stdout and run_id_of(resumed) == run_id
     before, again = progress(first.stdout, after=12), progress(resumed.stdout)  # loss, reward accuracy, margin

@@ -211,3 +211,44 @@ def test_both_record_shapes_reach_the_cache_as_chosen_then_rejected(tmp_path, ti
         for (ids, labels), answer in zip(got, (chosen, rejected)):
             want = template.encode(tok, Conversation(prompt.history, prompt.query, answer, prompt.system), 64, 64)
             assert ids.tolist() == want.input_ids and labels.tolist() == want.labels
+
+
+def test_a_run_started_from_an_adapter_keeps_a_frozen_copy_of_it_as_the_reference(tiny_model, pairs, tmp_path):
+    from transformers import get_scheduler
+
+    from common.config import FinetuneConfig, load_config
+    from common.training.worker import build_model, make_optimizer, train_step
+
+    sft, _, _ = _lora_model(tiny_model)
+    _trained_a_little(sft)
+    sft.save_pretrained(tmp_path / "sft")
+    cfg = load_config(FinetuneConfig, ["--base_model", str(tiny_model), "--bits", "16", "--stage", "dpo",
+                                       "--init_adapter", str(tmp_path / "sft"), "--gradient_checkpointing", "false"],
+                      "t", "t")
+    model, _, _ = build_model(cfg, torch.device("cpu"))
+    batch = all_batches(InMemoryExamples(pairs), epoch=0, seed=0, packing=True, max_tokens=4096, batch_size=1,
+                        pad_id=0)[0]
+    loss = PreferenceLoss(model, None, PreferenceSettings("sigmoid", 0.1))
+    fields = dict(position_ids=batch.position_ids, supervised=batch.supervised, cu_seqlens=batch.cu_seqlens,
+                  max_seqlen=batch.max_seqlen)
+
+    def both():
+        with torch.no_grad():
+            ref = loss.reference_logps(batch.input_ids, batch.targets, batch.sequence_of, batch.num_sequences, **fields)
+            now = loss.sequence_logps(batch.input_ids, batch.targets, batch.sequence_of, batch.num_sequences, **fields)
+        return ref, now[0]
+
+    with torch.no_grad():
+        expected = PreferenceLoss(sft, None, PreferenceSettings("simpo")).sequence_logps(
+            batch.input_ids, batch.targets, batch.sequence_of, batch.num_sequences, **fields)[0]
+    ref, now = both()
+    torch.testing.assert_close(ref, expected, rtol=1e-5, atol=1e-5)  # the SFT model, not the base
+    torch.testing.assert_close(now, expected, rtol=1e-5, atol=1e-5)  # and the policy starts there
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(".default." in n for n, p in model.named_parameters() if p.requires_grad)
+    opt = make_optimizer(trainable, 1e-2, 0.0)
+    out = train_step(loss, opt, get_scheduler("constant", opt), [batch], batch.num_sequences // 2, 1, 1.0)
+    assert float(out["loss_sum"]) / (batch.num_sequences // 2) == pytest.approx(math.log(2), abs=1e-4)
+    ref_after, now_after = both()
+    assert torch.equal(ref_after, ref) and not torch.allclose(now_after, now, atol=1e-4)  # only the policy moved
+    assert [p for p in model.parameters() if p.requires_grad] == trainable  # still the same (and only those)

@@ -5,12 +5,14 @@ epochs.py keeps them together), packed padding-free like SFT rows. One forward g
 log-probability of its supervised tokens (the answer); the losses compare them per pair.
 
 The reference policy costs no second model: with LoRA it is the same base with the adapter switched off
-(`disable_adapter()`), run without gradients in the same step. SimPO and ORPO need no reference at all.
+(`disable_adapter()`), run without gradients in the same step; a run that starts from an SFT adapter
+(`--init_adapter`) keeps a frozen copy of it as the reference instead. SimPO and ORPO need no reference at all.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from common.training.sft import CausalLMLoss
 
 LOSSES = ("sigmoid", "ipo", "simpo", "orpo")
+REFERENCE_ADAPTER = "reference"  # the frozen starting adapter of an --init_adapter run
 NEEDS_REFERENCE = {"sigmoid", "ipo"}
 DEFAULT_BETA = {"sigmoid": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
 
@@ -76,6 +79,23 @@ def pair_losses(s: PreferenceSettings, chosen: torch.Tensor, rejected: torch.Ten
     raise ValueError(f"unknown preference loss {s.loss!r}; one of {', '.join(LOSSES)}")
 
 
+@contextmanager
+def reference_policy(model):
+    """The model as the reference policy inside the block."""
+    if REFERENCE_ADAPTER not in getattr(model, "peft_config", {}):
+        with model.disable_adapter():
+            yield
+        return
+    active = model.active_adapter
+    # set_adapter makes the active adapter trainable unless inference_mode: the frozen copy stays frozen, and
+    # switching back makes the trained adapter trainable again (and only it)
+    model.base_model.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.base_model.set_adapter(active)
+
+
 def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
@@ -119,8 +139,9 @@ class PreferenceLoss(CausalLMLoss):
         return sums, counts
 
     def reference_logps(self, input_ids, targets, sequence_of, num_sequences, **batch) -> torch.Tensor:
-        """The reference policy's: the base model, adapter off, no gradients."""
-        with torch.no_grad(), self.model.disable_adapter():
+        """The reference policy's (no gradients): the adapter the run started from, else the base with the adapter
+        off."""
+        with torch.no_grad(), reference_policy(self.model):
             return self.sequence_logps(input_ids, targets, sequence_of, num_sequences, **batch)[0]
 
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None, cu_seqlens=None,

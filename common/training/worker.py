@@ -36,6 +36,7 @@ from common.training.epochs import (
 from common.training.memory import expandable_segments, loss_chunk_for
 from common.training.objectives import training_loss
 from common.training.packing import Batch, Positions, counted
+from common.training.preference import REFERENCE_ADAPTER
 from common.training.sft import (  # noqa: F401 - the benchmark and tests import the SFT loss from here too
     CausalLMLoss,
     batch_loss_sum,
@@ -135,9 +136,16 @@ def build_model(cfg: FinetuneConfig, device: torch.device):
         plan += ("; LoRA's dropout drawn again in backward (less memory)" if layer.dropout_recomputed
                  else "; LoRA's dropout kept for backward (room enough)")
     apply_checkpointing(model, n_ckpt)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_targets(cfg, info.family), task_type="CAUSAL_LM", bias="none")
-    model = get_peft_model(model, lora)
+    if cfg.init_adapter:  # an earlier run's adapter to continue from (the driver checked it fits this base)
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, cfg.init_adapter, is_trainable=True)
+        if cfg.stage == "dpo":  # the preference losses that need one compare with it (training.preference)
+            model.load_adapter(cfg.init_adapter, adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+    else:
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=lora_targets(cfg, info.family), task_type="CAUSAL_LM", bias="none")
+        model = get_peft_model(model, lora)
     if dtype != torch.float32:
         # Keep the trainable LoRA weights in fp32 for stable AdamW updates; compute runs in `dtype`.
         for p in model.parameters():
