@@ -451,3 +451,18 @@ def test_a_resumed_dpo_run_reproduces_the_losses(env, uninterrupted, dpo_run):
     assert sorted(again) == [15, 18, 21, 24] and sorted(before) == sorted(again)
     for step, values in again.items():
         assert len(values) == 3 and values == pytest.approx(before[step], abs=2e-3), step
+
+
+def test_the_merged_dpo_model_is_registered_with_its_stage(env, dpo_run, tmp_path):
+    from mlflow import MlflowClient
+
+    _, run_id = dpo_run
+    out = tmp_path / "merged"
+    proc = run_job("jobs/merge.py", "--mlflow_tracking_uri", env["server"].uri, "--run_id", run_id,
+                   "--registered_model", "tiny-dpo", "--output_dir", str(out), "--dtype", "fp32", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    version = MlflowClient(env["server"].uri).get_model_version_by_alias("tiny-dpo", "champion")
+    assert version.tags["glmops.stage"] == "dpo" and version.tags["training_run_id"] == run_id
+    lineage = json.loads((out / "glmops.json").read_text())["lineage"]
+    assert lineage["stage"] == "dpo" and lineage["preference"]["loss"] == "sigmoid"
+    assert not (next((env["root"] / "runs" / "dpo").glob("checkpoint-*/adapter")) / "reference").exists()

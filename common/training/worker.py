@@ -230,7 +230,7 @@ class TrainState:
 
 
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: TrainState, metadata: dict) -> None:
-    model.save_pretrained(folder / "adapter")
+    model.save_pretrained(folder / "adapter", selected_adapters=["default"])  # not --init_adapter's frozen copy
     torch.save(optimizer.state_dict(), folder / "optimizer.pt")
     torch.save(scheduler.state_dict(), folder / "scheduler.pt")
     (folder / "trainer_state.json").write_text(json.dumps(state.__dict__, indent=1))
