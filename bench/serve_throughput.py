@@ -4,9 +4,14 @@
     python bench/serve_throughput.py --model models/tiny-chatglm2 --device cpu --streams 1,8       # CPU
 
 Side by side in one run: the engine (`engine=batch`, the default) and the old per-request path
-(`engine=per_request`). Every request generates exactly --tokens tokens (`min_tokens`), greedy; two
-workloads: short (64-token prompts, 128 new tokens) and chat (512-token prompts, 256 new tokens), at each
-of --streams concurrent streams; long (2,000-token prompts, 48 new tokens: time to first token) at 1 and 8.
+(`engine=per_request`); `batch_no_reuse` is the engine with `prefix_cache=false` (KV reuse between turns off).
+Every request generates exactly its tokens (`min_tokens`), greedy, and every stream's prompt is its own (a
+number in front: no two share a prefix). Workloads: short (64-token prompts, 128 new tokens) and chat (512-token
+prompts, 256 new tokens), at each of --streams concurrent streams; long (2,000-token prompts, 48 new tokens:
+time to first token) at 1 and 8; turns (--turns conversations at once, each of 5 turns that resend the whole
+history: a 300-token first prompt, 256-token replies, 250 new tokens per turn; TTFT per turn); mixed (Poisson
+arrivals at --mixed_rate requests/s for --mixed_seconds, prompts lognormal around 450 tokens, replies lognormal
+around 150: tokens/s, TPOT and TTFT at saturation).
 With no --model, a model of --family (ChatGLM2-6B, ChatGLM-6B, or GLM-4-9B in either format) with random weights is built on the GPU
 (bench/gpu_models.py). Prints a table; --out writes every row with the command, GPU
 and versions.
@@ -32,6 +37,9 @@ if __package__ in (None, ""):
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS = {"short": (64, 128), "chat": (512, 256), "long": (2000, 48)}  # long: TTFT at 2,000 tokens (ChatGLM-6B holds 2,048)
+TURNS = {"turns": 5, "first_prompt": 300, "reply": 256, "added": 250}  # the multi-turn workload
+MIXED = {"prompt_median": 450, "prompt_sigma": 0.6, "reply_median": 150, "reply_sigma": 0.6, "max_prompt": 3000,
+         "max_reply": 600}
 ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
        "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 
@@ -99,12 +107,15 @@ class Server:
         self.log.close()
 
 
-async def one_stream(client, url: str, content: str, tokens: int, model: str | None = None) -> dict:
-    body = {"messages": [{"role": "user", "content": content}], "max_tokens": tokens, "min_tokens": tokens,
+async def one_stream(client, url: str, content: str | list[dict], tokens: int, model: str | None = None) -> dict:
+    """One streamed request (`content`: the user's message, or the whole message list); its reply's text too."""
+    messages = [{"role": "user", "content": content}] if isinstance(content, str) else content
+    body = {"messages": messages, "max_tokens": tokens, "min_tokens": tokens,
             "temperature": 0, "stream": True, **({"model": model} if model else {})}
     t0 = time.perf_counter()
     first = last = None
     usage = {}
+    text = []
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             return {"status": r.status_code}
@@ -117,10 +128,11 @@ async def one_stream(client, url: str, content: str, tokens: int, model: str | N
             elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 last = time.perf_counter()
                 first = first or last
+                text.append(chunk["choices"][0]["delta"]["content"])
     end = time.perf_counter()
     n = usage.get("completion_tokens", 0)
     return {"status": 200, "ttft": (first or end) - t0, "seconds": end - t0, "tokens": n,
-            "prompt_tokens": usage.get("prompt_tokens", 0),
+            "prompt_tokens": usage.get("prompt_tokens", 0), "text": "".join(text),
             "tpot": ((last - first) / (n - 1)) if first and last and n > 1 else None}
 
 
@@ -139,6 +151,15 @@ def engine_histograms(url: str) -> dict[str, tuple[float, float]]:
             if f"{name}_count" in vals}
 
 
+def prefix_counters(url: str) -> dict[str, float]:
+    """The engine's KV-reuse counters so far (/metrics): lookups, hits, prompt tokens saved, evictions."""
+    import httpx
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {line.split()[0].removeprefix("glmops_prefix_cache_").removesuffix("_total"): float(line.split()[1])
+            for line in text.splitlines() if line.startswith("glmops_prefix_cache_") and "_total " in line}
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))] if s else float("nan")
@@ -154,8 +175,9 @@ async def measure(url: str, content: str, streams: int, tokens: int, models: lis
         for model in models:  # warm-up (and each adapter in its slot)
             await one_stream(client, url, content, 8, model)
         t0 = time.perf_counter()
-        results = await asyncio.gather(*(one_stream(client, url, content, tokens, models[i % len(models)])
-                                         for i in range(streams)))
+        # each stream its own prompt: a number in front, so that no two share a prefix
+        results = await asyncio.gather(*(one_stream(client, url, f"{i + 1}. {content}", tokens,
+                                                    models[i % len(models)]) for i in range(streams)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
     total = sum(r["tokens"] for r in ok)
@@ -167,6 +189,88 @@ async def measure(url: str, content: str, streams: int, tokens: int, models: lis
             "tpot_p50_ms": round(1000 * pct(tpots, 0.5), 2), "tpot_p95_ms": round(1000 * pct(tpots, 0.95), 2),
             "per_stream_tok_s": round(sum(r["tokens"] / r["seconds"] for r in ok) / max(len(ok), 1), 1),
             "aggregate_tok_s": round(total / wall, 1), "wall_s": round(wall, 2)}
+
+
+def _text(rng: random.Random, tokens: int) -> str:
+    """About `tokens` tokens of text (common characters, about one token each for the GLM tokenizers)."""
+    from bench.make_length_mix_data import CHARS
+
+    return "".join(rng.choice(CHARS) for _ in range(tokens))
+
+
+async def measure_turns(url: str, conversations: int, shape: dict = TURNS) -> dict:
+    """`conversations` chats at once, each taking `turns` turns; every turn resends the whole history (as chat
+    clients do) with the reply as the server streamed it. TTFT per turn: does turn 5 pay for the history again?"""
+    import httpx
+
+    rng = random.Random(7)
+    limits = httpx.Limits(max_connections=conversations + 8, max_keepalive_connections=conversations + 8)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
+        await one_stream(client, url, "warm-up", 8)
+
+        async def talk(c: int) -> list[dict]:
+            messages, turns = [], []
+            user = f"{c + 1}. " + _text(rng, shape["first_prompt"])
+            for _ in range(shape["turns"]):
+                messages.append({"role": "user", "content": user})
+                r = await one_stream(client, url, list(messages), shape["reply"])
+                turns.append(r)
+                messages.append({"role": "assistant", "content": r.get("text", "")})
+                user = _text(rng, shape["added"])
+            return turns
+
+        t0 = time.perf_counter()
+        talks = await asyncio.gather(*(talk(c) for c in range(conversations)))
+        wall = time.perf_counter() - t0
+    per_turn = []
+    for t in range(shape["turns"]):
+        ok = [talk[t] for talk in talks if talk[t]["status"] == 200]
+        per_turn.append({"turn": t + 1, "ok": len(ok), "prompt_tokens_p50": pct([r["prompt_tokens"] for r in ok], 0.5),
+                         "ttft_p50_s": round(pct([r["ttft"] for r in ok], 0.5), 3),
+                         "ttft_p95_s": round(pct([r["ttft"] for r in ok], 0.95), 3),
+                         "tpot_p50_ms": round(1000 * pct([r["tpot"] for r in ok if r["tpot"]], 0.5), 2)})
+    total = sum(r["tokens"] for talk in talks for r in talk if r["status"] == 200)
+    return {"streams": conversations, "turns": per_turn, "aggregate_tok_s": round(total / wall, 1),
+            "wall_s": round(wall, 2), "last_vs_first_ttft_p50": round(per_turn[-1]["ttft_p50_s"]
+                                                                       / max(per_turn[0]["ttft_p50_s"], 1e-9), 2)}
+
+
+async def measure_mixed(url: str, rate: float, seconds: float, shape: dict = MIXED, seed: int = 11) -> dict:
+    """Requests arriving as a Poisson process at `rate` per second for `seconds`, prompt and reply lengths drawn
+    lognormal (each prompt its own): what the server sustains, and what each stream gets meanwhile."""
+    import math
+
+    import httpx
+
+    rng = random.Random(seed)
+    plan, t = [], rng.expovariate(rate)
+    while t < seconds:
+        draw = lambda median, key: max(8, min(shape[f"max_{key}"], int(math.exp(  # noqa: E731
+            rng.gauss(math.log(median), shape[f"{key}_sigma"])))))
+        plan.append((t, f"{len(plan) + 1}. " + _text(rng, draw(shape["prompt_median"], "prompt")),
+                     draw(shape["reply_median"], "reply")))
+        t += rng.expovariate(rate)
+    limits = httpx.Limits(max_connections=len(plan) + 8, max_keepalive_connections=len(plan) + 8)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
+        await one_stream(client, url, "warm-up", 8)
+        t0 = time.perf_counter()
+
+        async def arrive(at: float, content: str, tokens: int) -> dict:
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            return await one_stream(client, url, content, tokens)
+
+        results = await asyncio.gather(*(arrive(*p) for p in plan))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["status"] == 200]
+    tpots = [r["tpot"] for r in ok if r["tpot"]]
+    return {"streams": None, "rate_per_s": rate, "seconds": seconds, "requests": len(plan), "ok": len(ok),
+            "refused": sum(1 for r in results if r["status"] == 429),
+            "prompt_tokens_p50": pct([r["prompt_tokens"] for r in ok], 0.5),
+            "reply_tokens_p50": pct([r["tokens"] for r in ok], 0.5),
+            "ttft_p50_s": round(pct([r["ttft"] for r in ok], 0.5), 3),
+            "ttft_p95_s": round(pct([r["ttft"] for r in ok], 0.95), 3),
+            "tpot_p50_ms": round(1000 * pct(tpots, 0.5), 2), "tpot_p95_ms": round(1000 * pct(tpots, 0.95), 2),
+            "aggregate_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1), "wall_s": round(wall, 2)}
 
 
 def engine_steps(model_dir: str, batches: list[int], bucket_tokens: int = 192, steps: int = 50) -> list[dict]:
@@ -256,6 +360,9 @@ def main() -> None:
     ap.add_argument("--engine_only", default="", help="first time the engine alone at these batch sizes (GPU)")
     ap.add_argument("--workload_streams", default="long=1,8",
                     help="stream levels of a workload other than --streams (workload=levels, space separated)")
+    ap.add_argument("--turns", type=int, default=24, help="workload turns: conversations at once")
+    ap.add_argument("--mixed_rate", type=float, default=48.0, help="workload mixed: requests per second")
+    ap.add_argument("--mixed_seconds", type=float, default=60.0, help="workload mixed: seconds of arrivals")
     ap.add_argument("--out")
     args = ap.parse_args()
     args.workload_streams = dict(kv.split("=", 1) for kv in args.workload_streams.split())
@@ -269,9 +376,11 @@ def main() -> None:
     if args.engine_only:
         servers["engine_alone"] = engine_steps(model, [int(x) for x in args.engine_only.split(",")])
     for path in args.paths.split(","):
-        app = {"model": model, "device": args.device, "bits": args.bits, "engine": path}
-        if path == "batch":
+        app = {"model": model, "device": args.device, "bits": args.bits, "engine": path.removesuffix("_no_reuse")}
+        if path.startswith("batch"):
             app.update(dict(kv.split("=", 1) for kv in args.extra.split() if "=" in kv))
+            if path == "batch_no_reuse":
+                app["prefix_cache"] = "false"
         else:
             app["max_concurrent_requests"] = "256"
         t0 = time.time()
@@ -282,30 +391,49 @@ def main() -> None:
             health["model"] = shown["model"]
             servers[path] = {"startup_s": round(time.time() - t0, 1), "health": health, "args": shown}
             print(f"{path}: up in {time.time() - t0:.0f} s: {health}", flush=True)
-            levels = args.streams if path == "batch" else args.baseline_streams
-            for w in (args.workloads if path == "batch" else args.baseline_workloads).split(","):
-                _, tokens = WORKLOADS[w]
+            engine = path.startswith("batch")
+            levels = args.streams if engine else args.baseline_streams
+            for w in (args.workloads if engine else args.baseline_workloads).split(","):
+                _, tokens = WORKLOADS.get(w, (0, 0))
                 for n in (int(x) for x in args.workload_streams.get(w, levels).split(",")):
                     import httpx
 
                     before = engine_histograms(server.url)
-                    row = {"path": path, "bits": args.bits, "workload": w,
-                           **asyncio.run(measure(server.url, prompts[w], n, tokens))}
+                    if w == "turns":
+                        measured = asyncio.run(measure_turns(server.url, args.turns))
+                    elif w == "mixed":
+                        measured = asyncio.run(measure_mixed(server.url, args.mixed_rate, args.mixed_seconds))
+                    else:
+                        measured = asyncio.run(measure(server.url, prompts[w], n, tokens))
+                    row = {"path": path, "bits": args.bits, "workload": w, **measured}
                     after = engine_histograms(server.url)
                     for key, (total, count) in after.items():
                         if key in before and count > before[key][1]:  # the engine's own mean over this row
                             row[key] = round(1000 * (total - before[key][0]) / (count - before[key][1]), 2)
                     h = httpx.get(server.url + "/health").json()
                     row["gpu_memory_reserved_gib"] = h.get("gpu_memory_reserved_gib")
+                    row["prefix_cache"] = prefix_counters(server.url)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     save(args.out, servers, rows, command)  # after every row: a run cut short keeps what it measured
+                    if w in ("turns", "mixed"):
+                        break  # one level: their own arguments say how much load
         finally:
             server.stop()
     head = (f"{'path':<12}{'bits':>5}{'load':>7}{'streams':>8}{'prompt':>7}{'TTFT p50':>9}{'p95':>7}{'TPOT p50':>9}"
             f"{'p95':>7}{'tok/s/stream':>13}{'tok/s total':>12}{'GPU GiB':>8}{'engine TPOT':>12}{'engine TTFT':>12}")
     print("\n" + head)
     for r in rows:
+        if r["workload"] == "turns":
+            print(f"{r['path']:<12}{r['bits']:>5} turns: {r['streams']} conversations, TTFT p50 by turn "
+                  + ", ".join(f"{t['ttft_p50_s']:.3f} s ({t['prompt_tokens_p50']} tokens)" for t in r["turns"])
+                  + f"; turn {len(r['turns'])} / turn 1: {r['last_vs_first_ttft_p50']}; {r['aggregate_tok_s']:.0f} tok/s")
+            continue
+        if r["workload"] == "mixed":
+            print(f"{r['path']:<12}{r['bits']:>5} mixed: {r['rate_per_s']}/s for {r['seconds']} s ({r['ok']} of "
+                  f"{r['requests']} ok), {r['aggregate_tok_s']:.0f} tok/s, TPOT p50 {r['tpot_p50_ms']} ms "
+                  f"(p95 {r['tpot_p95_ms']}), TTFT p50 {r['ttft_p50_s']} s (p95 {r['ttft_p95_s']})")
+            continue
         print(f"{r['path']:<12}{r['bits']:>5}{r['workload']:>7}{r['streams']:>8}{r['prompt_tokens'] or 0:>7}"
               f"{r['ttft_p50_s']:>9.3f}{r['ttft_p95_s']:>7.3f}{r['tpot_p50_ms']:>9.2f}{r['tpot_p95_ms']:>7.2f}"
               f"{r['per_stream_tok_s']:>13.1f}{r['aggregate_tok_s']:>12.1f}{r['gpu_memory_reserved_gib'] or 0:>8}"

@@ -464,6 +464,8 @@ class ServeConfig:
                                     "GPU memory allows)")
     max_queued_requests: int = opt(256, "requests waiting per replica; more get 429")
     prefill_chunk: int | None = opt(None, "prompt tokens prefilled per engine step (default: 2048 GPU, 512 CPU)")
+    prefix_cache: bool = opt(True, "keep a finished request's KV cache in its slot until the slot is needed, and "
+                             "prefill only what a new prompt adds to it (a conversation's next turn)")
     stream_interval: float = opt(0.04, "seconds between two chunks of one stream")
     engine_process: bool | None = opt(None, "run the engine in a child process (default: on GPU)")
     ingress_replicas: int | None = opt(None, "HTTP front-end replicas (default: 2 on GPU, 1 on CPU)")

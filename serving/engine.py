@@ -4,7 +4,9 @@ Requests are submitted from the replica's asyncio loop and stream their tokens b
 thread repeats one iteration:
 
   1. take in new requests and cancellations (a cancelled or finished request frees its slot at once);
-  2. admit waiting requests while slots are free (first come, first served);
+  2. admit waiting requests while slots are free (first come, first served); a request whose prompt starts
+     with what a finished request left in its slot takes that slot and skips that part of its prefill
+     (serving/prefix_cache.py: KV reuse between a conversation's turns);
   3. prefill: the prompts of admitted requests, in chunks of at most `prefill_chunk` tokens per
      iteration in total, so a long prompt cannot stall the streams already running;
   4. decode: one token for every running request, in one batched forward (a CUDA graph on GPU);
@@ -43,6 +45,7 @@ import torch
 
 from serving.lora import Adapter, AdapterError
 from serving.metrics import EngineMetrics
+from serving.prefix_cache import PrefixCache
 from serving.runners import RowInput, Runner, to_device
 from serving.sampling import Row, Sampler, SamplingParams
 
@@ -65,6 +68,7 @@ class EngineConfig:
     max_model_len: int
     max_queued_requests: int
     prefill_chunk: int = 2048
+    prefix_cache: bool = True  # finished sequences' KV stays in their slots for a later prompt that starts with it
 
 
 def check_admission(config: EngineConfig, prompt_len: int, params: SamplingParams, in_flight: int,
@@ -145,6 +149,8 @@ class Engine:
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self.free_slots = list(range(config.max_num_seqs - 1, -1, -1))
+        # slots holding a finished sequence's KV (free to take, but a matching prompt takes them first)
+        self.prefix = PrefixCache() if config.prefix_cache and getattr(runner, "reuses_prefixes", False) else None
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._ids = itertools.count(1)
@@ -191,7 +197,7 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting),
-                "free_slots": len(self.free_slots), "max_num_seqs": self.config.max_num_seqs,
+                "free_slots": self._free(), "kept_for_reuse": len(self.prefix or ()), "max_num_seqs": self.config.max_num_seqs,
                 "max_model_len": self.config.max_model_len, "max_queued_requests": self.config.max_queued_requests,
                 "kv_cache_used_tokens": sum(r.length for r in self.running),
                 "adapters_loaded": self.adapters.loaded() if self.adapters is not None else []}
@@ -262,9 +268,34 @@ class Engine:
                     self.waiting.remove(req)
                 self._finish(req, cancelled=True)
 
+    def _free(self) -> int:
+        """Slots a request can take: empty ones and those only kept for reuse."""
+        return len(self.free_slots) + len(self.prefix or ())
+
+    def _take_slot(self, req: Request) -> None:
+        """Give `req` a slot: the kept one sharing the longest prefix with its prompt (that part is not prefilled
+        again), else an empty one, else the kept one unused longest."""
+        if self.prefix is not None:
+            key = req.adapter.name if req.adapter is not None else None
+            slot, shared = self.prefix.match(key, req.prompt)
+            self.metrics.prefix_lookups.inc()
+            if slot is not None:
+                self.prefix.take(slot)
+                # the last prompt token is computed again: its logits give the first reply token
+                req.slot, req.prefilled = slot, min(shared, len(req.prompt) - 1)
+                self.metrics.prefix_hits.inc()
+                self.metrics.prefix_tokens_saved.inc(req.prefilled)
+                return
+            if not self.free_slots:
+                req.slot = self.prefix.oldest()
+                self.prefix.take(req.slot)
+                self.metrics.prefix_evictions.inc()
+                return
+        req.slot = self.free_slots.pop()
+
     def _admit(self) -> None:
         passed: list[Request] = []  # waiting for their adapter: the requests behind them go first
-        while self.waiting and self.free_slots:
+        while self.waiting and self._free():
             req = self.waiting.popleft()
             if req.adapter is not None:
                 try:
@@ -276,7 +307,7 @@ class Engine:
                     req.lora = -1
                     passed.append(req)
                     continue
-            req.slot = self.free_slots.pop()
+            self._take_slot(req)
             self.sampler.start(req.slot, req.prompt)
             self.running.append(req)
         self.waiting.extendleft(reversed(passed))
@@ -382,7 +413,13 @@ class Engine:
         if req in self.running:
             self.running.remove(req)
             self.runner.release(req.slot)
-            self.free_slots.append(req.slot)
+            # Keys and values are in the cache for the prompt tokens prefilled and for every reply token but the
+            # last (each is written when the token is fed back; the last one may not have been).
+            valid = req.prompt[:req.prefilled] + (req.output[:-1] if req.prefilled == len(req.prompt) else [])
+            if self.prefix is not None and not error and len(valid) >= 1:
+                self.prefix.keep(req.slot, req.adapter.name if req.adapter is not None else None, valid)
+            else:
+                self.free_slots.append(req.slot)
             if req.lora >= 0:
                 self.adapters.release(req.lora)
         if cancelled:

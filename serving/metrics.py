@@ -35,6 +35,14 @@ class EngineMetrics:
         self.adapter_hits = Counter("glmops_adapter_hits", "requests whose adapter was in a slot already",
                                     registry=r)
         self.adapter_evictions = Counter("glmops_adapter_evictions", "adapters evicted to free a slot", registry=r)
+        self.prefix_lookups = Counter("glmops_prefix_cache_lookups", "admitted requests looked up in the prefix "
+                                      "cache (KV kept from finished requests)", registry=r)
+        self.prefix_hits = Counter("glmops_prefix_cache_hits", "admitted requests that started from a kept prefix",
+                                   registry=r)
+        self.prefix_tokens_saved = Counter("glmops_prefix_cache_tokens_saved", "prompt tokens not prefilled because "
+                                           "their KV was kept", registry=r)
+        self.prefix_evictions = Counter("glmops_prefix_cache_evictions", "kept prefixes overwritten for a request "
+                                        "that needed their slot", registry=r)
         self._steps: collections.deque[float] = collections.deque(maxlen=64)
 
     def step(self, seconds: float, decoded: int, prefilled: int) -> None:

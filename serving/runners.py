@@ -72,6 +72,9 @@ def bucket_for(length: int, max_len: int) -> int:
 class Runner:
     family = "generic"
     chunked_prefill = True  # may a prompt be prefilled over several steps?
+    # may a finished sequence's cache serve a later prompt that starts with its tokens? (a token's keys and values
+    # depend only on the tokens before it; the slot's cache survives release)
+    reuses_prefixes = False
 
     def __init__(self, model, num_slots: int, max_len: int, adapters=None):
         self.model, self.num_slots, self.max_len = model, num_slots, max_len
@@ -238,6 +241,8 @@ class GlmRunner(FlatRunner):
     to its slot's cache up to its own position. Glm4ForCausalLM (GLM-4-0414) also RMS-norms the attention's and
     the MLP's outputs before they join the residual: the residual add's kernel norms them first, so its step
     has as many kernels as GLM's."""
+
+    reuses_prefixes = True
 
     family = "glm"
 

@@ -339,3 +339,85 @@ def test_the_engine_in_its_own_process_gives_the_same_greedy_replies(tiny_model,
         assert out == greedy(tiny, p, n)
     assert all(e["finish_reason"] in ("cancelled", "length") for e in ends)
     assert state["stats"]["running"] == 0 and "glmops_requests_cancelled_total" in state["metrics"]
+
+
+def _conversations(engine, order: str) -> dict[str, list[list[int]]]:
+    """Conversations taking turns in `order` (one request at a time), each resending its whole history: turn k's
+    prompt is turn k - 1's prompt, its greedy reply and 20 new tokens. Returns each conversation's replies."""
+    async def main():
+        prompts = {c: [100 + i] + list(range(200 + 7 * i, 240 + 7 * i)) for i, c in enumerate(sorted(set(order)))}
+        replies: dict[str, list[list[int]]] = {c: [] for c in prompts}
+        for c in order:
+            out, _ = await collect(engine, prompts[c], SamplingParams(12, temperature=0, min_tokens=12))
+            replies[c].append(out)
+            t = len(replies[c])
+            prompts[c] = prompts[c] + out + list(range(300 + 20 * t, 320 + 20 * t))
+        return replies
+
+    return asyncio.run(main())
+
+
+def test_kv_kept_between_turns_gives_the_replies_of_a_full_prefill_even_when_evicted(tiny):
+    """Three conversations on 2 slots, turn after turn: A's second turn starts from what its first left in a slot;
+    C's first turn needs a slot and overwrites A's (the least recently used), so A's third turn prefills all of
+    it again; C's second turn reuses C's. The replies are those of a full prefill every time."""
+    order = "AABCACB"
+
+    def replies(reuse: bool):
+        engine = Engine(runner_for(tiny, 2, 512), EngineConfig(2, 512, 16, 16, prefix_cache=reuse),
+                        tiny.config.vocab_size)
+        try:
+            got = _conversations(engine, order)
+            m = engine.metrics
+            return got, [c._value.get() for c in (m.prefix_hits, m.prefix_tokens_saved, m.prefix_evictions, m.prefilled)]
+        finally:
+            engine.shutdown()
+
+    plain, (hits0, _, _, prefilled_plain) = replies(False)
+    reused, (hits, saved, evictions, prefilled) = replies(True)
+    assert reused == plain and hits0 == 0
+    assert hits == 2 and evictions >= 2 and saved >= 2 * 52, (hits, saved, evictions)
+    assert prefilled == prefilled_plain - saved  # what was reused was not prefilled again
+    assert plain["A"][0] == greedy(tiny, [100] + list(range(200, 240)), 12)
+
+
+def test_under_a_burst_far_beyond_its_slots_running_streams_get_a_token_every_step(tiny):
+    """Two long replies are running when 40 requests with 40-token prompts arrive at once (4 slots): every step
+    until the long replies end decodes both of them, while the newcomers' prompts are prefilled at most
+    `prefill_chunk` tokens per step beside them. Time to first token grows for the newcomers, not the running
+    streams' time per token."""
+    engine = start(tiny, slots=4, queued=64, chunk=16)
+    steps: list[tuple[set[int], int]] = []  # per step: the requests it sampled, the prompt tokens it prefilled
+    launch = engine._launch
+
+    def recorded():
+        step = launch()
+        if step is not None:
+            steps.append(({r.id for r in step.requests}, step.prefilled))
+        return step
+
+    engine._launch = recorded  # the engine thread looks it up every step
+
+    async def scenario():
+        long = [engine.submit([5 + i, 6, 7], SamplingParams(60, temperature=0, min_tokens=60), []) for i in range(2)]
+        for _ in range(3):
+            await long[0].queue.get()
+        burst = [collect(engine, list(range(100 + i, 140 + i)), SamplingParams(4, temperature=0, min_tokens=4))
+                 for i in range(40)]
+        done = await asyncio.gather(*burst)
+        for req in long:
+            while not isinstance(await req.queue.get(), dict):
+                pass
+        return [r.id for r in long], done
+
+    try:
+        long_ids, done = asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert all(len(out) == 4 for out, _ in done)
+    for rid in long_ids:
+        life = [i for i, (sampled, _) in enumerate(steps) if rid in sampled]
+        window = steps[life[0]:life[-1] + 1]
+        assert len(life) == 60 and len(window) == 60  # a token in every step of its life, none skipped
+        assert sum(1 for _, prefilled in window if prefilled) >= 20  # the burst was prefilled meanwhile
+        assert max(prefilled for _, prefilled in window) <= 16
