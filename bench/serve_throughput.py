@@ -67,7 +67,7 @@ def prompt_of(model_dir: str, tokens: int, seed: int) -> str:
 
 
 class Server:
-    def __init__(self, args: dict, log: Path):
+    def __init__(self, args: dict, log: Path, env_extra: dict | None = None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -76,7 +76,7 @@ class Server:
         serve = serve if Path(serve).exists() else "serve"
         self.log = open(log, "w")
         cmd = [serve, "run", "serving:app", *(f"{k}={v}" for k, v in {**args, "port": self.port, "ui": "false"}.items())]
-        env = {**os.environ, **ENV}
+        env = {**os.environ, **ENV, **(env_extra or {})}
         env.pop("RAY_ADDRESS", None)
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
@@ -360,6 +360,8 @@ def main() -> None:
     ap.add_argument("--engine_only", default="", help="first time the engine alone at these batch sizes (GPU)")
     ap.add_argument("--workload_streams", default="long=1,8",
                     help="stream levels of a workload other than --streams (workload=levels, space separated)")
+    ap.add_argument("--server_env", default="", help="environment of `serve run` (KEY=VALUE, space separated), e.g. "
+                                                    "RAY_SERVE_THROUGHPUT_OPTIMIZED=1")
     ap.add_argument("--turns", type=int, default=24, help="workload turns: conversations at once")
     ap.add_argument("--mixed_rate", type=float, default=48.0, help="workload mixed: requests per second")
     ap.add_argument("--mixed_seconds", type=float, default=60.0, help="workload mixed: seconds of arrivals")
@@ -384,12 +386,14 @@ def main() -> None:
         else:
             app["max_concurrent_requests"] = "256"
         t0 = time.time()
-        server = Server(app, work / f"serve-{path}-{args.bits}.log")
+        server_env = dict(kv.split("=", 1) for kv in args.server_env.split())
+        server = Server(app, work / f"serve-{path}-{args.bits}.log", server_env)
         try:
             health = server.wait()
             shown = {**app, "model": Path(model).name if args.model is None else args.model}
             health["model"] = shown["model"]
-            servers[path] = {"startup_s": round(time.time() - t0, 1), "health": health, "args": shown}
+            servers[path] = {"startup_s": round(time.time() - t0, 1), "health": health, "args": shown,
+                             "env": server_env}
             print(f"{path}: up in {time.time() - t0:.0f} s: {health}", flush=True)
             engine = path.startswith("batch")
             levels = args.streams if engine else args.baseline_streams
