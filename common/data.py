@@ -146,7 +146,10 @@ def check_record(index: int, record: Any) -> list[Problem]:
         return []
     out: list[Problem] = []
     for name in ("instruction", "output"):
-        if name not in record:
+        if name == "output" and "output" not in record and "chosen" in record:
+            out.append(Problem(index, name, "a non-empty string (a record with chosen and rejected answers is a "
+                               "preference pair: train on those with --stage dpo)", "no such field"))
+        elif name not in record:
             out.append(Problem(index, name, "a non-empty string", "no such field"))
         elif not isinstance(record[name], str) or not record[name].strip():
             out.append(Problem(index, name, "a non-empty string", _describe_value(record[name])))

@@ -60,7 +60,7 @@ def pair_problems(index: int, record: Any) -> list[Problem]:
         found.append(Problem(index, "rejected", "an answer different from chosen", "the same text as chosen"))
     if "output" in record:
         found.append(Problem(index, "output", "no output in a preference record (its answers are chosen and "
-                             "rejected)", "an output field"))
+                             "rejected; instruction records train with --stage sft)", "an output field"))
     try:
         _prompt(record, "-")
     except PairError as err:

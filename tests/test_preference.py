@@ -182,11 +182,16 @@ def test_a_bad_pair_record_is_named_by_file_record_and_field(tmp_path, tiny_mode
     assert f"{data}: record 1 (line 2), field {field!r}" in text and expected in text, text
 
 
-def test_sft_records_given_to_the_dpo_stage_say_what_is_missing(tmp_path, tiny_model):
-    data = _write(tmp_path / "sft.jsonl", [{"instruction": "q", "output": "a"}])
+def test_records_given_to_the_wrong_stage_say_which_stage_they_need(tmp_path, tiny_model):
+    sft = _write(tmp_path / "sft.jsonl", [{"instruction": "q", "output": "a"}])
     spec = EncodeSpec(str(tiny_model), "chatglm2", 64, 64, False, pairs=True)
-    with pytest.raises(DataError, match="field 'chosen': expected a non-empty answer"):
-        tokenize(data, spec, tmp_path / "cache", log=lambda *_: None).check(skip_invalid=False)
+    with pytest.raises(DataError, match="field 'chosen': expected a non-empty answer") as err:
+        tokenize(sft, spec, tmp_path / "cache", log=lambda *_: None).check(skip_invalid=False)
+    assert "instruction records train with --stage sft" in str(err.value)
+    pairs = _write(tmp_path / "pairs.jsonl", [GOOD])
+    with pytest.raises(DataError, match="field 'output'.*train on those with --stage dpo"):
+        tokenize(pairs, EncodeSpec(str(tiny_model), "chatglm2", 64, 64, False), tmp_path / "cache",
+                 log=lambda *_: None).check(skip_invalid=False)
 
 
 def test_both_record_shapes_reach_the_cache_as_chosen_then_rejected(tmp_path, tiny_model):
