@@ -350,7 +350,7 @@ def run_path(name: str, settings: dict, args) -> dict:
             return batches
 
         def run(batches: list):
-            n_targets = sum(b.num_sequences // 2 if pairs else b.num_targets for b in batches)  # the loss's units
+            n_targets = sum(loss_fn.units_of(b) for b in batches)  # the loss's units: tokens, or pairs
             out = train_step(loss_fn, opt, sched, batches, n_targets, 1, 1.0)
             loss = out["loss_sum"] / n_targets
             return loss if overlap else float(loss), sum(b.num_tokens for b in batches), max(b.input_ids.numel() for b in batches)

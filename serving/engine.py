@@ -413,10 +413,10 @@ class Engine:
         if req in self.running:
             self.running.remove(req)
             self.runner.release(req.slot)
-            # Keys and values are in the cache for the prompt tokens prefilled and for every reply token but the
-            # last (each is written when the token is fed back; the last one may not have been).
-            valid = req.prompt[:req.prefilled] + (req.output[:-1] if req.prefilled == len(req.prompt) else [])
-            if self.prefix is not None and not error and len(valid) >= 1:
+            if self.prefix is not None and not error and req.prefilled > 0:
+                # Keys and values are in the cache for the prompt tokens prefilled and for every reply token but
+                # the last (each is written when the token is fed back; the last one may not have been).
+                valid = req.prompt[:req.prefilled] + (req.output[:-1] if req.prefilled == len(req.prompt) else [])
                 self.prefix.keep(req.slot, req.adapter.name if req.adapter is not None else None, valid)
             else:
                 self.free_slots.append(req.slot)

@@ -120,7 +120,6 @@ def token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tens
 class PreferenceLoss(CausalLMLoss):
     """Summed preference loss of the pairs in a micro-batch; its per-pair statistics are summed in `pop_sums`."""
 
-    units = "pairs"
     num_stats = len(STATS)
 
     def __init__(self, model, autocast_dtype: torch.dtype | None, settings: PreferenceSettings, **kw):
@@ -166,6 +165,20 @@ class PreferenceLoss(CausalLMLoss):
             stats = stats.double()
             self._sums = stats if self._sums is None else self._sums + stats
         return loss.sum()
+
+    def units_of(self, batch) -> int:
+        return batch.num_sequences // 2  # pairs
+
+    def describe(self) -> str:
+        s = self.settings
+        reference = ("none needed" if not s.needs_reference else "the adapter the run started from (frozen)"
+                     if REFERENCE_ADAPTER in getattr(self.model, "peft_config", {}) else
+                     "the base model with the adapter off")
+        return f"preference loss: {s.loss} (beta {s.beta:g}); reference policy: {reference}"
+
+    def progress(self, sums: torch.Tensor | None, units: float) -> str:
+        m = self.train_metrics(sums, units)
+        return f" | reward accuracy {m['rewards/accuracies']:.2f} | margin {m['rewards/margins']:.3f}" if m else ""
 
     def pop_sums(self) -> torch.Tensor | None:
         sums, self._sums = self._sums, None

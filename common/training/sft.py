@@ -50,7 +50,6 @@ class CausalLMLoss(torch.nn.Module):
     by slice. Being a module lets DDP wrap it (DDP only syncs gradients for work done through its own
     forward)."""
 
-    units = "tokens"  # what a step's loss is averaged over
     num_stats = 0     # statistics besides the loss that pop_sums returns
 
     def __init__(self, model, autocast_dtype: torch.dtype | None, *, varlen: bool = True,
@@ -115,6 +114,18 @@ class CausalLMLoss(torch.nn.Module):
             return chunked_cross_entropy_sum(self.head(), hidden, targets, self.loss_chunk)
 
     # -- what the stage logs besides the loss ---------------------------------------------------------------
+    def units_of(self, batch: Batch) -> int:
+        """What a step's loss is averaged over, in `batch`: its supervised tokens."""
+        return batch.num_targets
+
+    def describe(self) -> str:
+        """The start-up line's words on the objective ("" when there is nothing to add)."""
+        return ""
+
+    def progress(self, sums: torch.Tensor | None, units: float) -> str:
+        """What a progress line shows besides the loss."""
+        return ""
+
     def pop_sums(self) -> torch.Tensor | None:
         return None
 

@@ -213,7 +213,7 @@ def evaluate(loss_fn: CausalLMLoss, batches: list[Batch], device) -> tuple[float
     loss_fn.pop_sums()
     for b in batches:
         loss += batch_loss_sum(loss_fn, b.to(device)).item()
-        n += b.num_targets if loss_fn.units == "tokens" else b.num_sequences // 2
+        n += loss_fn.units_of(b)
     sums = loss_fn.pop_sums()
     return loss, n, torch.zeros(loss_fn.num_stats, dtype=torch.float64) if sums is None else sums.cpu()
 
@@ -397,9 +397,8 @@ def _train(config: dict) -> dict:
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch * per_step})")
 
     loss_fn = training_loss(cfg, model, autocast_dtype)
-    if loss_fn.units == "pairs":
-        log(f"preference loss: {loss_fn.settings.loss} (beta {loss_fn.settings.beta:g}); reference policy: "
-            + ("the base model with the adapter off" if loss_fn.settings.needs_reference else "none needed"))
+    if loss_fn.describe():
+        log(loss_fn.describe())
     ddp = ray.train.torch.prepare_model(loss_fn, move_to_device=False) if world > 1 else loss_fn
     unwrapped = model
     metadata = dict(config["metadata"])
@@ -513,9 +512,7 @@ def _train(config: dict) -> dict:
                 dt = time.time() - window_t0
                 tps = window_tokens / max(dt, 1e-9)
                 eta = (time.time() - t_start) / max(state.step - start_step, 1) * (total_steps - state.step)
-                rewards = loss_fn.train_metrics(window_stats, window_targets)
-                shown = (f" | reward accuracy {rewards['rewards/accuracies']:.2f} | margin "
-                         f"{rewards['rewards/margins']:.3f}") if rewards else ""
+                shown = loss_fn.progress(window_stats, window_targets)
                 log(f"train  {_bar(state.step / total_steps)} step {state.step}/{total_steps} | "
                     f"loss {window_loss / max(window_targets, 1):.4f}{shown} | lr {lr:.2e} | "
                     f"grad {grad_norm:.2f} | {tps:,.0f} tok/s | eta {_fmt_time(eta)}", flush=True)
