@@ -4,7 +4,8 @@
     python bench/serve_throughput.py --model models/tiny-chatglm2 --device cpu --streams 1,8       # CPU
 
 Side by side in one run: the engine (`engine=batch`, the default) and the old per-request path
-(`engine=per_request`); `batch_no_reuse` is the engine with `prefix_cache=false` (KV reuse between turns off).
+(`engine=per_request`); `batch_no_reuse` is the engine with `prefix_cache=false` (KV reuse between turns off);
+app arguments of one path follow its name (`--paths batch,batch+step_tokens=2048`).
 Every request generates exactly its tokens (`min_tokens`), greedy, and every stream's prompt is its own (a
 number in front: no two share a prefix). Workloads: short (64-token prompts, 128 new tokens) and chat (512-token
 prompts, 256 new tokens), at each of --streams concurrent streams; long (2,000-token prompts, 48 new tokens:
@@ -378,11 +379,14 @@ def main() -> None:
     if args.engine_only:
         servers["engine_alone"] = engine_steps(model, [int(x) for x in args.engine_only.split(",")])
     for path in args.paths.split(","):
-        app = {"model": model, "device": args.device, "bits": args.bits, "engine": path.removesuffix("_no_reuse")}
+        # a path's own app arguments follow its name: batch+step_tokens=2048+max_num_seqs=64
+        name, *own = path.split("+")
+        app = {"model": model, "device": args.device, "bits": args.bits, "engine": name.removesuffix("_no_reuse")}
         if path.startswith("batch"):
             app.update(dict(kv.split("=", 1) for kv in args.extra.split() if "=" in kv))
-            if path == "batch_no_reuse":
+            if name == "batch_no_reuse":
                 app["prefix_cache"] = "false"
+            app.update(dict(kv.split("=", 1) for kv in own))
         else:
             app["max_concurrent_requests"] = "256"
         t0 = time.time()

@@ -463,7 +463,10 @@ class ServeConfig:
     max_model_len: int | None = opt(None, "prompt + reply tokens per request (default: the model's context, as "
                                     "GPU memory allows)")
     max_queued_requests: int = opt(256, "requests waiting per replica; more get 429")
-    prefill_chunk: int | None = opt(None, "prompt tokens prefilled per engine step (default: 2048 GPU, 512 CPU)")
+    prefill_chunk: int | None = opt(None, "prompt tokens in an engine step while nothing decodes (default: 2048 GPU, 512 CPU)")
+    step_tokens: int | None = opt(None, "a step's tokens while streams decode: one per decode row, the rest (at "
+                                  "least a quarter) for prompts; lower keeps streams' pace under load, higher "
+                                  "admits prompts faster (default: 512 GPU, 256 CPU)")
     prefix_cache: bool = opt(True, "keep a finished request's KV cache in its slot until the slot is needed, and "
                              "prefill only what a new prompt adds to it (a conversation's next turn)")
     stream_interval: float = opt(0.04, "seconds between two chunks of one stream")

@@ -27,8 +27,9 @@ class AppArgs(BaseModel):
     max_num_seqs: int | None = None       # sequences decoded together (default: 128 on GPU, 16 on CPU)
     max_model_len: int | None = None      # prompt + reply tokens (default: the model's context, as memory allows)
     max_queued_requests: int = 256        # waiting beyond max_num_seqs; more get 429
-    prefill_chunk: int | None = None      # prompt tokens prefilled per engine step (default: 2048 GPU, 512 CPU)
+    prefill_chunk: int | None = None      # prompt tokens in a step while nothing decodes (default: 2048 GPU, 512 CPU)
     prefix_cache: bool = True             # keep finished sequences' KV for the next turn (serving/prefix_cache.py)
+    step_tokens: int | None = None        # a step's tokens while streams decode, decode rows + prompts (512 GPU, 256 CPU)
     stream_interval: float = 0.04         # seconds between two chunks of one stream (tokens in between are merged)
     engine_process: bool | None = None    # the engine in a child process (default: on GPU; GIL-free of Serve)
     ingress_replicas: int | None = None   # HTTP front-end replicas (JSON and SSE encoding); default 2 on GPU, 1 on CPU
@@ -91,7 +92,8 @@ def app(args: AppArgs):
         args.model, bits=args.bits, dtype=args.dtype, device=args.device, template=args.template,
         tracking_uri=args.tracking_uri, engine=args.engine, max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len, max_queued_requests=args.max_queued_requests,
-        prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache, stream_interval=args.stream_interval, engine_process=args.engine_process,
+        prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache,
+        step_tokens=args.step_tokens, stream_interval=args.stream_interval, engine_process=args.engine_process,
         request_timeout_s=args.request_timeout_s, drain_timeout_s=args.graceful_shutdown_timeout_s,
         adapters=args.adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
         lora_gather_max=args.lora_gather_max)

@@ -7,9 +7,14 @@ thread repeats one iteration:
   2. admit waiting requests while slots are free (first come, first served); a request whose prompt starts
      with what a finished request left in its slot takes that slot and skips that part of its prefill
      (serving/prefix_cache.py: KV reuse between a conversation's turns);
-  3. prefill: the prompts of admitted requests, in chunks of at most `prefill_chunk` tokens per
-     iteration in total, so a long prompt cannot stall the streams already running;
-  4. decode: one token for every running request, in one batched forward (a CUDA graph on GPU);
+  3. plan the step: one decode row for every running request, and the prompts of admitted requests (first
+     come, first served) in chunks within the step's token budget: `prefill_chunk` prompt tokens while
+     nothing decodes; while streams decode, `step_tokens` tokens in all (each decode row counts one, the
+     prompts get the rest, at least a quarter of it). A step's time follows its tokens, so under a burst the
+     running streams keep their pace and the newcomers' time to first token grows instead;
+  4. run it: the prompt chunks and the decode rows in one forward (the weights are read once per step, not
+     once for the prompts and once more for the decode rows); a step of decode rows only replays a CUDA
+     graph on GPU;
   5. sample all of them at once on the device, then hand each new token to its stream.
 
 Steps overlap: step n + 1 is launched before step n's tokens are read. A decode row's input is its
@@ -67,8 +72,16 @@ class EngineConfig:
     max_num_seqs: int
     max_model_len: int
     max_queued_requests: int
-    prefill_chunk: int = 2048
+    prefill_chunk: int = 2048  # prompt tokens in a step while nothing decodes
     prefix_cache: bool = True  # finished sequences' KV stays in their slots for a later prompt that starts with it
+    step_tokens: int | None = None  # a step's tokens while streams decode (decode rows + prompt tokens); None: no cap
+
+    def prompt_budget(self, decoding: int) -> int:
+        """Prompt tokens a step may take beside `decoding` decode rows: prompts always get at least a quarter of
+        `step_tokens`, so a full batch of streams cannot hold every newcomer back until one of them ends."""
+        if not decoding or self.step_tokens is None:
+            return self.prefill_chunk
+        return min(self.prefill_chunk, max(self.step_tokens - decoding, self.step_tokens // 4))
 
 
 def check_admission(config: EngineConfig, prompt_len: int, params: SamplingParams, in_flight: int,
@@ -315,45 +328,50 @@ class Engine:
         self.metrics.running.set(len(self.running))
 
     def _launch(self) -> Launched | None:
-        """Plan and launch one step: prefill chunks within the budget, one decode row for every request
-        whose next token can be computed, the sampling of all of them. Nothing here waits for the GPU."""
+        """Plan and launch one step: one decode row for every request whose next token can be computed, prompt
+        chunks within the step's budget, one forward over all of them, the sampling. Nothing here waits for
+        the GPU."""
         t0 = time.perf_counter()
-        budget = self.config.prefill_chunk
-        prefill: list[tuple[Request, RowInput]] = []
         decode: list[tuple[Request, RowInput]] = []
+        prompts: list[Request] = []
         for req in self.running:
-            left = len(req.prompt) - req.prefilled
-            if left > 0:
-                if budget > 0:
-                    take = left if not getattr(self.runner, "chunked_prefill", True) else min(left, budget)
-                    prefill.append((req, RowInput(req.slot, req.prompt[req.prefilled:req.prefilled + take],
-                                                  req.prefilled, req.lora)))
-                    budget -= take
+            if req.prefilled < len(req.prompt):
+                prompts.append(req)
             elif 0 < req.scheduled < req.params.max_tokens:
                 decode.append((req, RowInput(req.slot, None, len(req.prompt) + req.scheduled - 1, req.lora)))
+        budget = self.config.prompt_budget(len(decode))
+        chunked = getattr(self.runner, "chunked_prefill", True)
+        prefill: list[tuple[Request, RowInput]] = []
+        for req in prompts:
+            if budget <= 0:
+                break
+            left = len(req.prompt) - req.prefilled
+            take = min(left, budget) if chunked else left  # a runner that cannot chunk takes a prompt whole
+            prefill.append((req, RowInput(req.slot, req.prompt[req.prefilled:req.prefilled + take], req.prefilled,
+                                          req.lora)))
+            budget -= take
         if not prefill and not decode:
             return None
+        # Prompt chunks first, then the decode rows: the logits of each row's last token, in that order. Only the
+        # rows that end their prompt or decode are sampled.
+        rows = [row for _, row in prefill] + [row for _, row in decode]
+        out = self.runner.forward(rows)
         sampled: list[Request] = []
-        logits: list[torch.Tensor] = []
-        if prefill:
-            out = self.runner.forward([row for _, row in prefill])
-            ends = []
-            for i, (req, row) in enumerate(prefill):
-                req.prefilled += len(row.tokens)
-                if req.prefilled >= len(req.prompt):
-                    sampled.append(req)
-                    ends.append(i)
-            if ends:
-                logits.append(out if len(ends) == len(prefill) else out[to_device(ends, self.device)])
-        if decode:
-            logits.append(self.runner.forward([row for _, row in decode]))
-            sampled += [req for req, _ in decode]
+        keep: list[int] = []
+        for i, (req, row) in enumerate(prefill):
+            req.prefilled += len(row.tokens)
+            if req.prefilled >= len(req.prompt):
+                sampled.append(req)
+                keep.append(i)
+        sampled += [req for req, _ in decode]
+        keep += range(len(prefill), len(rows))
+        logits = out if len(keep) == len(rows) else out[to_device(keep, self.device)]
         tokens = host = event = None
         if sampled:
             rows = [Row(req.params, req.generator, req.slot,
                         (sorted(req.stop_ids) if req.scheduled < req.params.min_tokens else [])
                         + (list(req.params.suppress_first) if req.scheduled == 0 else [])) for req in sampled]
-            tokens = self.sampler(logits[0] if len(logits) == 1 else torch.cat(logits), rows)  # and last_token
+            tokens = self.sampler(logits, rows)  # and last_token
             for req in sampled:
                 req.scheduled += 1
             if self.device.type == "cuda":  # read back without waiting: the next step is launched first

@@ -49,6 +49,7 @@ class EngineSpec:
     max_lora_rank: int = 64  # the largest adapter rank the slots hold
     lora_gather_max: int = 16  # steps of up to this many tokens use the gathered kernels (GPU; 0: never)
     prefix_cache: bool = True  # finished sequences' KV kept for the next turn (serving/prefix_cache.py)
+    step_tokens: int | None = None  # a step's tokens while streams decode (default: 512 GPU, 256 CPU)
 
 
 def load(spec: EngineSpec):
@@ -112,12 +113,14 @@ def build_engine(model, spec: EngineSpec, sink=None) -> tuple[Engine, str]:
     if getattr(runner, "ops_note", ""):
         graphs += f"; {runner.ops_note}"
     chunk = spec.prefill_chunk or (2048 if spec.device == "cuda" else 512)
-    engine = Engine(runner, EngineConfig(seqs, length, spec.max_queued_requests, chunk, spec.prefix_cache),
+    step = spec.step_tokens or (512 if spec.device == "cuda" else 256)
+    engine = Engine(runner, EngineConfig(seqs, length, spec.max_queued_requests, chunk, spec.prefix_cache, step),
                     model.config.vocab_size, sink=sink)
     reuse = ("on" if engine.prefix is not None else
              "off" + (" (this runner cannot reuse a prefix)" if spec.prefix_cache else ""))
     line = (f"engine: {runner.family} runner, max_num_seqs {seqs}, max_model_len {length} ({note}), "
-            f"max_queued_requests {spec.max_queued_requests}, prefill chunk {chunk}, KV reuse between turns {reuse}; KV cache "
+            f"max_queued_requests {spec.max_queued_requests}, prefill chunk {chunk} (while streams decode: {step} tokens a step, at "
+            f"least {step // 4} of them prompts), KV reuse between turns {reuse}; KV cache "
             f"{seqs * length * per_token / 2**30:.2f} GiB ({per_token / 1024:.1f} KiB per token){adapters}{graphs}; "
             f"ready in {time.time() - t0:.1f} s")
     return engine, line

@@ -69,7 +69,7 @@ class ChatModel:
                  template: str | None = None, trust_remote_code: bool = False, tracking_uri: str | None = None,
                  engine: str = "batch", max_num_seqs: int | None = None, max_model_len: int | None = None,
                  max_queued_requests: int = 256, prefill_chunk: int | None = None, prefix_cache: bool = True,
-                 stream_interval: float = 0.04,
+                 step_tokens: int | None = None, stream_interval: float = 0.04,
                  engine_process: bool | None = None, request_timeout_s: float | None = None,
                  drain_timeout_s: float = 30.0, adapters: str | None = None, max_loras: int = 4,
                  max_lora_rank: int = 64, lora_gather_max: int = 16):
@@ -93,7 +93,8 @@ class ChatModel:
         configured = parse_adapters(adapters, model)
         spec = EngineSpec(str(info.path), bits, dtype, device, trust_remote_code, max_num_seqs, max_model_len,
                           max_queued_requests, prefill_chunk, int(os.environ.get("GLMOPS_SERVE_THREADS", "2")),
-                          max_loras if engine == "batch" else 0, max_lora_rank, lora_gather_max, prefix_cache)
+                          max_loras if engine == "batch" else 0, max_lora_rank, lora_gather_max, prefix_cache,
+                          step_tokens)
         self.tok = load_tokenizer(info, trust_remote_code)
         self.template = get_template(template or info.template)
         self.stop_ids = self.template.stop_token_ids(self.tok)

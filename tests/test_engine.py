@@ -22,8 +22,8 @@ def tiny(tiny_model):
     return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
-def start(model, slots=4, max_len=512, queued=16, chunk=16) -> Engine:
-    return Engine(runner_for(model, slots, max_len), EngineConfig(slots, max_len, queued, chunk),
+def start(model, slots=4, max_len=512, queued=16, chunk=16, step_tokens=None) -> Engine:
+    return Engine(runner_for(model, slots, max_len), EngineConfig(slots, max_len, queued, chunk, step_tokens=step_tokens),
                   model.config.vocab_size)
 
 
@@ -383,20 +383,25 @@ def test_kv_kept_between_turns_gives_the_replies_of_a_full_prefill_even_when_evi
 
 def test_under_a_burst_far_beyond_its_slots_running_streams_get_a_token_every_step(tiny):
     """Two long replies are running when 40 requests with 40-token prompts arrive at once (4 slots): every step
-    until the long replies end decodes both of them, while the newcomers' prompts are prefilled at most
-    `prefill_chunk` tokens per step beside them. Time to first token grows for the newcomers, not the running
-    streams' time per token."""
-    engine = start(tiny, slots=4, queued=64, chunk=16)
-    steps: list[tuple[set[int], int]] = []  # per step: the requests it sampled, the prompt tokens it prefilled
-    launch = engine._launch
+    until the long replies end decodes both of them, in the same forward as the newcomers' prompt chunks, and
+    no step holds more than `step_tokens` tokens while streams decode (`prefill_chunk` only while nothing does).
+    Time to first token grows for the newcomers, not the running streams' time per token."""
+    engine = start(tiny, slots=4, queued=64, chunk=16, step_tokens=12)
+    steps: list[tuple[set[int], int, int]] = []  # per step: the requests it sampled, its prompt tokens, decode rows
+    forwards: list[int] = []  # tokens of each forward the runner ran
+    launch, forward = engine._launch, engine.runner.forward
 
     def recorded():
         step = launch()
         if step is not None:
-            steps.append(({r.id for r in step.requests}, step.prefilled))
+            steps.append(({r.id for r in step.requests}, step.prefilled, step.decoded))
         return step
 
-    engine._launch = recorded  # the engine thread looks it up every step
+    def counted(rows):
+        forwards.append(sum(r.size for r in rows))
+        return forward(rows)
+
+    engine._launch, engine.runner.forward = recorded, counted  # the engine thread looks them up every step
 
     async def scenario():
         long = [engine.submit([5 + i, 6, 7], SamplingParams(60, temperature=0, min_tokens=60), []) for i in range(2)]
@@ -416,8 +421,20 @@ def test_under_a_burst_far_beyond_its_slots_running_streams_get_a_token_every_st
         engine.shutdown()
     assert all(len(out) == 4 for out, _ in done)
     for rid in long_ids:
-        life = [i for i, (sampled, _) in enumerate(steps) if rid in sampled]
+        life = [i for i, (sampled, _, _) in enumerate(steps) if rid in sampled]
         window = steps[life[0]:life[-1] + 1]
         assert len(life) == 60 and len(window) == 60  # a token in every step of its life, none skipped
-        assert sum(1 for _, prefilled in window if prefilled) >= 20  # the burst was prefilled meanwhile
-        assert max(prefilled for _, prefilled in window) <= 16
+        assert sum(1 for _, prefilled, _ in window if prefilled) >= 20  # the burst was prefilled meanwhile
+    assert len(forwards) == len(steps)  # one forward a step: prompt chunks and decode rows together
+    assert all(prefilled + decoded <= 12 for _, prefilled, decoded in steps if decoded)
+    assert any(prefilled + decoded == 12 for _, prefilled, decoded in steps if decoded)  # the budget is used
+    assert max(prefilled for _, prefilled, decoded in steps if not decoded) == 16  # nothing decodes: prefill_chunk
+
+
+def test_a_step_gives_prompts_what_its_decode_rows_leave_of_step_tokens_and_never_less_than_a_quarter():
+    config = EngineConfig(128, 4096, 16, prefill_chunk=2048, step_tokens=512)
+    assert config.prompt_budget(0) == 2048    # nothing decodes: a whole chunk
+    assert config.prompt_budget(100) == 412
+    assert config.prompt_budget(500) == 128   # a full batch still lets prompts in
+    assert EngineConfig(128, 4096, 16, prefill_chunk=256, step_tokens=512).prompt_budget(8) == 256
+    assert EngineConfig(128, 4096, 16, prefill_chunk=2048).prompt_budget(100) == 2048  # no step budget
