@@ -469,7 +469,7 @@ class ServeConfig:
                                   "admits prompts faster (default: 512 GPU, 256 CPU)")
     prefix_cache: bool = opt(True, "keep a finished request's KV cache in its slot until the slot is needed, and "
                              "prefill only what a new prompt adds to it (a conversation's next turn)")
-    stream_interval: float = opt(0.04, "seconds between two chunks of one stream")
+    stream_interval: float = opt(0.04, "longest wait between two chunks of a stream (shorter while few streams run)")
     engine_process: bool | None = opt(None, "run the engine in a child process (default: on GPU)")
     ingress_replicas: int | None = opt(None, "HTTP front-end replicas (default: 2 on GPU, 1 on CPU)")
     max_concurrent_requests: int = opt(32, "engine=per_request: streams one replica serves at once")

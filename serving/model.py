@@ -31,6 +31,11 @@ from serving.draining import (
 log = logging.getLogger("ray.serve")
 
 DRAIN_POLL_S = 0.5
+# Chunks a replica sends per second before its streams merge tokens: each chunk crosses two Serve hops (replica →
+# ingress → proxy), which cost more than the engine's step at 64 streams. A stream waits
+# min(stream_interval, open streams / CHUNK_RATE) after a chunk: one stream gets each token as it comes, 32 or more
+# get one chunk per `stream_interval`.
+CHUNK_RATE = 800.0
 HEALTH_CHECK_PERIOD_S = 2.0   # Serve replaces a replica after 3 failed checks in a row: ~6 s after its engine died
 HEALTH_CHECK_TIMEOUT_S = 10.0
 
@@ -251,8 +256,8 @@ class ChatModel:
         end, n = None, 0
         try:
             while end is None:
-                # Everything the engine produced since the last chunk goes out as one: at most one chunk per
-                # `stream_interval` per stream keeps Serve's per-chunk cost off the token rate.
+                # Everything the engine produced since the last chunk goes out as one: under load, one chunk per
+                # `stream_interval` per stream keeps Serve's per-chunk cost off the token rate (CHUNK_RATE).
                 items = [await req.queue.get()]
                 while not req.queue.empty():
                     items.append(req.queue.get_nowait())
@@ -269,10 +274,11 @@ class ChatModel:
                 if text:
                     for chunk in reply.feed(text):
                         yield chunk
-                    if self.stream_interval and end is None:
-                        # Tokens of the next interval go out as one chunk; the end cuts the wait short.
+                    pause = min(self.stream_interval, len(self._open) / CHUNK_RATE)
+                    if pause > 0.002 and end is None:
+                        # Tokens of the next pause go out as one chunk; the end cuts the wait short.
                         try:
-                            await asyncio.wait_for(req.queue.ended.wait(), self.stream_interval)
+                            await asyncio.wait_for(req.queue.ended.wait(), pause)
                         except TimeoutError:
                             pass
             if end["finish_reason"] == "error":

@@ -101,6 +101,29 @@ def engine_processes(server: ServeApp) -> list[psutil.Process]:
     return found
 
 
+def content_chunks(lines: list[str]) -> int:
+    return sum(1 for line in lines if line.startswith("{") and (json.loads(line).get("choices") or [{}])[0]
+               .get("delta", {}).get("content"))
+
+
+def test_one_stream_gets_each_token_as_it_comes_and_many_streams_get_merged_chunks(app):
+    """A replica sends at most ~800 chunks a second (serving/model.py CHUNK_RATE): a stream alone gets a chunk per
+    token (~10 ms apart here), 16 at once wait up to 20 ms between chunks and so get about two tokens in each."""
+    alone = content_chunks(read_stream(app.url, body(40, temperature=0)))
+    assert alone >= 30  # tokens that end half a character wait for the rest, so not quite 40
+
+    async def many() -> list[int]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(i: int) -> int:
+                payload = body(40, temperature=0, messages=[{"role": "user", "content": f"hi {i}"}])
+                async with client.stream("POST", app.url + URL, json=payload) as r:
+                    return content_chunks([line[6:] async for line in r.aiter_lines() if line.startswith("data: ")])
+            return await asyncio.gather(*(one(i) for i in range(16)))
+
+    together = asyncio.run(many())
+    assert sum(together) < 0.75 * 16 * 40, together
+
+
 def test_a_killed_engine_process_ends_its_stream_with_an_error_and_the_replica_heals(app):
     [engine] = engine_processes(app)
     statuses, stop = [], threading.Event()
