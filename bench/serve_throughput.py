@@ -5,7 +5,8 @@
 
 Side by side in one run: the engine (`engine=batch`, the default) and the old per-request path
 (`engine=per_request`); `batch_no_reuse` is the engine with `prefix_cache=false` (KV reuse between turns off);
-app arguments of one path follow its name (`--paths batch,batch+step_tokens=2048`).
+app arguments of one path follow its name, environment variables of its `serve run` too
+(`--paths batch,batch+step_tokens=2048,batch+RAY_SERVE_THROUGHPUT_OPTIMIZED=1`).
 Every request generates exactly its tokens (`min_tokens`), greedy, and every stream's prompt is its own (a
 number in front: no two share a prefix). Workloads: short (64-token prompts, 128 new tokens) and chat (512-token
 prompts, 256 new tokens), at each of --streams concurrent streams; long (2,000-token prompts, 48 new tokens:
@@ -379,8 +380,11 @@ def main() -> None:
     if args.engine_only:
         servers["engine_alone"] = engine_steps(model, [int(x) for x in args.engine_only.split(",")])
     for path in args.paths.split(","):
-        # a path's own app arguments follow its name: batch+step_tokens=2048+max_num_seqs=64
+        # a path's own app arguments follow its name, and upper-case ones are environment variables of its
+        # `serve run`: batch+step_tokens=2048+RAY_SERVE_THROUGHPUT_OPTIMIZED=1
         name, *own = path.split("+")
+        own_env = dict(kv.split("=", 1) for kv in own if kv.split("=", 1)[0].isupper())
+        own = [kv for kv in own if not kv.split("=", 1)[0].isupper()]
         app = {"model": model, "device": args.device, "bits": args.bits, "engine": name.removesuffix("_no_reuse")}
         if path.startswith("batch"):
             app.update(dict(kv.split("=", 1) for kv in args.extra.split() if "=" in kv))
@@ -390,7 +394,7 @@ def main() -> None:
         else:
             app["max_concurrent_requests"] = "256"
         t0 = time.time()
-        server_env = dict(kv.split("=", 1) for kv in args.server_env.split())
+        server_env = dict(kv.split("=", 1) for kv in args.server_env.split()) | own_env
         server = Server(app, work / f"serve-{path}-{args.bits}.log", server_env)
         try:
             health = server.wait()
