@@ -25,7 +25,8 @@ order, `--examples_per_step` per optimizer step, with the same LoRA (r=8 on q/k/
   ours_small  the same within `gpu_memory_gib: 16` (auto checkpointing plans for it; the cap is enforced)
   ours_dpo    `--stage dpo` (sigmoid loss, reference = adapter off in the same step) on pairs: each record of the
               mix with a second answer of the same length mix; a step takes `--examples_per_step` pairs, and every
-              token of both sequences counts (ours_simpo: no reference pass)
+              token of both sequences counts (ours_simpo: no reference pass); ours_dpo_cached: the steps of a later
+              epoch, whose pairs' reference log-probabilities were kept from the first (filled before the timing)
 
 Each path runs in its own process (clean peak memory). Reported: real tokens/s (pads excluded) over
 the steps after the warm-up, peak GiB allocated, MFU at 4N FLOP per token (frozen base: forward 2N plus
@@ -64,6 +65,7 @@ PATHS = {
     "ours_small_8192": {"gpu_memory_gib": 16, "max_tokens_per_batch": 8192},  # the rows 16 GiB took before round 4
     "ours_16384": {"max_tokens_per_batch": 16384},
     "ours_dpo": {"stage": "dpo"},
+    "ours_dpo_cached": {"stage": "dpo", "reference": "cached"},
     "ours_simpo": {"stage": "dpo", "pref_loss": "simpo"},
     # the job's own LoRA (r=64 on every linear layer, alpha 16, dropout 0.1) in the benchmark's step
     "ours_job_lora": {"lora_r": 64, "lora_alpha": 16.0, "lora_dropout": 0.1, "lora_target": ["auto"]},
@@ -249,6 +251,7 @@ def our_cfg(folder: Path, settings: dict, gpu_bytes: int | None = None, family: 
 def run_path(name: str, settings: dict, args) -> dict:
     from dataclasses import replace
 
+    import numpy as np
     import torch
 
     from common.models.loader import load_tokenizer, open_model_folder
@@ -335,8 +338,11 @@ def run_path(name: str, settings: dict, args) -> dict:
 
         def prepare(idx: list[int]) -> list:
             if pairs:  # whole pairs per row, each as its chosen and rejected sequence
-                batches = [packed_rows([s for i in row for s in part.sequences(i)], cfg.max_tokens_per_batch, positions)
-                           for row in pack(examples, idx, cfg.max_tokens_per_batch)]
+                batches = []
+                for row in pack(examples, idx, cfg.max_tokens_per_batch):
+                    batches.append(packed_rows([s for i in row for s in part.sequences(i)], cfg.max_tokens_per_batch,
+                                               positions))
+                    batches[-1].examples = np.asarray(row)  # what the reference cache keys on
             elif cfg.packing:
                 batches = [packed_batch(examples, row, cfg.max_tokens_per_batch, positions)
                            for row in pack(examples, idx, cfg.max_tokens_per_batch)]
@@ -375,6 +381,15 @@ def run_path(name: str, settings: dict, args) -> dict:
             attention = "flex attention, prefix block mask" if device.type == "cuda" else "dense prefix mask"
     # The worker's order: the next step's batches are built and uploaded while the GPU still runs this step,
     # and losses are read afterwards ("overlap": False reads each step's loss first, as before).
+    if settings.get("reference") == "cached":  # as the first epoch leaves it: every pair's reference known
+        with torch.no_grad():
+            for idx in steps:
+                for b in prepare(idx):
+                    ref = loss_fn.reference_logps(b.input_ids, b.targets, b.sequence_of, b.num_sequences,
+                                                  position_ids=b.position_ids, cu_seqlens=b.cu_seqlens,
+                                                  max_seqlen=b.max_seqlen, supervised=b.supervised)
+                    loss_fn.reference_cache.add(b.examples, ref)
+        loss_fn.end_epoch()
     losses, tokens, t0 = [], 0, None
     biggest = 0
     ready = prepare(steps[0])
@@ -615,7 +630,7 @@ def main() -> None:
     print(table(rows, base_tps))
     sft = by.get("ours")
     for r in rows:
-        if r["name"] in ("ours_dpo", "ours_simpo") and sft and "error" not in sft and "error" not in r:
+        if r["name"].startswith(("ours_dpo", "ours_simpo")) and sft and "error" not in sft and "error" not in r:
             r["vs_sft"] = round(r["tokens_per_s"] / sft["tokens_per_s"], 3)
             print(f"{r['name']}: {r['vs_sft']:.2f} x the SFT step's tokens/s (every token of chosen and rejected "
                   f"counted; {r['peak_gib']} GiB peak vs {sft['peak_gib']})")

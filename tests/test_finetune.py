@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -436,6 +437,9 @@ def test_dpo_learns_the_bundled_preferences_and_logs_its_rewards(env, dpo_run):
     assert "starting from the adapter" in proc.stdout and "(also the reference policy)" in proc.stdout
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0], losses
     assert "reward accuracy" in proc.stdout and "best reward acc.:" in proc.stdout
+    # after the first epoch, every training pair's reference is known: both workers' halves, shared
+    kept = re.search(r"reference log-probabilities kept for (\d+) more pairs \((\d+) in all\)", proc.stdout)
+    assert kept and int(kept[1]) == int(kept[2]) == int(re.search(r"data: (\d+) training examples", proc.stdout)[1])
     meta = json.loads(next((env["root"] / "runs" / "dpo").glob("checkpoint-*/adapter/glmops.json")).read_text())
     assert meta["stage"] == "dpo" and meta["preference"]["loss"] == "sigmoid"
     assert meta["init_adapter"].startswith("runs:/") and meta["lora"]["r"] == 8

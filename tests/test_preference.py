@@ -133,6 +133,39 @@ def test_a_packed_pair_gives_each_sequence_the_log_probabilities_it_has_alone(ti
     torch.testing.assert_close(logps(padded[0]), torch.cat(alone), atol=1e-4, rtol=1e-5)
 
 
+def test_each_pairs_reference_is_computed_once_and_later_epochs_reuse_it(tiny_model, pairs):
+    """Epoch 1 computes the reference in the step; after the epoch's end, epoch 2's micro-batches (other pairs
+    together, in another order) run no reference pass and give the loss the in-step reference gives. Eval never
+    uses what training kept."""
+    model, _, _ = _lora_model(tiny_model)
+    _trained_a_little(model)
+    loss = PreferenceLoss(model, None, PreferenceSettings("sigmoid", 0.1)).train()
+    passes = []
+    in_step = loss.reference_logps
+    loss.reference_logps = lambda *a, **k: passes.append(1) or in_step(*a, **k)
+    src = InMemoryExamples(pairs)
+    batches = lambda epoch: all_batches(src, epoch=epoch, seed=0, packing=True, max_tokens=160,  # noqa: E731
+                                        batch_size=1, pad_id=0)
+    first, second = batches(0), batches(1)
+    assert len(first) > 1 and [list(b.examples) for b in first] != [list(b.examples) for b in second]
+    with torch.no_grad():
+        for b in first:
+            batch_loss_sum(loss, b)
+        assert len(passes) == len(first) and len(loss.reference_cache) == 0  # kept, not yet read back
+        loss.end_epoch()
+        assert len(loss.reference_cache) == len(pairs)
+        cached = [batch_loss_sum(loss, b) for b in second]
+        assert len(passes) == len(first)  # no reference pass in epoch 2
+        loss.reference_cache = type(loss.reference_cache)()  # forget it: the in-step reference again
+        fresh = [batch_loss_sum(loss, b) for b in second]
+        assert len(passes) == len(first) + len(second)
+        torch.testing.assert_close(torch.stack(cached), torch.stack(fresh), atol=1e-5, rtol=1e-5)
+        loss.end_epoch()
+        loss.eval()
+        batch_loss_sum(loss, second[0])
+    assert len(passes) == len(first) + len(second) + 1
+
+
 @pytest.mark.parametrize("bits", [4, 16])
 def test_the_gradient_of_every_loss_reaches_only_the_adapter(tiny_model, pairs, bits):
     model, _, _ = _lora_model(tiny_model, bits)

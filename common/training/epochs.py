@@ -257,9 +257,9 @@ class BatchReader:
         self._parts_for(int(self.plan.window_of[b]))
         ex = self.plan.examples(b)
         seqs = [s for i in ex for s in self.loaded[int(self.src.part[i])].sequences(int(self.src.row[i]))]
-        if self.packing:
-            return packed_rows(seqs, self.max_tokens, self.positions)
-        return padded_rows(seqs, self.pad_id)
+        batch = packed_rows(seqs, self.max_tokens, self.positions) if self.packing else padded_rows(seqs, self.pad_id)
+        batch.examples = ex
+        return batch
 
 
 def all_batches(src: ExampleSource, *, epoch: int, seed: int, packing: bool, max_tokens: int, batch_size: int,

@@ -41,6 +41,7 @@ class Batch:
     # which sequence (example, or half of a preference pair) each supervised position belongs to, in order
     sequence_of: torch.Tensor | None = None
     num_sequences: int = 0
+    examples: np.ndarray | None = None  # the epoch plan's example indices it holds (host side)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
         """On `device`. `non_blocking` on CUDA: copied from pinned memory without waiting, so the host can build
@@ -54,7 +55,7 @@ class Batch:
             return x.pin_memory().to(device, non_blocking=True) if pin else x.to(device)
         return Batch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.attention_mask),
                      self.num_tokens, self.num_targets, move(self.cu_seqlens), self.max_seqlen, move(self.supervised),
-                     move(self.prefix_lens), move(self.sequence_of), self.num_sequences)
+                     move(self.prefix_lens), move(self.sequence_of), self.num_sequences, self.examples)
 
 
 def shifted_targets(labels) -> np.ndarray:

@@ -7,6 +7,10 @@ log-probability of its supervised tokens (the answer); the losses compare them p
 The reference policy costs no second model: with LoRA it is the same base with the adapter switched off
 (`disable_adapter()`), run without gradients in the same step; a run that starts from an SFT adapter
 (`--init_adapter`) keeps a frozen copy of it as the reference instead. SimPO and ORPO need no reference at all.
+
+The reference never changes during a run, so each training pair's reference log-probabilities are computed once,
+in the step that first sees the pair, and kept by example (`ReferenceCache`): from the second epoch on, a
+micro-batch whose pairs are all known skips the reference pass.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,6 +101,48 @@ def reference_policy(model):
         model.base_model.set_adapter(active)
 
 
+class ReferenceCache:
+    """The reference log-probabilities (chosen, rejected) of each training pair, by its example index.
+
+    A step adds what it computed without reading it back (the values stay on the device: no step waits for the
+    GPU); at an epoch's end they come to the host and every worker's are shared (each worker saw different
+    pairs). A resumed run starts empty and fills again as it goes."""
+
+    def __init__(self):
+        self.known: dict[int, tuple[float, float]] = {}
+        self._pending: list[tuple[np.ndarray, torch.Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self.known)
+
+    def lookup(self, examples: np.ndarray, device: torch.device) -> torch.Tensor | None:
+        """The pairs' values as chosen, rejected, chosen, ... (float32 on `device`), or None if any is unknown."""
+        try:
+            values = [v for i in examples.tolist() for v in self.known[i]]
+        except KeyError:
+            return None
+        host = torch.tensor(values, dtype=torch.float32)
+        return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
+
+    def add(self, examples: np.ndarray, ref: torch.Tensor) -> None:
+        self._pending.append((np.asarray(examples), ref.detach()))
+
+    def end_epoch(self) -> None:
+        """Keep what this epoch computed, every worker's (a collective: all workers call it together)."""
+        new: dict[int, tuple[float, float]] = {}
+        for examples, ref in self._pending:
+            new.update(zip(examples.tolist(), map(tuple, ref.float().cpu().view(-1, 2).tolist())))
+        self._pending = []
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            every: list = [None] * dist.get_world_size()
+            dist.all_gather_object(every, new)
+            for part in every:
+                self.known.update(part)
+        else:
+            self.known.update(new)
+
+
 def _token_logps(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return -F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
@@ -126,6 +173,7 @@ class PreferenceLoss(CausalLMLoss):
         super().__init__(model, autocast_dtype, **kw)
         self.settings = settings
         self._sums: torch.Tensor | None = None
+        self.reference_cache = ReferenceCache()
 
     def sequence_logps(self, input_ids, targets, sequence_of: torch.Tensor, num_sequences: int,
                        **batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,14 +194,19 @@ class PreferenceLoss(CausalLMLoss):
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None, cu_seqlens=None,
                 max_seqlen: int = 0, supervised: torch.Tensor | None = None,
                 prefix_lens: torch.Tensor | None = None, sequence_of: torch.Tensor | None = None,
-                num_sequences: int = 0) -> torch.Tensor:
+                num_sequences: int = 0, examples: np.ndarray | None = None) -> torch.Tensor:
         if sequence_of is None or num_sequences % 2:
             raise ValueError("a preference micro-batch holds whole pairs (chosen, rejected, chosen, ...)")
         batch = dict(position_ids=position_ids, attention_mask=attention_mask, cu_seqlens=cu_seqlens,
                      max_seqlen=max_seqlen, supervised=supervised, prefix_lens=prefix_lens)
         ref = None
         if self.settings.needs_reference:
-            ref = self.reference_logps(input_ids, targets, sequence_of, num_sequences, **batch)
+            cache = self.reference_cache if self.training and examples is not None else None
+            ref = cache.lookup(examples, input_ids.device) if cache is not None else None
+            if ref is None:
+                ref = self.reference_logps(input_ids, targets, sequence_of, num_sequences, **batch)
+                if cache is not None:
+                    cache.add(examples, ref)
         logps, counts = self.sequence_logps(input_ids, targets, sequence_of, num_sequences, **batch)
         loss, chosen_reward, rejected_reward = pair_losses(
             self.settings, logps[0::2], logps[1::2], None if ref is None else ref[0::2],
@@ -168,6 +221,15 @@ class PreferenceLoss(CausalLMLoss):
 
     def units_of(self, batch) -> int:
         return batch.num_sequences // 2  # pairs
+
+    def end_epoch(self) -> str:
+        if not self.settings.needs_reference:
+            return ""
+        before = len(self.reference_cache)
+        self.reference_cache.end_epoch()
+        added = len(self.reference_cache) - before
+        return (f"reference log-probabilities kept for {added:,} more pairs ({len(self.reference_cache):,} in all): "
+                "their reference pass is skipped from now on") if added else ""
 
     def describe(self) -> str:
         s = self.settings

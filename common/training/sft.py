@@ -105,7 +105,7 @@ class CausalLMLoss(torch.nn.Module):
     def forward(self, input_ids, targets, position_ids=None, attention_mask=None, cu_seqlens=None,
                 max_seqlen: int = 0, supervised: torch.Tensor | None = None,
                 prefix_lens: torch.Tensor | None = None, sequence_of: torch.Tensor | None = None,
-                num_sequences: int = 0) -> torch.Tensor:
+                num_sequences: int = 0, examples=None) -> torch.Tensor:
         with self.autocast(input_ids.device):
             hidden, targets = self.supervised_hidden(input_ids, targets, position_ids, attention_mask, cu_seqlens,
                                                      max_seqlen, supervised, prefix_lens)
@@ -120,6 +120,10 @@ class CausalLMLoss(torch.nn.Module):
 
     def describe(self) -> str:
         """The start-up line's words on the objective ("" when there is nothing to add)."""
+        return ""
+
+    def end_epoch(self) -> str:
+        """Called by every worker together at each epoch's end (what a loss keeps between epochs); what to log."""
         return ""
 
     def progress(self, sums: torch.Tensor | None, units: float) -> str:
@@ -142,4 +146,4 @@ def batch_loss_sum(loss_fn: CausalLMLoss | torch.nn.Module, batch: Batch) -> tor
     return loss_fn(batch.input_ids, batch.targets, position_ids=batch.position_ids,
                    attention_mask=batch.attention_mask, cu_seqlens=batch.cu_seqlens, max_seqlen=batch.max_seqlen,
                    supervised=batch.supervised, prefix_lens=batch.prefix_lens, sequence_of=batch.sequence_of,
-                   num_sequences=batch.num_sequences)
+                   num_sequences=batch.num_sequences, examples=batch.examples)

@@ -527,6 +527,9 @@ def _train(config: dict) -> dict:
                 tracker.close()
                 return {"stopped_at": state.step}
         if state.step_in_epoch >= n_steps:
+            note = loss_fn.end_epoch()  # what a loss keeps between epochs (the preference loss: reference log-probs)
+            if note:
+                log(note)
             state.epoch += 1
             state.step_in_epoch = 0
     wall = time.time() - t_start
