@@ -49,6 +49,20 @@ class AppArgs(BaseModel):
     request_timeout_s: float | None = None    # every request ends with a timeout error after this many seconds
     graceful_shutdown_timeout_s: float = 30.0  # on shutdown or redeploy, running streams get this long to finish
     stalled_client_timeout_s: float = 10.0     # a client that takes no output for this long is cut off (0: never)
+    throughput_mode: bool = True  # Serve's throughput-optimized mode for the cluster `serve run` starts (see app())
+
+
+def throughput_mode() -> None:
+    """Ray Serve's throughput-optimized mode (RAY_SERVE_THROUGHPUT_OPTIMIZED=1: gRPC between deployments, the
+    ingress replica answering HTTP itself, user code on the replica's own event loop) for the cluster this
+    process is about to start; it reads the switch when its processes start. Its logging to stderr stays on, so
+    the start-up line and errors still reach `serve run`'s console. Its HAProxy ingress stays off: it listens
+    on every interface. A cluster of your own sets these when it starts (infra/)."""
+    import ray
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+        os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "1")
 
 
 def app(args: AppArgs):
@@ -73,6 +87,8 @@ def app(args: AppArgs):
     if args.stalled_client_timeout_s:
         install_in_proxy(args.stalled_client_timeout_s)  # the ingress warns if the cluster's proxy lacks it
     install_in_controller()
+    if args.throughput_mode:
+        throughput_mode()
     # Bind where asked (loopback by default) before `serve run` would start HTTP on its defaults.
     serve.start(http_options={"host": args.host, "port": args.port})
     if args.engine not in ("batch", "per_request"):
