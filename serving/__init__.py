@@ -57,7 +57,8 @@ def throughput_mode() -> None:
     ingress replica answering HTTP itself, user code on the replica's own event loop) for the cluster this
     process is about to start; it reads the switch when its processes start. Its logging to stderr stays on, so
     the start-up line and errors still reach `serve run`'s console. Its HAProxy ingress stays off: it listens
-    on every interface. A cluster of your own sets these when it starts (infra/)."""
+    on every interface. A cluster of your own keeps Serve's defaults unless its nodes start with these set (infra/
+    does not set them yet: the mode has not been tried across nodes)."""
     import ray
 
     if not ray.is_initialized():
