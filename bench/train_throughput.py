@@ -261,6 +261,7 @@ def run_path(name: str, settings: dict, args) -> dict:
     from common.training.memory import expandable_segments
     from common.training.objectives import training_loss
     from common.training.packing import pack, packed_batch, packed_rows, padded_batch
+    from common.training.sft import batch_loss_sum
     from common.training.worker import (
         CausalLMLoss,
         build_model,
@@ -382,13 +383,13 @@ def run_path(name: str, settings: dict, args) -> dict:
     # The worker's order: the next step's batches are built and uploaded while the GPU still runs this step,
     # and losses are read afterwards ("overlap": False reads each step's loss first, as before).
     if settings.get("reference") == "cached":  # as the first epoch leaves it: every pair's reference known
-        with torch.no_grad():
+        loss_fn.train()  # the loss keeps training pairs' references (not eval ones)
+        cuda = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=cuda):  # the timed steps draw the dropout they would
             for idx in steps:
                 for b in prepare(idx):
-                    ref = loss_fn.reference_logps(b.input_ids, b.targets, b.sequence_of, b.num_sequences,
-                                                  position_ids=b.position_ids, cu_seqlens=b.cu_seqlens,
-                                                  max_seqlen=b.max_seqlen, supervised=b.supervised)
-                    loss_fn.reference_cache.add(b.examples, ref)
+                    batch_loss_sum(loss_fn, b)
+        loss_fn.pop_sums()
         loss_fn.end_epoch()
     losses, tokens, t0 = [], 0, None
     biggest = 0

@@ -36,6 +36,7 @@ DRAIN_POLL_S = 0.5
 # min(stream_interval, open streams / CHUNK_RATE) after a chunk: one stream gets each token as it comes, 32 or more
 # get one chunk per `stream_interval`.
 CHUNK_RATE = 800.0
+MIN_PAUSE_S = 0.002  # a shorter pause merges nothing (a step takes longer) and only costs a timer
 HEALTH_CHECK_PERIOD_S = 2.0   # Serve replaces a replica after 3 failed checks in a row: ~6 s after its engine died
 HEALTH_CHECK_TIMEOUT_S = 10.0
 
@@ -275,7 +276,7 @@ class ChatModel:
                     for chunk in reply.feed(text):
                         yield chunk
                     pause = min(self.stream_interval, len(self._open) / CHUNK_RATE)
-                    if pause > 0.002 and end is None:
+                    if pause > MIN_PAUSE_S and end is None:
                         # Tokens of the next pause go out as one chunk; the end cuts the wait short.
                         try:
                             await asyncio.wait_for(req.queue.ended.wait(), pause)

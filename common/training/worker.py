@@ -397,8 +397,9 @@ def _train(config: dict) -> dict:
         log(f"resumed at step {state.step} (epoch {state.epoch}, batch {state.step_in_epoch * per_step})")
 
     loss_fn = training_loss(cfg, model, autocast_dtype)
-    if loss_fn.describe():
-        log(loss_fn.describe())
+    objective = loss_fn.describe()
+    if objective:
+        log(objective)
     ddp = ray.train.torch.prepare_model(loss_fn, move_to_device=False) if world > 1 else loss_fn
     unwrapped = model
     metadata = dict(config["metadata"])
