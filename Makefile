@@ -39,7 +39,7 @@ $(TINY)/config.json: $(STAMP) common/models/tiny_model.py data/sample.json
 tiny-model: $(TINY)/config.json  ## write the tiny offline model to models/tiny-chatglm2
 
 test: $(STAMP)  ## run the whole test suite
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: $(STAMP)  ## the tests that need no Ray, MLflow or Serve
 	$(PY) -m pytest -q -ra -m 'not slow'

@@ -18,9 +18,10 @@ Parsing never evaluates code: ChatGLM3's call is read with `ast` and literal val
 from __future__ import annotations
 
 import ast
+import io
 import json
 import keyword
-import re
+import tokenize
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,7 +114,26 @@ class ToolFormat:
 
 
 _RENAMED = "_glmops_kw_"
-_KEYWORD_ARG = re.compile(r"([(,]\s*)(" + "|".join(keyword.kwlist) + r")\s*=(?!=)")
+
+
+def _rename_keyword_arguments(code: str) -> str:
+    """`tool_call(from='USD')` with each keyword-named argument renamed so that Python can parse it. Found
+    with Python's own tokenizer, so text inside a string value (`note='a, from=b'`) is never touched."""
+    try:
+        tokens = [t for t in tokenize.generate_tokens(io.StringIO(code).readline)
+                  if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT)]
+    except (tokenize.TokenError, SyntaxError) as err:
+        raise ValueError(f"not a python call: {err}") from None
+    starts = [0]
+    for line in code.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    out = code
+    for before, name, after in reversed(list(zip(tokens, tokens[1:], tokens[2:]))):
+        if (name.type == tokenize.NAME and keyword.iskeyword(name.string) and before.string in ("(", ",")
+                and after.string == "="):
+            at = starts[name.start[0] - 1] + name.start[1]
+            out = out[:at] + _RENAMED + out[at:]
+    return out
 
 
 class ChatGLM3Tools(ToolFormat):
@@ -135,7 +155,7 @@ class ChatGLM3Tools(ToolFormat):
             lines = lines[:-1]
         # A parameter named like a Python keyword (`from`, `class`) is written as it is (THUDM's builder does
         # the same), which Python cannot parse: such names are renamed for the parse and named back after it.
-        code = _KEYWORD_ARG.sub(lambda m: f"{m.group(1)}{_RENAMED}{m.group(2)}=", "\n".join(lines).strip())
+        code = _rename_keyword_arguments("\n".join(lines).strip())
         node = ast.parse(code, mode="eval").body
         if not isinstance(node, ast.Call) or node.args:
             raise ValueError("expected tool_call(name=value, ...)")

@@ -113,6 +113,8 @@ async def stream_reply(model, tok, prompt_ids: list[int], stop_ids: list[int], s
                   use_cache=True)
     if do_sample:
         kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    if sampling.suppress_first:
+        kwargs["begin_suppress_tokens"] = list(sampling.suppress_first)
     errors: list[BaseException] = []
 
     def run() -> None:

@@ -236,6 +236,30 @@ def test_stop_ids_end_a_reply_but_not_before_min_tokens(tiny):
     assert len(late) == 12 and why_late == "length"
 
 
+def test_suppress_first_bans_tokens_at_the_first_step_only_on_both_paths(tiny, tiny_tokenizer):
+    """tool_choice "required" bans the token that starts plain text; the engine and the per-request path alike."""
+    from serving.streaming import stream_reply
+
+    logits = tiny(torch.tensor([PROMPTS[0]])).logits[0, -1]
+    first, runner_up = logits.topk(2).indices.tolist()
+    banned = SamplingParams(6, temperature=0, min_tokens=6, suppress_first=(first,))
+    expected = greedy(tiny, PROMPTS[0] + [runner_up], 5)
+    engine = start(tiny)
+    try:
+        [(out, _)] = run_all(engine, lambda: [collect(engine, PROMPTS[0], banned)])
+    finally:
+        engine.shutdown()
+    assert out == [runner_up] + expected
+
+    async def per_request():
+        return [c async for c in stream_reply(tiny, tiny_tokenizer, PROMPTS[0], [], banned)]
+
+    chunks = asyncio.run(per_request())
+    text = "".join(c.get("delta", "") for c in chunks)
+    assert text == tiny_tokenizer.decode([runner_up] + expected).replace("\ufffd", "")  # stray bytes are dropped
+    assert chunks[-1]["completion_tokens"] == 6
+
+
 def test_limits_are_enforced_at_submit_and_a_cancelled_request_frees_its_slot(tiny):
     engine = start(tiny, slots=2, max_len=64, queued=1)
 

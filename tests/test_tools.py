@@ -71,7 +71,8 @@ def test_glm4_tool_conversations_are_token_exact_with_its_chat_template(case, gl
 @pytest.mark.parametrize("family", sorted(FORMATS))
 def test_each_familys_call_parses_back_to_the_same_call(family):
     fmt = tool_format(family)
-    call = ToolCall("book_train", {"from": "北京", "to_city": "It's \"far\", x=1", "date": "2026-12-05",
+    call = ToolCall("book_train", {"from": "北京", "to_city": "It's \"far\", x=1", "note": "a, from=b (class=c)",
+                                   "class": "二等座", "date": "2026-12-05",
                                    "seats": 2, "window": True, "extra": {"meal": None, "bags": [1, 2.5]}})
     metadata, text = fmt.call_message(call)
     assert fmt.parse(f"{metadata}\n{text}") == call
