@@ -46,3 +46,17 @@ def test_building_twice_gives_identical_weights(tiny_model, tmp_path):
     again = build_tiny_model(str(tmp_path / "again"), str(ROOT / "data/sample.json"))
     a, b = load_file(tiny_model / "model.safetensors"), load_file(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_attention_init_sets_only_the_query_and_key_weights(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    from common.models.tiny_model import build_tiny_model
+
+    soft = build_tiny_model(str(tmp_path / "soft"), str(ROOT / "data/sample.json"), attention_init=0.0)
+    a, b = load_file(tiny_model / "model.safetensors"), load_file(soft / "model.safetensors")
+    qk = [k for k in b if k.endswith(("q_proj.weight", "k_proj.weight"))]
+    assert len(qk) == 2 * json.loads((soft / "config.json").read_text())["num_hidden_layers"]
+    assert all(not b[k].any() for k in qk)
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in qk)
+    assert json.loads((soft / "glmops.json").read_text())["attention_init"] == 0.0

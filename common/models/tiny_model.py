@@ -92,8 +92,15 @@ ARCHS = ("glm", "glm4")  # transformers' GlmForCausalLM, Glm4ForCausalLM
 
 
 def build_tiny_model(out_dir: str, data_path: str = "data/sample.json", seed: int = 0,
-                     hidden_size: int = 64, num_layers: int = 2, family: str = "chatglm2", arch: str = "glm") -> Path:
-    """Write the tiny model folder and return its path."""
+                     hidden_size: int = 64, num_layers: int = 2, family: str = "chatglm2", arch: str = "glm",
+                     attention_init: float | None = None) -> Path:
+    """Write the tiny model folder and return its path.
+
+    `attention_init`: the std of the query and key projections' weights instead of the wide init. At the wide
+    init each head's attention is nearly one-hot on fixed positions of the prompt, whatever the tokens there,
+    and a LoRA cannot turn it towards the question (behind ChatGLM3's 330-token tool list it never learns to
+    copy a city into a call). With 0 attention starts from the biases and the rotary positions alone, soft
+    over the whole prompt, and the LoRA on q/k learns where to look (bench/tool_calls.py)."""
     import torch
     from transformers import GenerationConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM
 
@@ -111,13 +118,19 @@ def build_tiny_model(out_dir: str, data_path: str = "data/sample.json", seed: in
         initializer_range=0.25, tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None,
     )
     model = model_class(cfg)
+    if attention_init is not None:
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                    proj.weight.normal_(0.0, attention_init)  # std 0 gives zeros
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                                max_new_tokens=64, do_sample=False)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     write_model_metadata(out, family=family, template=family, base_model=f"glmops/tiny-{family}",
                          extra={"note": "random weights; for tests and the demo only", "seed": seed,
-                                "tokenizer_trained_on": Path(data_path).name})
+                                "tokenizer_trained_on": Path(data_path).name,
+                                **({} if attention_init is None else {"attention_init": attention_init})})
     return out
 
 
@@ -131,11 +144,13 @@ def main(argv: list[str] | None = None) -> int:
                          "default chatglm2, glm4 with --arch glm4")
     ap.add_argument("--arch", default="glm", choices=ARCHS,
                     help="glm: GlmForCausalLM (ChatGLM2/3, glm-4-9b-chat); glm4: Glm4ForCausalLM (GLM-4-0414)")
+    ap.add_argument("--attention_init", type=float,
+                    help="std of the query/key weights (0: attention starts soft; see build_tiny_model)")
     args = ap.parse_args(argv)
     family = args.family or ("glm4" if args.arch == "glm4" else "chatglm2")
     name = f"tiny-{family}" if args.arch == "glm" else "tiny-glm4-0414"
     out = build_tiny_model(args.output_dir or f"models/{name}", args.data_path, args.seed, family=family,
-                           arch=args.arch)
+                           arch=args.arch, attention_init=args.attention_init)
     cfg = json.loads((out / "config.json").read_text())
     print(f"wrote {out} ({cfg['architectures'][0]}, vocab {cfg['vocab_size']}, template {family})")
     return 0
