@@ -123,7 +123,7 @@ def main() -> None:
                "wrong": wrong[:20]}
         out = Path(args.out)
         kept = json.loads(out.read_text()) if out.is_file() else {}
-        # Earlier runs (other settings, the diagnosis of the misses) stay in the file; the newest run leads.
+        # Earlier runs (other settings, the diagnosis of the misses) stay in the file; the top describes the newest.
         kept.update({k: run[k] for k in ("command", "date", "versions")})
         kept["target"] = {"tool_arguments_exact": ">= 90 (% of the training prompts that call)"}
         kept["runs"] = kept.get("runs", []) + [run]

@@ -124,8 +124,8 @@ def _rename_keyword_arguments(code: str) -> str:
                   if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.COMMENT)]
     except (tokenize.TokenError, SyntaxError) as err:
         raise ValueError(f"not a python call: {err}") from None
-    starts = [0]
-    for line in code.splitlines(keepends=True):
+    starts = [0]  # where each of the tokenizer's lines begins (it splits at "\n" only, as readline does)
+    for line in io.StringIO(code).readlines():
         starts.append(starts[-1] + len(line))
     out = code
     for before, name, after in reversed(list(zip(tokens, tokens[1:], tokens[2:]))):
