@@ -177,8 +177,9 @@ async def measure(url: str, content: str, streams: int, tokens: int, models: lis
         for model in models:  # warm-up (and each adapter in its slot)
             await one_stream(client, url, content, 8, model)
         t0 = time.perf_counter()
-        # each stream its own prompt: a number in front, so that no two share a prefix
-        results = await asyncio.gather(*(one_stream(client, url, f"{i + 1}. {content}", tokens,
+        # each stream its own prompt: numbers in front, so that no two share a prefix, neither within this level
+        # nor with an earlier level's streams (whose caches a server with KV reuse keeps)
+        results = await asyncio.gather(*(one_stream(client, url, f"{streams}-{i + 1}. {content}", tokens,
                                                     models[i % len(models)]) for i in range(streams)))
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
@@ -275,8 +276,11 @@ async def measure_mixed(url: str, rate: float, seconds: float, shape: dict = MIX
             "aggregate_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1), "wall_s": round(wall, 2)}
 
 
-def engine_steps(model_dir: str, batches: list[int], bucket_tokens: int = 192, steps: int = 50) -> list[dict]:
-    """The engine alone, in this process, no HTTP: ms per decode step (graph replay + batched sampling)."""
+def engine_steps(model_dir: str, batches: list[int], mixed: list[tuple[int, int]] = (), bucket_tokens: int = 192,
+                 steps: int = 50, profile: bool = False, device: str = "cuda") -> list[dict]:
+    """The engine alone, in this process, no HTTP: ms per decode step (graph replay + batched sampling), and per
+    mixed step (`mixed`: B decode rows + one P-token prompt chunk in one forward, as the scheduler builds them
+    under load). `profile`: the GPU kernels of the last mixed shape, summed by name."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -284,27 +288,54 @@ def engine_steps(model_dir: str, batches: list[int], bucket_tokens: int = 192, s
     from serving.runners import RowInput, runner_for
     from serving.sampling import Row, Sampler, SamplingParams
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map="cuda").eval()
-    top = max(batches)
-    runner = runner_for(model, top, 4096)
-    runner.capture(top, 256)
-    sampler = Sampler(model.config.vocab_size, top + 1, runner.device, last_token=runner.last_token)
-    out = []
-    for b in batches:
-        rows = [RowInput(i, None, bucket_tokens) for i in range(b)]  # decode rows: the graph path
-        greedy = [Row(SamplingParams(1, temperature=0), None, i, []) for i in range(b)]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=device).eval()
+    top = max([*batches, *(b for b, _ in mixed)])
+    runner = runner_for(model, top + 1, 4096)  # the last slot takes the prompt of a mixed step
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        runner.capture(top, 256)
+    sampler = Sampler(model.config.vocab_size, top + 2, runner.device, last_token=runner.last_token)
+    rng = torch.Generator().manual_seed(0)
+
+    def timed(rows: list, label: str, extra: dict) -> dict:
+        greedy = [Row(SamplingParams(1, temperature=0), None, r.slot, []) for r in rows]
         for _ in range(5):
             sampler(runner.forward(rows), greedy).tolist()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             sampler(runner.forward(rows), greedy).tolist()
         ms = (time.perf_counter() - t0) / steps * 1000
-        out.append({"batch": b, "ms_per_step": round(ms, 2), "tok_s": round(b * 1000 / ms, 1)})
-        print(f"engine alone: batch {b}: {ms:.2f} ms/step, {b * 1000 / ms:,.0f} tok/s", flush=True)
-    del runner, model
-    torch.cuda.empty_cache()
-    return out
+        print(f"engine alone: {label}: {ms:.2f} ms/step", flush=True)
+        return {**extra, "ms_per_step": round(ms, 2)}
+
+    out = []
+    for b in batches:  # decode rows only: the graph path
+        row = timed([RowInput(i, None, bucket_tokens) for i in range(b)], f"batch {b}", {"batch": b})
+        out.append({**row, "tok_s": round(b * 1000 / row["ms_per_step"], 1)})
+    for b, p in mixed:
+        prompt = torch.randint(3, model.config.vocab_size, (p,), generator=rng).tolist()
+        rows = [RowInput(i, None, bucket_tokens) for i in range(b)] + [RowInput(top, prompt, 0)]
+        out.append(timed(rows, f"{b} decode rows + a {p}-token prompt chunk", {"batch": b, "prompt_tokens": p}))
+    if profile and mixed:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                runner.forward(rows)
+            sync()
+        kernels = {}
+        for e in prof.key_averages():
+            if str(e.device_type).endswith("CUDA"):  # the kernels themselves, not the ops that launched them
+                us = getattr(e, "self_device_time_total", 0) or getattr(e, "device_time_total", 0)
+                kernels[e.key[:90]] = (round(us / 5 / 1000, 3), e.count // 5)
+        top_kernels = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]
+        out.append({"profile": f"{b} decode rows + {p}-token prompt, ms per step by kernel",
+                    "kernels": [{"name": k, "ms": ms, "calls": n} for k, (ms, n) in top_kernels],
+                    "total_kernel_ms": round(sum(ms for ms, _ in kernels.values()), 2)})
+        print(json.dumps(out[-1], indent=1), flush=True)
+    return out  # the model and its cache go with this frame; the caller empties the allocator's cache
 
 
 def versions() -> dict:
@@ -360,6 +391,9 @@ def main() -> None:
     ap.add_argument("--paths", default="batch,per_request")
     ap.add_argument("--extra", default="", help="more app arguments for the engine path, e.g. max_num_seqs=64")
     ap.add_argument("--engine_only", default="", help="first time the engine alone at these batch sizes (GPU)")
+    ap.add_argument("--engine_mixed", default="", help="with --engine_only: mixed steps, BxP (B decode rows and a "
+                    "P-token prompt chunk), e.g. 128x384,64x1024")
+    ap.add_argument("--engine_profile", action="store_true", help="with --engine_mixed: kernels of the last mixed step")
     ap.add_argument("--workload_streams", default="long=1,8",
                     help="stream levels of a workload other than --streams (workload=levels, space separated)")
     ap.add_argument("--server_env", default="", help="environment of `serve run` (KEY=VALUE, space separated), e.g. "
@@ -378,7 +412,13 @@ def main() -> None:
     prompts = {w: prompt_of(model, p, seed=i) for i, (w, (p, _)) in enumerate(WORKLOADS.items())}
     rows, servers = [], {}
     if args.engine_only:
-        servers["engine_alone"] = engine_steps(model, [int(x) for x in args.engine_only.split(",")])
+        mixed = [tuple(int(v) for v in bp.split("x")) for bp in args.engine_mixed.split(",") if bp]
+        servers["engine_alone"] = engine_steps(model, [int(x) for x in args.engine_only.split(",")], mixed,
+                                               profile=args.engine_profile, device=args.device)
+        if args.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
     for path in args.paths.split(","):
         # a path's own app arguments follow its name, and upper-case ones are environment variables of its
         # `serve run`: batch+step_tokens=2048+RAY_SERVE_THROUGHPUT_OPTIMIZED=1

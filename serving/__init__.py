@@ -29,7 +29,7 @@ class AppArgs(BaseModel):
     max_queued_requests: int = 256        # waiting beyond max_num_seqs; more get 429
     prefill_chunk: int | None = None      # prompt tokens in a step while nothing decodes (default: 2048 GPU, 512 CPU)
     prefix_cache: bool = True             # keep finished sequences' KV for the next turn (serving/prefix_cache.py)
-    step_tokens: int | None = None        # a step's tokens while streams decode, decode rows + prompts (512 GPU, 256 CPU)
+    step_tokens: int | None = None        # a step's tokens while streams decode, decode rows + prompts (2048 GPU, 256 CPU)
     stream_interval: float = 0.04         # longest wait between two chunks of a stream (shorter while few streams run)
     engine_process: bool | None = None    # the engine in a child process (default: on GPU; GIL-free of Serve)
     ingress_replicas: int | None = None   # HTTP front-end replicas (JSON and SSE encoding); default 2 on GPU, 1 on CPU

@@ -49,7 +49,7 @@ class EngineSpec:
     max_lora_rank: int = 64  # the largest adapter rank the slots hold
     lora_gather_max: int = 16  # steps of up to this many tokens use the gathered kernels (GPU; 0: never)
     prefix_cache: bool = True  # finished sequences' KV kept for the next turn (serving/prefix_cache.py)
-    step_tokens: int | None = None  # a step's tokens while streams decode (default: 512 GPU, 256 CPU)
+    step_tokens: int | None = None  # a step's tokens while streams decode (default: 2048 GPU, 256 CPU)
 
 
 def load(spec: EngineSpec):
@@ -113,7 +113,7 @@ def build_engine(model, spec: EngineSpec, sink=None) -> tuple[Engine, str]:
     if getattr(runner, "ops_note", ""):
         graphs += f"; {runner.ops_note}"
     chunk = spec.prefill_chunk or (2048 if spec.device == "cuda" else 512)
-    step = spec.step_tokens or (512 if spec.device == "cuda" else 256)
+    step = spec.step_tokens or (2048 if spec.device == "cuda" else 256)
     engine = Engine(runner, EngineConfig(seqs, length, spec.max_queued_requests, chunk, spec.prefix_cache, step),
                     model.config.vocab_size, sink=sink)
     reuse = ("on" if engine.prefix is not None else

@@ -24,10 +24,12 @@ adapter rows skips them. Decode graphs are captured with and without adapters, n
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -60,6 +62,23 @@ def to_device(data, device: torch.device, dtype: torch.dtype = torch.long) -> to
     if device.type != "cuda":
         return t
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def flat_rows(rows: list[RowInput]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step's rows as one flat list of tokens: [4, N] (token, slot, position, adapter slot; a decode row's
+    token is 0 here, filled in on the device) and [R] each row's last index. Built with whole-array ops: a
+    step under load holds 128 decode rows beside a prompt chunk, and a loop of small tensor writes per row cost
+    ~2 ms of host time per step (measured), as much as a third of the step's GPU time."""
+    n = len(rows)
+    sizes = np.fromiter((r.size for r in rows), np.int64, n)
+    ends = np.cumsum(sizes)
+    column = lambda values: np.repeat(np.fromiter(values, np.int64, n), sizes)  # noqa: E731 - one per row
+    flat = np.empty((4, int(ends[-1])), np.int64)
+    flat[0] = list(itertools.chain.from_iterable((0,) if r.tokens is None else r.tokens for r in rows))
+    flat[1] = column(r.slot for r in rows)
+    flat[2] = np.arange(flat.shape[1]) - np.repeat(ends - sizes, sizes) + column(r.start for r in rows)
+    flat[3] = column(r.lora for r in rows)
+    return torch.from_numpy(flat), torch.from_numpy(ends - 1)
 
 
 def bucket_for(length: int, max_len: int) -> int:
@@ -148,17 +167,7 @@ class FlatRunner(Runner):
             slots, positions, loras = to_device(host, self.device)
             return self._tokens(None, slots, positions, bucket, loras=loras if with_lora else None)
         # Prompt chunks (and any decode rows among them): one flat list of tokens; logits of each row's last.
-        flat = torch.empty(4, sum(r.size for r in rows), dtype=torch.long)
-        last = torch.empty(len(rows), dtype=torch.long)
-        at = 0
-        for i, r in enumerate(rows):
-            n = r.size
-            flat[0, at:at + n] = torch.tensor(r.tokens) if r.tokens is not None else 0
-            flat[1, at:at + n] = r.slot
-            flat[2, at:at + n] = torch.arange(r.start, r.start + n)
-            flat[3, at:at + n] = r.lora
-            at += n
-            last[i] = at - 1
+        flat, last = flat_rows(rows)
         self._new_prompts(rows)
         flat = to_device(flat, self.device)
         tokens = flat[0]

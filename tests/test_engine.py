@@ -10,7 +10,7 @@ from conftest import reference_dir
 from transformers import AutoModelForCausalLM
 
 from serving.engine import Engine, EngineConfig, Overloaded, TooLong
-from serving.runners import ChatGLM1Runner, GlmRunner, RowInput, runner_for
+from serving.runners import ChatGLM1Runner, GlmRunner, RowInput, flat_rows, runner_for
 from serving.sampling import SamplingParams
 
 PROMPTS = [list(range(5, 23)), [30, 31, 32], list(range(40, 47)), [50] * 40, [60, 61], list(range(70, 100))]
@@ -462,3 +462,13 @@ def test_a_step_gives_prompts_what_its_decode_rows_leave_of_step_tokens_and_neve
     assert config.prompt_budget(500) == 128   # a full batch still lets prompts in
     assert EngineConfig(128, 4096, 16, prefill_chunk=256, step_tokens=512).prompt_budget(8) == 256
     assert EngineConfig(128, 4096, 16, prefill_chunk=2048).prompt_budget(100) == 2048  # no step budget
+
+
+def test_a_mixed_step_flattens_to_each_rows_tokens_slot_positions_and_adapter_with_its_last_index():
+    rows = [RowInput(3, None, 40), RowInput(0, [7, 8, 9], 5, lora=2), RowInput(5, None, 2), RowInput(1, [4], 0)]
+    flat, last = flat_rows(rows)
+    assert flat.tolist() == [[0, 7, 8, 9, 0, 4],        # a decode row's token is filled in on the device
+                             [3, 0, 0, 0, 5, 1],        # slot
+                             [40, 5, 6, 7, 2, 0],       # position
+                             [-1, 2, 2, 2, -1, -1]]     # adapter slot
+    assert last.tolist() == [0, 3, 4, 5]
