@@ -64,6 +64,11 @@ def throughput_mode() -> None:
     if not ray.is_initialized():
         os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
         os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "1")
+        # In this mode an ingress replica that stops keeps serving for a minimum draining period (30 s by default)
+        # even with nothing in flight, so that a load balancer in front can drop it first. With no HAProxy, the
+        # only router is Serve's own, which learns of it within a second or two; 30 s made every Ctrl-C (and each
+        # serving test's teardown) wait half a minute for nothing. Requests in flight are still waited for.
+        os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
 
 
 def app(args: AppArgs):
