@@ -110,9 +110,9 @@ class Server:
 
 
 def client(streams: int):
-    """The benchmark's HTTP client for `streams` concurrent streams: aiohttp, one connection per stream. httpx's
-    pool (the client before) tops out near 10,000 tokens/s at 128 streams of 5 ms tokens, against a server that
-    does nothing but stream (bench/client_ceiling.py), which is below what the engine does."""
+    """The benchmark's HTTP client for `streams` concurrent streams: aiohttp, one connection per stream. The
+    httpx client used before reached 15,015 tokens/s at 128 streams of 5 ms tokens against a server that does
+    nothing but stream, aiohttp 20,851 (bench/client_ceiling.py, a 2-core machine): below what the engine does."""
     import aiohttp
 
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=streams + 8),
@@ -247,7 +247,6 @@ async def measure_mixed(url: str, rate: float, seconds: float, shape: dict = MIX
     """Requests arriving as a Poisson process at `rate` per second for `seconds`, prompt and reply lengths drawn
     lognormal (each prompt its own): what the server sustains, and what each stream gets meanwhile."""
     import math
-
 
     rng = random.Random(seed)
     plan, t = [], rng.expovariate(rate)
