@@ -68,7 +68,7 @@ def flat_rows(rows: list[RowInput]) -> tuple[torch.Tensor, torch.Tensor]:
     """A step's rows as one flat list of tokens: [4, N] (token, slot, position, adapter slot; a decode row's
     token is 0 here, filled in on the device) and [R] each row's last index. Built with whole-array ops: a
     step under load holds 128 decode rows beside a prompt chunk, and a loop of small tensor writes per row cost
-    ~2 ms of host time per step (measured), as much as a third of the step's GPU time."""
+    ~2 ms of host time per step (measured on CPU), about a fifth of such a step's GPU time (9.5 ms on an H200)."""
     n = len(rows)
     sizes = np.fromiter((r.size for r in rows), np.int64, n)
     ends = np.cumsum(sizes)
@@ -171,8 +171,8 @@ class FlatRunner(Runner):
         self._new_prompts(rows)
         flat = to_device(flat, self.device)
         tokens = flat[0]
-        pending = [int(last[i]) for i, r in enumerate(rows) if r.tokens is None]
-        if pending:  # decode rows mixed in: their token is on the device already
+        pending = last[torch.from_numpy(np.fromiter((r.tokens is None for r in rows), bool, len(rows)))]
+        if len(pending):  # decode rows mixed in: their token is on the device already
             idx = to_device(pending, self.device)
             tokens[idx] = self.last_token[flat[1][idx]]
         return self._tokens(tokens, flat[1], flat[2], bucket, to_device(last, self.device),
