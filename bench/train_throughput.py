@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import math
 import os
 import random
@@ -393,27 +394,34 @@ def run_path(name: str, settings: dict, args) -> dict:
         loss_fn.end_epoch()
     losses, tokens, t0 = [], 0, None
     biggest = 0
+    recompiles = watch_recompiles()
+    marks = StepMarks(device)
+    phases = watch_memory_phases(loss_fn, device, recompiles) if pairs else []
     ready = prepare(steps[0])
     for k in range(len(steps)):
         if k == args.warmup:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0, tokens = time.time(), 0
+        recompiles.step = k
+        marks.mark()
         loss, n, widest = run(ready)
         if k + 1 < len(steps):
             ready = prepare(steps[k + 1])
         biggest = max(biggest, widest)
         losses.append(loss)
         tokens += n
+    marks.mark()
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.time() - t0
+    logging.getLogger("torch._dynamo").removeHandler(recompiles)
     losses = [round(float(x), 5) for x in losses]
     step = lambda idx: run(prepare(idx))  # noqa: E731
     profile = profile_steps(step, steps[:args.profile], device) if args.profile else None
     tps = tokens / seconds
     n_params = param_count(folder)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    peak = marks.overall_peak() / 2**30 if device.type == "cuda" else float("nan")
     from torch._dynamo.utils import counters
 
     return {"name": name, "settings": settings, "tokens_per_s": round(tps), "peak_gib": round(peak, 2),
@@ -422,7 +430,97 @@ def run_path(name: str, settings: dict, args) -> dict:
             "mfu": round(tps * 4 * n_params / PEAK_FLOPS, 4), "step_s": round(seconds / (len(steps) - args.warmup), 3),
             "timed_steps": len(steps) - args.warmup, "timed_tokens": tokens, "checkpointing": plan,
             "largest_micro_batch_tokens": biggest, "attention": attention,
-            "params": n_params, "losses": losses, **({"profile": profile} if profile else {})}
+            "params": n_params, "losses": losses, "step_ms": marks.milliseconds(),
+            "recompiles": recompiles.seen, "step_peak_gib": marks.peaks, "memory_phases": phases,
+            **({"profile": profile} if profile else {})}
+
+
+class StepMarks:
+    """Each step's time on the GPU's stream (an event at every step's start, read once at the end: no step waits
+    for the GPU), so a slow step (a compile, an allocator's growth) shows where it happened."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        self.events, self.times = [], []
+        self._torch = torch
+
+        self.peaks: list[float] = []   # each step's peak allocated GiB (the allocator's books: no sync)
+        self._peak_before = 0
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = self._torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+            step_peak = self._torch.cuda.max_memory_allocated()
+            if self.events[1:]:
+                self.peaks.append(round(step_peak / 2**30, 2))
+            # the run's overall peak stays what max_memory_allocated reports at the end
+            self._peak_before = max(self._peak_before, step_peak)
+            self._torch.cuda.reset_peak_memory_stats()
+        else:
+            self.times.append(time.time())
+
+    def overall_peak(self) -> int:
+        return max(self._peak_before, self._torch.cuda.max_memory_allocated()) if self.cuda else 0
+
+    def milliseconds(self) -> list[float]:
+        if self.cuda:
+            return [round(a.elapsed_time(b), 1) for a, b in zip(self.events, self.events[1:])]
+        return [round(1e3 * (b - a), 1) for a, b in zip(self.times, self.times[1:])]
+
+
+def watch_memory_phases(loss_fn, device, clock, steps: int = 3) -> list[dict]:
+    """GiB allocated before and after the reference and policy passes of a preference step's micro-batches (the
+    first `steps` steps), and the step's peak so far after each: what a pass leaves behind for the next."""
+    import torch
+
+    seen: list[dict] = []
+    if device.type != "cuda":
+        return seen
+
+    def wrap(name):
+        fn = getattr(loss_fn, name)
+
+        def watched(*a, **k):
+            before = torch.cuda.memory_allocated()
+            out = fn(*a, **k)
+            if clock.step < steps:
+                seen.append({"step": clock.step, "pass": name, "before_gib": round(before / 2**30, 2),
+                             "after_gib": round(torch.cuda.memory_allocated() / 2**30, 2),
+                             "step_peak_so_far_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)})
+                print("MEM " + json.dumps(seen[-1]), flush=True)
+            return out
+        setattr(loss_fn, name, watched)
+
+    for name in ("reference_logps", "sequence_logps"):
+        wrap(name)
+    return seen
+
+
+def watch_recompiles():
+    """Dynamo's recompilations while the steps run, each with its step and the guard that failed."""
+    import torch
+
+    class Seen(logging.Handler):
+        step, seen = -1, []
+
+        def emit(self, record):
+            lines = record.getMessage().splitlines()
+            if lines and lines[0].startswith("Recompiling"):
+                # one failed guard per graph compiled so far ("- 0/2: ..."), the trace lines left out
+                why = [ln.strip()[2:].split("#")[0].strip() for ln in lines[1:]
+                       if ln.strip().startswith("- ") and ln.strip()[2:3].isdigit()]
+                self.seen.append({"step": self.step, "function": lines[0][len("Recompiling function "):][:80],
+                                  "guards": why[:6]})
+
+    torch._logging.set_logs(recompiles=True)
+    handler = Seen()
+    handler.seen = []
+    logging.getLogger("torch._dynamo").addHandler(handler)
+    return handler
 
 
 # Host-side calls that wait for the GPU (each one drains the queue of launched kernels).
@@ -530,6 +628,7 @@ def spawn(name: str, settings: dict, args) -> dict:
         (["--smoke"] if args.smoke else [])
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    (Path(args.workdir) / f"{name}.log").write_text(proc.stdout + proc.stderr)  # the whole story of a failed run
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -635,6 +734,13 @@ def main() -> None:
             r["vs_sft"] = round(r["tokens_per_s"] / sft["tokens_per_s"], 3)
             print(f"{r['name']}: {r['vs_sft']:.2f} x the SFT step's tokens/s (every token of chosen and rejected "
                   f"counted; {r['peak_gib']} GiB peak vs {sft['peak_gib']})")
+    for r in rows:
+        if "step_ms" in r:
+            ms, timed = r["step_ms"], sorted(r["step_ms"][args.warmup:])
+            late = [c for c in r["recompiles"] if c["step"] >= args.warmup]
+            print(f"{r['name']}: step ms first {ms[:3]}, timed median {timed[len(timed) // 2] if timed else '-'} "
+                  f"(min {timed[0] if timed else '-'}, max {timed[-1] if timed else '-'}); {len(r['recompiles'])} "
+                  f"recompiles, {len(late)} during the timed steps" + (f", e.g. {late[0]}" if late else ""))
     for r in rows:
         if r.get("profile"):
             p = r["profile"]

@@ -95,12 +95,46 @@ def test_the_optimizer_is_adamw_fused_on_cuda_and_the_per_tensor_loop_elsewhere(
         assert not make_optimizer(gpu, 1e-3, 0.0, fused=False).defaults.get("fused")
 
 
+def rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                   **kwargs):
+    """What varlen attention computes on a GPU (each example of a packed row attends causally within itself),
+    from the example boundaries alone, in plain tensor ops a CPU can run and dynamo can trace. Calls without
+    boundaries (generation) take SDPA with their mask, as on a GPU."""
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    pos = torch.arange(query.shape[2])
+    example = torch.searchsorted(cu_seq_lens_q[1:].long(), pos, right=True)
+    mask = (example[:, None] == example[None, :]) & (pos[:, None] >= pos[None, :])
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                                           enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2), None
+
+
+@pytest.fixture
+def varlen_on_cpu(monkeypatch):
+    """Packed rows take the GPU's path on this CPU: their boundaries go to every layer (`cu_seq_lens_q`)."""
+    from transformers import AttentionInterface
+
+    from common.training import attention, sft
+
+    attention.register()
+    real = AttentionInterface._global_mapping[attention.NAME]
+    AttentionInterface.register(attention.NAME, rows_attention)
+    monkeypatch.setattr(sft, "varlen_available", lambda device, dtype: True)
+    yield
+    AttentionInterface.register(attention.NAME, real)
+
+
 @pytest.mark.parametrize("arch", ["glm", "glm4-0414"])
-def test_compiled_decoder_layers_train_exactly_like_eager_ones_and_generate_eager(arch, request):
+def test_compiled_decoder_layers_train_exactly_like_eager_ones_and_generate_eager(arch, request, varlen_on_cpu):
     """`--torch_compile true`: every decoder layer runs through torch.compile (the same graphs for all of them,
-    and for any row length once a second length was seen), with the same loss and LoRA gradients as the eager layers, through checkpointed layers
-    too; replies generated in between run eager and compile nothing. The same for GLM-4-0414's layout
-    (Glm4ForCausalLM), on packed rows."""
+    and for any row length and any number of examples in a row once a second length was seen), with the same
+    loss and LoRA gradients as the eager layers, through checkpointed layers too; replies generated in between
+    run eager and compile nothing. The same for GLM-4-0414's layout (Glm4ForCausalLM), on packed rows with their
+    boundaries passed to the layers as on a GPU."""
     tiny_model = request.getfixturevalue("tiny_model" if arch == "glm" else "tiny_glm4")
     from peft import get_peft_model_state_dict
     from torch._dynamo.utils import counters
@@ -122,7 +156,9 @@ def test_compiled_decoder_layers_train_exactly_like_eager_ones_and_generate_eage
         # rows of different lengths: a graph compiled for one length would recompile for the next
         batches = epoch_batches(examples, epoch=0, seed=0, packing=True, max_tokens=256, batch_size=1, pad_id=0)
         lengths = {b.input_ids.shape[1] for b in batches}
-        assert len(lengths) >= 4
+        # and of different example counts, which first changed mid-run on a GPU and recompiled every graph
+        counts = [len(b.cu_seqlens) for b in batches]
+        assert len(lengths) >= 4 and len(set(counts[2:]) - set(counts[:2])) >= 1, counts
         loss_fn = CausalLMLoss(model, None)
         losses, grads = [], []
         graphs = counters["stats"]["unique_graphs"]

@@ -85,6 +85,11 @@ class CausalLMLoss(torch.nn.Module):
         if prefix_lens is not None:
             kwargs.update(cu_seq_lens_q=cu_seqlens, prefix_lens=prefix_lens)
         elif self.varlen and cu_seqlens is not None and attention_mask is None:
+            # How many examples a micro-batch holds changes as soon as a step packs into more than one row. Left
+            # to PyTorch's automatic dynamic shapes, that first change recompiles every graph of the layers
+            # mid-run (~15 s each on an H100, whenever a batch first splits: bench/NOTES.md, "preference
+            # round 2"); marked dynamic from the first compile, it never does.
+            torch._dynamo.maybe_mark_dynamic(cu_seqlens, 0)
             kwargs.update(cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens, max_length_q=max_seqlen,
                           max_length_k=max_seqlen)
             if not self.build_masks:
