@@ -49,7 +49,7 @@ def server(tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     proc = run_job("jobs/finetune.py", "--base_model", str(base), "--data_path", str(data), "--eval_data_path", str(data),
                    "--bits", "16", "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0", "--learning_rate",
-                   "1e-2", "--warmup_steps", "5", "--max_steps", "240", "--max_tokens_per_batch", "4096",
+                   "1e-2", "--warmup_steps", "5", "--max_steps", "120", "--max_tokens_per_batch", "4096",
                    "--max_source_length", "512", "--max_target_length", "64", "--num_workers", "1",
                    "--cpus_per_worker", "1", "--gradient_checkpointing", "false", "--eval_generate_samples", "0",
                    "--output_dir", str(root / "runs"), "--mlflow_tracking_uri", uri, env={"RAY_ADDRESS": ""},
