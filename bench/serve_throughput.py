@@ -291,7 +291,8 @@ def engine_steps(model_dir: str, batches: list[int], mixed: list[tuple[int, int]
                  steps: int = 50, profile: bool = False, device: str = "cuda") -> list[dict]:
     """The engine alone, in this process, no HTTP: ms per decode step (graph replay + batched sampling), and per
     mixed step (`mixed`: B decode rows + one P-token prompt chunk in one forward, as the scheduler builds them
-    under load). `profile`: the GPU kernels of the last mixed shape, summed by name."""
+    under load). `profile`: the GPU kernels of the smallest decode batch and of the last mixed shape, summed by
+    name."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -328,25 +329,37 @@ def engine_steps(model_dir: str, batches: list[int], mixed: list[tuple[int, int]
         prompt = torch.randint(3, model.config.vocab_size, (p,), generator=rng).tolist()
         rows = [RowInput(i, None, bucket_tokens) for i in range(b)] + [RowInput(top, prompt, 0)]
         out.append(timed(rows, f"{b} decode rows + a {p}-token prompt chunk", {"batch": b, "prompt_tokens": p}))
-    if profile and mixed:
-        from torch.profiler import ProfilerActivity
-        from torch.profiler import profile as torch_profile
-
-        with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            for _ in range(5):
-                runner.forward(rows)
-            sync()
-        kernels = {}
-        for e in prof.key_averages():
-            if str(e.device_type).endswith("CUDA"):  # the kernels themselves, not the ops that launched them
-                us = getattr(e, "self_device_time_total", 0) or getattr(e, "device_time_total", 0)
-                kernels[e.key[:90]] = (round(us / 5 / 1000, 3), e.count // 5)
-        top_kernels = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]
-        out.append({"profile": f"{b} decode rows + {p}-token prompt, ms per step by kernel",
-                    "kernels": [{"name": k, "ms": ms, "calls": n} for k, (ms, n) in top_kernels],
-                    "total_kernel_ms": round(sum(ms for ms, _ in kernels.values()), 2)})
-        print(json.dumps(out[-1], indent=1), flush=True)
+    if profile:  # where a step's GPU time goes: one stream's decode step (the graph replayed), the last mixed shape
+        if batches:
+            b0 = min(batches)
+            decode = [RowInput(i, None, bucket_tokens) for i in range(b0)]
+            out.append(kernel_profile(lambda: runner.forward(decode), sync, f"{b0} decode row(s), ms per step by kernel"))
+        if mixed:
+            out.append(kernel_profile(lambda: runner.forward(rows), sync,
+                                      f"{b} decode rows + {p}-token prompt, ms per step by kernel"))
     return out  # the model and its cache go with this frame; the caller empties the allocator's cache
+
+
+def kernel_profile(step, sync, label: str, repeats: int = 5) -> dict:
+    """The GPU kernels of `step` (kernels replayed from a CUDA graph included), summed by name, per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            step()
+        sync()
+    kernels = {}
+    for e in prof.key_averages():
+        if str(e.device_type).endswith("CUDA"):  # the kernels themselves, not the ops that launched them
+            us = getattr(e, "self_device_time_total", 0) or getattr(e, "device_time_total", 0)
+            kernels[e.key[:90]] = (round(us / repeats / 1000, 3), e.count // repeats)
+    top_kernels = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:20]
+    found = {"profile": label, "kernels": [{"name": k, "ms": ms, "calls": n} for k, (ms, n) in top_kernels],
+             "total_kernel_ms": round(sum(ms for ms, _ in kernels.values()), 2),
+             "kernel_launches": sum(n for _, n in kernels.values())}
+    print(json.dumps(found, indent=1), flush=True)
+    return found
 
 
 def versions() -> dict:
@@ -406,7 +419,7 @@ def main() -> None:
     ap.add_argument("--engine_only", default="", help="first time the engine alone at these batch sizes (GPU)")
     ap.add_argument("--engine_mixed", default="", help="with --engine_only: mixed steps, BxP (B decode rows and a "
                     "P-token prompt chunk), e.g. 128x384,64x1024")
-    ap.add_argument("--engine_profile", action="store_true", help="with --engine_mixed: kernels of the last mixed step")
+    ap.add_argument("--engine_profile", action="store_true", help="with --engine_only: the kernels of its smallest decode batch and of the last --engine_mixed step")
     ap.add_argument("--workload_streams", default="long=1,8",
                     help="stream levels of a workload other than --streams (workload=levels, space separated)")
     ap.add_argument("--server_env", default="", help="environment of `serve run` (KEY=VALUE, space separated), e.g. "
@@ -432,7 +445,7 @@ def main() -> None:
             import torch
 
             torch.cuda.empty_cache()
-    for path in args.paths.split(","):
+    for path in filter(None, args.paths.split(",")):  # --paths "": the engine alone only
         # a path's own app arguments follow its name, and upper-case ones are environment variables of its
         # `serve run`: batch+step_tokens=2048+RAY_SERVE_THROUGHPUT_OPTIMIZED=1
         name, *own = path.split("+")
