@@ -180,9 +180,13 @@ class FlatRunner(Runner):
 
     # -- CUDA graphs for decode steps -----------------------------------------------------------------------
     def warm_up(self) -> None:
-        """A prompt on the scratch slot: Triton compiles its kernels on first use; better at start-up than
-        in a user's request."""
-        self.forward([RowInput(self.scratch, [0] * min(16, self.max_len), 0)])
+        """Prompts on the scratch slot: Triton compiles its kernels on first use; better at start-up than
+        in a user's request. It compiles a kernel again for each kind of integer argument it sees (1, a multiple
+        of 16, anything else), so the prompts are 16 and 17 tokens long. With 16 alone, the first 69-token prompt
+        of the first server on a fresh machine waited ~0.3 s in the engine, the next servers' ~35 ms: compiling
+        for a length that is no multiple of 16 is the likely cause (bench/NOTES.md, serving round 4)."""
+        for n in (16, 17):
+            self.forward([RowInput(self.scratch, [0] * min(n, self.max_len), 0)])
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
