@@ -240,12 +240,10 @@ def log_evaluation(uri: str, cfg, results: list[Scored], convs: list[Conversatio
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
 
-    from common.tracking import artifact_root_for, mark_model_training
+    from common.tracking import experiment_id, mark_model_training
 
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(cfg.experiment_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment_name,
-                                                                    artifact_location=artifact_root_for(uri))
+    exp_id = experiment_id(client, cfg.experiment_name, uri)
     mark_model_training(client, exp_id)
     tags = {**source_tags, "glmops.job": "evaluate", "models": json.dumps([r.candidate.spec for r in results])}
     if len(results) == 1:

@@ -347,7 +347,7 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
     from mlflow.exceptions import MlflowException
 
     from common.config import to_dict
-    from common.tracking import artifact_root_for, link_model_version, source_tags
+    from common.tracking import experiment_id, link_model_version, source_tags
 
     client = MlflowClient(tracking_uri=uri)
     meta = source.metadata
@@ -358,9 +358,7 @@ def register_merged(uri: str, out: Path, name: str, cfg, source: AdapterSource, 
         except MlflowException:
             exp_id = None
     if exp_id is None:
-        exp = client.get_experiment_by_name("glmops-merge")
-        exp_id = exp.experiment_id if exp else client.create_experiment("glmops-merge",
-                                                                        artifact_location=artifact_root_for(uri))
+        exp_id = experiment_id(client, "glmops-merge", uri)
     tags = {"glmops.job": "merge", "training_run_id": str(source.training_run_id), "base_model": meta["base_model"],
             "family": meta["family"], "glmops.kind": kind, "glmops.stage": meta.get("stage", "sft")}
     if kind == "merged":

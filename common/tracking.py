@@ -263,6 +263,23 @@ def source_tags(script: str) -> dict[str, str]:
     return tags
 
 
+def experiment_id(client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created if it does not exist. Two jobs started together on a new experiment
+    both find it missing; the one whose create loses takes the winner's."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_root_for(uri))
+    except MlflowException as err:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise err
+        return exp.experiment_id
+
+
 def mark_model_training(client, experiment_id: str) -> None:
     """The experiment kind the MLflow UI offers for model training (instead of guessing GenAI)."""
     if "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags:

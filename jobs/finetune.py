@@ -39,9 +39,9 @@ from common.metrics import BEST_METRICS
 from common.models.loader import ModelInfo, open_model_folder
 from common.templates import Template, get_template
 from common.tracking import (
-    artifact_root_for,
     check_reachable,
     default_tracking_uri,
+    experiment_id,
     log_dataset,
     mark_model_training,
     retrying,
@@ -292,9 +292,7 @@ def start_mlflow_run(cfg: FinetuneConfig, uri: str, run_name: str, tags: dict, r
     if resume_run_id:
         client.update_run(resume_run_id, status="RUNNING")
         return resume_run_id
-    exp = client.get_experiment_by_name(cfg.experiment_name)
-    exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment_name,
-                                                                    artifact_location=artifact_root_for(uri))
+    exp_id = experiment_id(client, cfg.experiment_name, uri)
     mark_model_training(client, exp_id)
     run = client.create_run(exp_id, run_name=run_name, tags={**source_tags("jobs/finetune.py"), **tags})
     rid = run.info.run_id

@@ -137,3 +137,27 @@ def test_retrying_raises_at_once_for_a_refused_request_and_after_its_patience_fo
     with pytest.raises(ConnectionRefusedError):
         tracking.retrying("x", down, patience_s=0.0, log=lambda *a, **k: None)
     assert len(calls) == 1
+
+
+def test_a_job_that_loses_the_race_to_create_its_experiment_joins_the_winners(tmp_path):
+    """Two jobs started together on a new experiment both find it missing and both create it; the second create
+    fails in MLflow, and that job must take the experiment the first one made instead of stopping."""
+    from mlflow import MlflowClient
+
+    from common.tracking import experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    class LateClient(MlflowClient):  # looked before the other job created it
+        looked = False
+
+        def get_experiment_by_name(self, name):
+            if not self.looked:
+                self.looked = True
+                return None
+            return super().get_experiment_by_name(name)
+
+    winner = experiment_id(MlflowClient(uri), "adapters", uri)
+    assert experiment_id(LateClient(uri), "adapters", uri) == winner
+    assert experiment_id(MlflowClient(uri), "adapters", uri) == winner
+    assert [e.name for e in MlflowClient(uri).search_experiments()].count("adapters") == 1
