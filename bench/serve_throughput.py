@@ -9,8 +9,8 @@ app arguments of one path follow its name, environment variables of its `serve r
 (`--paths batch,batch+step_tokens=2048,batch+RAY_SERVE_THROUGHPUT_OPTIMIZED=1`).
 Every request generates exactly its tokens (`min_tokens`), greedy, and every stream's prompt is its own (a
 number in front: no two share a prefix). Workloads: short (64-token prompts, 128 new tokens) and chat (512-token
-prompts, 256 new tokens), at each of --streams concurrent streams, --bursts times (the median burst is reported); long (2,000-token prompts, 48 new tokens:
-time to first token) at 1 and 8; turns (--turns conversations at once, each of 5 turns that resend the whole
+prompts, 256 new tokens), at each of --streams concurrent streams, --bursts times (the median burst is
+reported); long (2,000-token prompts, 48 new tokens: time to first token) at 1 and 8; turns (--turns conversations at once, each of 5 turns that resend the whole
 history: a 300-token first prompt, 256-token replies, 250 new tokens per turn; TTFT per turn); mixed (Poisson
 arrivals at --mixed_rate requests/s for --mixed_seconds, prompts lognormal around 450 tokens, replies lognormal
 around 150: tokens/s, TPOT and TTFT at saturation).
@@ -333,7 +333,8 @@ def engine_steps(model_dir: str, batches: list[int], mixed: list[tuple[int, int]
         if batches:
             b0 = min(batches)
             decode = [RowInput(i, None, bucket_tokens) for i in range(b0)]
-            out.append(kernel_profile(lambda: runner.forward(decode), sync, f"{b0} decode row(s), ms per step by kernel"))
+            out.append(kernel_profile(lambda: runner.forward(decode), sync,
+                                      f"{b0} decode row(s), ms per step by kernel"))
         if mixed:
             out.append(kernel_profile(lambda: runner.forward(rows), sync,
                                       f"{b} decode rows + {p}-token prompt, ms per step by kernel"))
@@ -419,7 +420,8 @@ def main() -> None:
     ap.add_argument("--engine_only", default="", help="first time the engine alone at these batch sizes (GPU)")
     ap.add_argument("--engine_mixed", default="", help="with --engine_only: mixed steps, BxP (B decode rows and a "
                     "P-token prompt chunk), e.g. 128x384,64x1024")
-    ap.add_argument("--engine_profile", action="store_true", help="with --engine_only: the kernels of its smallest decode batch and of the last --engine_mixed step")
+    ap.add_argument("--engine_profile", action="store_true",
+                    help="with --engine_only: the kernels of its smallest decode batch and of the last --engine_mixed step")
     ap.add_argument("--workload_streams", default="long=1,8",
                     help="stream levels of a workload other than --streams (workload=levels, space separated)")
     ap.add_argument("--server_env", default="", help="environment of `serve run` (KEY=VALUE, space separated), e.g. "

@@ -445,9 +445,8 @@ class StepMarks:
         self.cuda = device.type == "cuda"
         self.events, self.times = [], []
         self._torch = torch
-
         self.peaks: list[float] = []   # each step's peak allocated GiB (the allocator's books: no sync)
-        self._peak_before = 0
+        self._peak_before = 0          # the largest step peak so far: each mark resets the allocator's
 
     def mark(self) -> None:
         if self.cuda:
@@ -457,7 +456,6 @@ class StepMarks:
             step_peak = self._torch.cuda.max_memory_allocated()
             if self.events[1:]:
                 self.peaks.append(round(step_peak / 2**30, 2))
-            # the run's overall peak stays what max_memory_allocated reports at the end
             self._peak_before = max(self._peak_before, step_peak)
             self._torch.cuda.reset_peak_memory_stats()
         else:
@@ -505,7 +503,9 @@ def watch_recompiles():
     import torch
 
     class Seen(logging.Handler):
-        step, seen = -1, []
+        def __init__(self):
+            super().__init__()
+            self.step, self.seen = -1, []
 
         def emit(self, record):
             lines = record.getMessage().splitlines()
@@ -518,7 +518,6 @@ def watch_recompiles():
 
     torch._logging.set_logs(recompiles=True)
     handler = Seen()
-    handler.seen = []
     logging.getLogger("torch._dynamo").addHandler(handler)
     return handler
 
