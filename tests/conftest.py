@@ -18,6 +18,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Converted THUDM checkpoints are cached; keep the tests' copies out of the user's cache.
 os.environ["GLMOPS_CACHE"] = tempfile.mkdtemp(prefix="glmops-test-cache-")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller looks at its workers every 2 s, so a finished (or dead) worker is noticed up to 2 s
+# late, a few times per job: ~4 s of each tiny fine-tune's ~30 s. The jobs the tests start inherit this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")

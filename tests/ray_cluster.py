@@ -72,4 +72,6 @@ class RayHead:
                     os.kill(pid, sig)
                 except ProcessLookupError:
                     pass
-            time.sleep(2)
+            deadline = time.time() + 2  # give them 2 s to go, but no longer than they take
+            while self.pids() and time.time() < deadline:
+                time.sleep(0.1)

@@ -30,7 +30,7 @@ class ServeApp:
         self.proc = subprocess.Popen([serve, "run", "serving:app", *(f"{k}={v}" for k, v in self.args.items())],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
                                      cwd=Path(__file__).resolve().parent.parent)
-        wait_until_healthy(self.url + "/health", self.proc, self.log_path, timeout, "serve run", poll=1)
+        wait_until_healthy(self.url + "/health", self.proc, self.log_path, timeout, "serve run", poll=0.25)
         return self
 
     def stop(self) -> None:
