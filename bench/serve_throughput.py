@@ -288,21 +288,38 @@ async def measure_mixed(url: str, rate: float, seconds: float, shape: dict = MIX
 
 
 def engine_steps(model_dir: str, batches: list[int], mixed: list[tuple[int, int]] = (), bucket_tokens: int = 192,
-                 steps: int = 50, profile: bool = False, device: str = "cuda") -> list[dict]:
+                 steps: int = 50, profile: bool = False, device: str = "cuda",
+                 gemv_modes: tuple[str, ...] = ("auto",)) -> list[dict]:
     """The engine alone, in this process, no HTTP: ms per decode step (graph replay + batched sampling), and per
     mixed step (`mixed`: B decode rows + one P-token prompt chunk in one forward, as the scheduler builds them
     under load). `profile`: the GPU kernels of the smallest decode batch and of the last mixed shape, summed by
-    name."""
+    name. Each of `gemv_modes` (the app's decode_gemv) gets its own runner over the same weights, one after the
+    other, and the same measurements."""
     import torch
     from transformers import AutoModelForCausalLM
 
     import common  # noqa: F401 - registers ChatGLM-6B's model with the Auto classes
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=device).eval()
+    out = []
+    for mode in gemv_modes:
+        out += _engine_steps(model, mode, batches, mixed, bucket_tokens, steps, profile, device)
+        if device == "cuda":
+            torch.cuda.empty_cache()  # the last runner's KV cache goes before the next one's
+    return out
+
+
+def _engine_steps(model, mode: str, batches, mixed, bucket_tokens: int, steps: int, profile: bool,
+                  device: str) -> list[dict]:
+    import torch
+
     from serving.runners import RowInput, runner_for
     from serving.sampling import Row, Sampler, SamplingParams
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=device).eval()
     top = max([*batches, *(b for b, _ in mixed)])
-    runner = runner_for(model, top + 1, 4096)  # the last slot takes the prompt of a mixed step
+    runner = runner_for(model, top + 1, 4096, decode_gemv=mode)  # the last slot takes the prompt of a mixed step
+    note = getattr(runner, "ops_note", "")
+    print(f"engine alone, decode_gemv={mode}: {note}", flush=True)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     if device == "cuda":
         runner.capture(top, 256)
@@ -318,10 +335,10 @@ def engine_steps(model_dir: str, batches: list[int], mixed: list[tuple[int, int]
         for _ in range(steps):
             sampler(runner.forward(rows), greedy).tolist()
         ms = (time.perf_counter() - t0) / steps * 1000
-        print(f"engine alone: {label}: {ms:.2f} ms/step", flush=True)
-        return {**extra, "ms_per_step": round(ms, 2)}
+        print(f"engine alone, decode_gemv={mode}: {label}: {ms:.2f} ms/step", flush=True)
+        return {"decode_gemv": mode, **extra, "ms_per_step": round(ms, 2)}
 
-    out = []
+    out = [{"decode_gemv": mode, "ops": note}]
     for b in batches:  # decode rows only: the graph path
         row = timed([RowInput(i, None, bucket_tokens) for i in range(b)], f"batch {b}", {"batch": b})
         out.append({**row, "tok_s": round(b * 1000 / row["ms_per_step"], 1)})
@@ -338,7 +355,9 @@ def engine_steps(model_dir: str, batches: list[int], mixed: list[tuple[int, int]
         if mixed:
             out.append(kernel_profile(lambda: runner.forward(rows), sync,
                                       f"{b} decode rows + {p}-token prompt, ms per step by kernel"))
-    return out  # the model and its cache go with this frame; the caller empties the allocator's cache
+    for row in out:
+        row.setdefault("decode_gemv", mode)
+    return out  # the runner and its cache go with this frame; the caller empties the allocator's cache
 
 
 def kernel_profile(step, sync, label: str, repeats: int = 5) -> dict:
@@ -420,6 +439,8 @@ def main() -> None:
     ap.add_argument("--engine_only", default="", help="first time the engine alone at these batch sizes (GPU)")
     ap.add_argument("--engine_mixed", default="", help="with --engine_only: mixed steps, BxP (B decode rows and a "
                     "P-token prompt chunk), e.g. 128x384,64x1024")
+    ap.add_argument("--engine_gemv", default="auto", help="with --engine_only: the app's decode_gemv values to time "
+                                                          "side by side, e.g. auto,off")
     ap.add_argument("--engine_profile", action="store_true",
                     help="with --engine_only: the kernels of its smallest decode batch and of the last --engine_mixed step")
     ap.add_argument("--workload_streams", default="long=1,8",
@@ -442,7 +463,8 @@ def main() -> None:
     if args.engine_only:
         mixed = [tuple(int(v) for v in bp.split("x")) for bp in args.engine_mixed.split(",") if bp]
         servers["engine_alone"] = engine_steps(model, [int(x) for x in args.engine_only.split(",")], mixed,
-                                               profile=args.engine_profile, device=args.device)
+                                               profile=args.engine_profile, device=args.device,
+                                               gemv_modes=tuple(args.engine_gemv.split(",")))
         if args.device == "cuda":
             import torch
 

@@ -466,10 +466,13 @@ class ServeConfig:
     prefill_chunk: int | None = opt(None, "prompt tokens in an engine step while nothing decodes (default: 2048 GPU, 512 CPU)")
     step_tokens: int | None = opt(None, "a step's tokens while streams decode: one per decode row, the rest (at "
                                   "least a quarter) for prompts; lower keeps streams' pace under load, higher "
-                                  "admits prompts faster (default: 512 GPU, 256 CPU)")
+                                  "admits prompts faster (default: 2048 GPU, 256 CPU)")
     prefix_cache: bool = opt(True, "keep a finished request's KV cache in its slot until the slot is needed, and "
                              "prefill only what a new prompt adds to it (a conversation's next turn)")
     stream_interval: float = opt(0.04, "longest wait between two chunks of a stream (shorter while few streams run)")
+    decode_gemv: str = opt("auto", "GPU decode steps of at most 4 rows: each projection through a Triton GEMV where "
+                           "start-up timing finds it faster than cuBLAS (auto), or always cuBLAS (off)",
+                           choices=("auto", "off"))
     engine_process: bool | None = opt(None, "run the engine in a child process (default: on GPU)")
     ingress_replicas: int | None = opt(None, "HTTP front-end replicas (default: 2 on GPU, 1 on CPU)")
     max_concurrent_requests: int = opt(32, "engine=per_request: streams one replica serves at once")

@@ -31,6 +31,7 @@ class AppArgs(BaseModel):
     prefix_cache: bool = True             # keep finished sequences' KV for the next turn (serving/prefix_cache.py)
     step_tokens: int | None = None        # a step's tokens while streams decode, decode rows + prompts (2048 GPU, 256 CPU)
     stream_interval: float = 0.04         # longest wait between two chunks of a stream (shorter while few streams run)
+    decode_gemv: str = "auto"             # steps of <= 4 rows: projections through Triton where faster than cuBLAS, or "off"
     engine_process: bool | None = None    # the engine in a child process (default: on GPU; GIL-free of Serve)
     ingress_replicas: int | None = None   # HTTP front-end replicas (JSON and SSE encoding); default 2 on GPU, 1 on CPU
     max_concurrent_requests: int = 32     # engine="per_request" only: streams one replica runs at once
@@ -85,6 +86,8 @@ def app(args: AppArgs):
 
     if args.bits not in (4, 8, 16):
         raise ValueError(f"bits must be 4, 8 or 16, not {args.bits}")
+    if args.decode_gemv not in ("auto", "off"):
+        raise ValueError(f"decode_gemv must be 'auto' or 'off', not {args.decode_gemv!r}")
     if args.request_timeout_s is not None and args.request_timeout_s <= 0:
         raise ValueError(f"request_timeout_s must be > 0 seconds, not {args.request_timeout_s}")
     if args.graceful_shutdown_timeout_s < 0 or args.stalled_client_timeout_s < 0:
@@ -118,7 +121,7 @@ def app(args: AppArgs):
         step_tokens=args.step_tokens, stream_interval=args.stream_interval, engine_process=args.engine_process,
         request_timeout_s=args.request_timeout_s, drain_timeout_s=args.graceful_shutdown_timeout_s,
         adapters=args.adapters, max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
-        lora_gather_max=args.lora_gather_max)
+        lora_gather_max=args.lora_gather_max, decode_gemv=args.decode_gemv)
     # Stopping drains (serving/draining.py): serve run's Ctrl-C or SIGTERM, and `serve shutdown` in the controller.
     events.set_draining(False)  # a new app on a cluster that drained an earlier one
     events.set_drain_plan(args.graceful_shutdown_timeout_s, args.replicas)

@@ -50,6 +50,7 @@ class EngineSpec:
     lora_gather_max: int = 16  # steps of up to this many tokens use the gathered kernels (GPU; 0: never)
     prefix_cache: bool = True  # finished sequences' KV kept for the next turn (serving/prefix_cache.py)
     step_tokens: int | None = None  # a step's tokens while streams decode (default: 2048 GPU, 256 CPU)
+    decode_gemv: str = "auto"  # steps of <= 4 rows: projections through Triton where faster than cuBLAS ("off": never)
 
 
 def load(spec: EngineSpec):
@@ -102,7 +103,7 @@ def build_engine(model, spec: EngineSpec, sink=None) -> tuple[Engine, str]:
         if fit < length:
             length, note = max(fit, 256), "what the free GPU memory holds"
     length = min(length, context)
-    runner = runner_for(model, seqs, length, adapters=pool)
+    runner = runner_for(model, seqs, length, adapters=pool, decode_gemv=spec.decode_gemv)
     graphs = ""
     if isinstance(runner, FlatRunner) and runner.use_graphs:
         try:

@@ -78,7 +78,7 @@ class ChatModel:
                  step_tokens: int | None = None, stream_interval: float = 0.04,
                  engine_process: bool | None = None, request_timeout_s: float | None = None,
                  drain_timeout_s: float = 30.0, adapters: str | None = None, max_loras: int = 4,
-                 max_lora_rank: int = 64, lora_gather_max: int = 16):
+                 max_lora_rank: int = 64, lora_gather_max: int = 16, decode_gemv: str = "auto"):
         import torch
 
         from serving.loopback import bind_replica_server_to_node
@@ -100,7 +100,7 @@ class ChatModel:
         spec = EngineSpec(str(info.path), bits, dtype, device, trust_remote_code, max_num_seqs, max_model_len,
                           max_queued_requests, prefill_chunk, int(os.environ.get("GLMOPS_SERVE_THREADS", "2")),
                           max_loras if engine == "batch" else 0, max_lora_rank, lora_gather_max, prefix_cache,
-                          step_tokens)
+                          step_tokens, decode_gemv)
         self.tok = load_tokenizer(info, trust_remote_code)
         self.template = get_template(template or info.template)
         self.stop_ids = self.template.stop_token_ids(self.tok)

@@ -127,8 +127,10 @@ class FlatRunner(Runner):
     kernels per layer, like decode. On a GPU each decode (batch size, attention bucket) is captured once in a
     CUDA graph and replayed."""
 
-    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None):
+    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None,
+                 decode_gemv: str = "auto"):
         super().__init__(model, num_slots, max_len, adapters)
+        self.decode_gemv = decode_gemv  # "auto": few-row projections through Triton where measured faster; "off"
         self.graphs: dict[tuple[int, int, bool], tuple] = {}
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self._pool = None  # one memory pool for all graphs: only one replays at a time
@@ -259,8 +261,10 @@ class GlmRunner(FlatRunner):
 
     family = "glm"
 
-    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None):
-        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs, adapters=adapters)
+    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None,
+                 decode_gemv: str = "auto"):
+        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs, adapters=adapters,
+                         decode_gemv=decode_gemv)
         inner = model.model
         cfg = model.config
         self.layers, self.embed, self.norm, self.rotary = inner.layers, inner.embed_tokens, inner.norm, inner.rotary_emb
@@ -275,11 +279,37 @@ class GlmRunner(FlatRunner):
         self.qkv = [_fuse_qkv(layer.self_attn) for layer in self.layers]
         from serving.kernels import pick_ops
 
-        rot = self.rotary(torch.zeros(1, dtype=self.k_cache.dtype, device=self.device),
-                          torch.zeros(1, 1, dtype=torch.long, device=self.device))[0].shape[-1]
+        # cos and sin of every position, computed once by the model's rotary module: a step looks its positions up
+        # (one kernel) instead of running the module (~9 small kernels). Elementwise the same arithmetic on the
+        # same numbers, so the same values.
+        cos, sin = self.rotary(torch.zeros(1, dtype=self.k_cache.dtype, device=self.device),
+                               torch.arange(max_len, device=self.device)[None])
+        self.rope_table = torch.stack([cos[0], sin[0]], dim=1)  # [max_len, 2, rot]
+        rot = cos.shape[-1]
         self.ops, self.ops_note = pick_ops(self.device, heads=self.heads, kv_heads=self.kv_heads, head_dim=head_dim,
                                            rot=rot, hidden=cfg.hidden_size, ffn=cfg.intermediate_size,
                                            dtype=self.k_cache.dtype)
+        self.proj = self._projections()
+        if self.proj is not None and self.proj.note:
+            self.ops_note = "; ".join(n for n in (self.ops_note, self.proj.note) if n)
+
+    def _projections(self):
+        """The layers' projections as plain weights, and which of them run through the few-row Triton GEMV
+        (serving/kernels_gemv.py, measured against cuBLAS here); None where a layer is quantized or its MLP is
+        not SwiGLU (the modules run themselves)."""
+        from serving.kernels_gemv import Projections, pick_gemv
+
+        mods = {"o": [], "gate_up": [], "down": []}
+        for layer in self.layers:
+            mods["o"].append(layer.self_attn.o_proj)
+            mods["gate_up"].append(layer.mlp.gate_up_proj)
+            mods["down"].append(layer.mlp.down_proj)
+        mods["head"] = [self.model.lm_head]
+        linear = all(type(m) is torch.nn.Linear for ms in mods.values() for m in ms)
+        if not (linear and self.silu and all(w is not None for w in self.qkv)):
+            return None
+        weights = {"qkv": list(self.qkv)} | {name: [(m.weight, m.bias) for m in ms] for name, ms in mods.items()}
+        return pick_gemv(Projections(weights), self.device, self.decode_gemv)
 
     @classmethod
     def lora_sites(cls, model) -> list:
@@ -310,31 +340,41 @@ class GlmRunner(FlatRunner):
 
     @torch.no_grad()
     def _tokens(self, tokens, slots, positions, bucket, last=None, loras=None):
-        ops = self.ops
+        ops, proj = self.ops, self.proj
         lora = self._lora(loras)
+        no_adapter = self.adapters is None or loras is None  # then nothing needs the down projection's input
         x = self.embed(self.last_token[slots] if tokens is None else tokens)
-        cos, sin = (c[:, 0] for c in self.rotary(x, positions[:, None]))
+        cos, sin = self.rope_table[positions].unbind(1)
         h, h_norm = None, None  # the MLP's output, and its norm's weight (Glm4) before it joins the residual
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             post_attn, post_mlp = self.post_norms[i]
             x, h = ops.add_rms_norm(x, h, layer.input_layernorm.weight, self.eps, h_norm)
-            q = ops.rope_write(lora(i, "qkv", h, self._qkv(i, h)), cos, sin, self.k_cache[i], self.v_cache[i],
+            qkv = proj("qkv", i, h) if proj else self._qkv(i, h)
+            q = ops.rope_write(lora(i, "qkv", h, qkv), cos, sin, self.k_cache[i], self.v_cache[i],
                                slots, positions, self.heads, self.kv_heads)
             out = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, positions, attn.scaling, bucket)
-            x, h = ops.add_rms_norm(x, lora(i, "o", out, attn.o_proj(out)), layer.post_attention_layernorm.weight,
-                                    self.eps, post_attn)
+            o = proj("o", i, out) if proj else attn.o_proj(out)
+            x, h = ops.add_rms_norm(x, lora(i, "o", out, o), layer.post_attention_layernorm.weight, self.eps,
+                                    post_attn)
             h_norm = post_mlp
             mlp = layer.mlp
-            if self.silu:
+            if not self.silu:
+                h = mlp(h)
+            elif proj is None:  # quantized layers: the modules themselves
                 act = ops.silu_mul(lora(i, "gate_up", h, mlp.gate_up_proj(h)))
                 h = lora(i, "down", act, mlp.down_proj(act))
             else:
-                h = mlp(h)
+                gate_up = lora(i, "gate_up", h, proj("gate_up", i, h))
+                if no_adapter and proj.fuses_swiglu(len(gate_up)):  # SwiGLU inside the down GEMV
+                    h = proj.down_swiglu(i, gate_up)
+                else:
+                    act = ops.silu_mul(gate_up)
+                    h = lora(i, "down", act, proj("down", i, act))
         if last is not None:  # only the rows whose logits are wanted go through the final norm and the head
             x, h = x[last], h[last]
         _, h = ops.add_rms_norm(x, h, self.norm.weight, self.eps, h_norm)
-        return self.model.lm_head(h).float()
+        return (proj("head", 0, h) if proj else self.model.lm_head(h)).float()
 
 def _fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """q/k/v weights as one matrix, the modules' own weights becoming views into it (no extra memory).
@@ -365,16 +405,20 @@ class ChatGLM1Runner(FlatRunner):
     prompt in place, while prompts are short. In a step with a prompt longer than PROMPT_KERNEL_MAX (the kernel
     would read it once per token: with 32 KV heads, no grouped queries share those reads), each prompt's tokens
     before <sop> attend to each other through one flash attention call without a mask (they all see the same
-    keys), and the rest (<sop>, any later token) through the kernel. Each slot keeps, on the device, where its <sop> and its [gMASK] are; a token's 2D position and the last position it
-    sees follow from them and its own position, inside the captured graphs too."""
+    keys), and the rest (<sop>, any later token) through the kernel. Each slot keeps, on the device, where its
+    <sop> and its [gMASK] are; a token's 2D position and the last position it sees follow from them and its own
+    position, inside the captured graphs too. Its projections do not go through the few-row GEMV
+    (`decode_gemv`) yet."""
 
     family = "chatglm"
     chunked_prefill = False
     NO_SOP = 1 << 30  # a prompt without <sop>: causal throughout, positions counted as they come
     PROMPT_KERNEL_MAX = 512  # longest prompt whose tokens attend through the per-token decode kernel
 
-    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None):
-        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs, adapters=adapters)
+    def __init__(self, model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None,
+                 decode_gemv: str = "auto"):
+        super().__init__(model, num_slots, max_len, cuda_graphs=cuda_graphs, adapters=adapters,
+                         decode_gemv=decode_gemv)
         from serving.kernels import TorchOps, TritonOps
         from serving.kernels_chatglm1 import TritonOps1, pick_ops1, rotary_tables
 
@@ -533,10 +577,11 @@ def runner_class(model) -> type[Runner]:
     return HFRunner
 
 
-def runner_for(model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None) -> Runner:
+def runner_for(model, num_slots: int, max_len: int, *, cuda_graphs: bool = True, adapters=None,
+               decode_gemv: str = "auto") -> Runner:
     cls = runner_class(model)
     if cls is HFRunner:
         if adapters is not None:
             raise ValueError(f"{type(model).__name__} runs through the generic runner, which serves no adapters")
         return HFRunner(model, num_slots, max_len)
-    return cls(model, num_slots, max_len, cuda_graphs=cuda_graphs, adapters=adapters)
+    return cls(model, num_slots, max_len, cuda_graphs=cuda_graphs, adapters=adapters, decode_gemv=decode_gemv)

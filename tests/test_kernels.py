@@ -65,3 +65,15 @@ def test_gathered_lora_kernels_agree_with_the_dense_pass(shape):
     from serving.kernels_lora import check_gathered
 
     assert check_gathered(torch.device("cuda"), torch.bfloat16, **shape) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or triton is None, reason="Triton kernels need a GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_few_row_gemv_agrees_with_cublas_at_chatglm2_shapes(dtype):
+    from serving.kernels_gemv import check_gemv
+
+    shapes = {"qkv": (4608, 4096, True, False), "o": (4096, 4096, False, False),
+              "gate_up": (27392, 4096, False, False), "down": (4096, 13696, False, True),
+              "head": (65024, 4096, False, False)}
+    assert check_gemv(torch.device("cuda"), dtype, shapes) is None
