@@ -1,4 +1,5 @@
-"""The throughput benchmark itself runs (tiny model, CPU): both paths, same data, same objective."""
+"""The benchmarks themselves run (tiny model, CPU): training's both paths on the same data and objective, the
+serving benchmark's engine-alone timings for each decode_gemv setting."""
 
 from __future__ import annotations
 
@@ -37,3 +38,15 @@ def test_every_lever_is_a_valid_setting_of_our_path(tmp_path):
             if hasattr(cfg, key):
                 assert getattr(cfg, key) == value, (name, key)
         assert (cfg.lora_r == plain.lora_r or "lora_r" in settings) and cfg.base_model == plain.base_model, name
+
+
+def test_the_serving_benchmark_times_the_engine_alone_for_each_decode_gemv_setting(tmp_path, tiny_model):
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench/serve_throughput.py"), "--model", str(tiny_model),
+                           "--device", "cpu", "--workdir", str(tmp_path / "work"), "--engine_only", "1,4",
+                           "--engine_gemv", "auto,off", "--paths", "", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    steps = [r for r in json.loads(out.read_text())["servers"]["engine_alone"] if "batch" in r]
+    assert [(r["decode_gemv"], r["batch"]) for r in steps] == [("auto", 1), ("auto", 4), ("off", 1), ("off", 4)]
+    assert all(r["ms_per_step"] > 0 and r["tok_s"] > 0 for r in steps)
