@@ -88,8 +88,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = (x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0))
     flags = dict(HAS_BIAS=bias is not None, SWIGLU=swiglu, IEEE=x.dtype == torch.float32)
-    if INTERPRETED:  # Triton's interpreter (the CPU check) has no autotuner: one fixed, small shape
-        _gemv_kernel[(triton.cdiv(n, 16),)](*args, **flags, ITERS=triton.cdiv(k, 32), BLOCK_N=16, BLOCK_K=32)
+    if INTERPRETED:  # Triton's interpreter (the CPU check) has no autotuner: small blocks, wider for a big head
+        block_n = 16 if n <= 1024 else 512  # (the interpreter's cost is per program)
+        _gemv_kernel[(triton.cdiv(n, block_n),)](*args, **flags, ITERS=triton.cdiv(k, 32), BLOCK_N=block_n,
+                                                 BLOCK_K=32)
     else:
         _gemv_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags, ITERS=0)
     return y
@@ -115,12 +117,13 @@ def check_gemv(device, dtype: torch.dtype, shapes: dict[str, tuple[int, int, boo
 
 
 class Projections:
-    """A model's decode-step projections by name ("qkv", "o", "gate_up", "down", "head"), each a list of
-    (weight, bias) per layer, and the names whose few-row steps run through `gemv` (`fast`). `down` in `fast`
-    means the activation is fused in as well (`down_swiglu`)."""
+    """A model's decode-step projections by name (GLM: "qkv", "o", "gate_up", "down", "head"), each a list of
+    (weight, bias) per layer, and the names whose few-row steps run through `gemv` (`fast`). `swiglu` names the
+    projection whose input is SwiGLU's (GLM's "down"; None for a GELU MLP): in `fast`, the activation is
+    fused into it as well (`down_swiglu`)."""
 
-    def __init__(self, weights: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]):
-        self.weights = weights
+    def __init__(self, weights: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]], swiglu: str | None = None):
+        self.weights, self.swiglu = weights, swiglu
         self.fast: set[str] = set()
         self.note = ""
 
@@ -131,10 +134,10 @@ class Projections:
         return F.linear(x, weight, bias)
 
     def fuses_swiglu(self, rows: int) -> bool:
-        return "down" in self.fast and rows <= GEMV_MAX_ROWS
+        return self.swiglu in self.fast and rows <= GEMV_MAX_ROWS
 
     def down_swiglu(self, i: int, gate_up: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weights["down"][i]
+        weight, bias = self.weights[self.swiglu][i]
         return gemv(gate_up, weight, bias, swiglu=True)
 
 
@@ -154,8 +157,9 @@ def pick_gemv(projections: Projections, device: torch.device, mode: str = "auto"
         projections.note = f"decode GEMV: cuBLAS ({'decode_gemv=off' if mode == 'off' else 'no Triton'})"
         return projections
     first = {name: layers[0] for name, layers in projections.weights.items()}
-    dtype = first["qkv"][0].dtype
-    shapes = {name: (w.shape[0], w.shape[1], b is not None, name == "down") for name, (w, b) in first.items()}
+    dtype = next(iter(first.values()))[0].dtype
+    shapes = {name: (w.shape[0], w.shape[1], b is not None, name == projections.swiglu)
+              for name, (w, b) in first.items()}
     try:
         problem = check_gemv(device, dtype, shapes)
     except Exception as err:  # noqa: BLE001 - any failure means: cuBLAS
@@ -166,7 +170,7 @@ def pick_gemv(projections: Projections, device: torch.device, mode: str = "auto"
         return projections
     timings = []
     for name, layers in projections.weights.items():
-        swiglu = name == "down"
+        swiglu = name == projections.swiglu
         k = layers[0][0].shape[1]
         x = torch.randn(1, 2 * k if swiglu else k, dtype=dtype, device=device)
 

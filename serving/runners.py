@@ -148,6 +148,18 @@ class FlatRunner(Runner):
         token's adapter slot (-1: none), or None when no token has one."""
         raise NotImplementedError
 
+    def projections(self, modules: dict[str, list], fused: dict[str, list] | None = None, swiglu: str | None = None):
+        """The step's projections as plain weights (`modules`: name -> per-layer nn.Linear; `fused`: name ->
+        per-layer (weight, bias) already), and which of them run through the few-row Triton GEMV
+        (serving/kernels_gemv.py: measured against cuBLAS now, as `decode_gemv` allows); None where a layer is
+        quantized (its module runs itself)."""
+        from serving.kernels_gemv import Projections, pick_gemv
+
+        if not all(type(m) is torch.nn.Linear for ms in modules.values() for m in ms):
+            return None
+        weights = (fused or {}) | {name: [(m.weight, m.bias) for m in ms] for name, ms in modules.items()}
+        return pick_gemv(Projections(weights, swiglu), self.device, self.decode_gemv)
+
     def _lora(self, loras: torch.Tensor | None):
         """The step's LoRA deltas: `lora(layer, site, h, y)` adds them to a linear's output (nothing without)."""
         from serving.lora import NO_LORA
@@ -294,22 +306,13 @@ class GlmRunner(FlatRunner):
             self.ops_note = "; ".join(n for n in (self.ops_note, self.proj.note) if n)
 
     def _projections(self):
-        """The layers' projections as plain weights, and which of them run through the few-row Triton GEMV
-        (serving/kernels_gemv.py, measured against cuBLAS here); None where a layer is quantized or its MLP is
-        not SwiGLU (the modules run themselves)."""
-        from serving.kernels_gemv import Projections, pick_gemv
-
-        mods = {"o": [], "gate_up": [], "down": []}
-        for layer in self.layers:
-            mods["o"].append(layer.self_attn.o_proj)
-            mods["gate_up"].append(layer.mlp.gate_up_proj)
-            mods["down"].append(layer.mlp.down_proj)
-        mods["head"] = [self.model.lm_head]
-        linear = all(type(m) is torch.nn.Linear for ms in mods.values() for m in ms)
-        if not (linear and self.silu and all(w is not None for w in self.qkv)):
+        """The layers' projections (q/k/v fused) for `projections`; None where the MLP is not SwiGLU."""
+        if not self.silu or any(w is None for w in self.qkv):
             return None
-        weights = {"qkv": list(self.qkv)} | {name: [(m.weight, m.bias) for m in ms] for name, ms in mods.items()}
-        return pick_gemv(Projections(weights), self.device, self.decode_gemv)
+        return self.projections({"o": [layer.self_attn.o_proj for layer in self.layers],
+                                 "gate_up": [layer.mlp.gate_up_proj for layer in self.layers],
+                                 "down": [layer.mlp.down_proj for layer in self.layers],
+                                 "head": [self.model.lm_head]}, fused={"qkv": list(self.qkv)}, swiglu="down")
 
     @classmethod
     def lora_sites(cls, model) -> list:
@@ -407,8 +410,7 @@ class ChatGLM1Runner(FlatRunner):
     before <sop> attend to each other through one flash attention call without a mask (they all see the same
     keys), and the rest (<sop>, any later token) through the kernel. Each slot keeps, on the device, where its
     <sop> and its [gMASK] are; a token's 2D position and the last position it sees follow from them and its own
-    position, inside the captured graphs too. Its projections do not go through the few-row GEMV
-    (`decode_gemv`) yet."""
+    position, inside the captured graphs too."""
 
     family = "chatglm"
     chunked_prefill = False
@@ -434,6 +436,14 @@ class ChatGLM1Runner(FlatRunner):
         self.mask_at = torch.full((num_slots + 1,), -1, dtype=torch.long, device=self.device)
         self.ops, self.ops_note = pick_ops1(self.device, heads=self.heads, head_dim=head_dim, hidden=cfg.hidden_size,
                                             ffn=cfg.inner_hidden_size, dtype=dtype)
+        layers = self.tr.layers
+        self.proj = self.projections({"qkv": [layer.attention.query_key_value for layer in layers],
+                                      "dense": [layer.attention.dense for layer in layers],
+                                      "h_to_4h": [layer.mlp.dense_h_to_4h for layer in layers],
+                                      "4h_to_h": [layer.mlp.dense_4h_to_h for layer in layers],
+                                      "head": [model.lm_head]})
+        if self.proj is not None and self.proj.note:
+            self.ops_note = "; ".join(n for n in (self.ops_note, self.proj.note) if n)
         # decode attention: GLM's kernel with 32 KV heads (checked by pick_ops1 with the other ops)
         self.attend = TritonOps if self.ops is TritonOps1 else TorchOps
         self.long_prompts = False  # does this step hold a prompt longer than PROMPT_KERNEL_MAX?
@@ -479,9 +489,12 @@ class ChatGLM1Runner(FlatRunner):
             self.sop[idx[0]] = idx[1]
             self.mask_at[idx[0]] = idx[2]
 
+    def _linear(self, name: str, i: int, h: torch.Tensor, module) -> torch.Tensor:
+        return self.proj(name, i, h) if self.proj is not None else module(h)
+
     @torch.no_grad()
     def _tokens(self, tokens, slots, positions, bucket, last=None, loras=None):
-        ops = self.ops
+        ops, linear = self.ops, self._linear
         lora = self._lora(loras)
         sop, mask_at = self.sop[slots], self.mask_at[slots]
         reply = positions >= sop
@@ -497,23 +510,23 @@ class ChatGLM1Runner(FlatRunner):
                                     layers[0].input_layernorm.bias, self.eps)
         for i, layer in enumerate(layers):
             a = layer.attention
-            q = ops.rope2d_write(lora(i, "qkv", h, a.query_key_value(h)), self.cos, self.sin, p0, p1, self.k_cache[i], self.v_cache[i],
-                                 slots, positions, self.heads)
+            q = ops.rope2d_write(lora(i, "qkv", h, linear("qkv", i, h, a.query_key_value)), self.cos, self.sin, p0, p1,
+                                 self.k_cache[i], self.v_cache[i], slots, positions, self.heads)
             if long_prompts:
                 out = self._attend_long_prompts(q, self.k_cache[i], self.v_cache[i], slots, sees, scale, bucket)
             else:
                 out = self.attend.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, sees, scale, bucket)
             ln = layer.post_attention_layernorm
-            h = ops.residual_layer_norm(h, lora(i, "dense", out, a.dense(out)), self.alpha, ln.weight, ln.bias,
-                                        self.eps)
+            h = ops.residual_layer_norm(h, lora(i, "dense", out, linear("dense", i, out, a.dense)), self.alpha,
+                                        ln.weight, ln.bias, self.eps)
             mlp = layer.mlp
-            act = ops.gelu(lora(i, "h_to_4h", h, mlp.dense_h_to_4h(h)))
-            delta = lora(i, "4h_to_h", act, mlp.dense_4h_to_h(act))
+            act = ops.gelu(lora(i, "h_to_4h", h, linear("h_to_4h", i, h, mlp.dense_h_to_4h)))
+            delta = lora(i, "4h_to_h", act, linear("4h_to_h", i, act, mlp.dense_4h_to_h))
             ln = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.tr.final_layernorm
             if last is not None and i + 1 == len(layers):  # only the rows whose logits are wanted
                 h, delta = h[last], delta[last]
             h = ops.residual_layer_norm(h, delta, self.alpha, ln.weight, ln.bias, self.eps)
-        return self.model.lm_head(h).float()
+        return linear("head", 0, h, self.model.lm_head).float()
 
     def _attend_long_prompts(self, q, k_cache, v_cache, slots, sees, scale, bucket):
         """A step with a long prompt: per prompt, its tokens before <sop> see exactly the keys before <sop>: one

@@ -24,10 +24,11 @@ CHECKS = textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM
     from serving.kernels import TorchOps, TritonOps, check_ops
-    from serving.kernels_chatglm1 import TritonOps1, check_ops1
+    from common.models.modeling_chatglm1 import ChatGLM1Config, ChatGLM1ForCausalLM
+    from serving.kernels_chatglm1 import TorchOps1, TritonOps1, check_ops1
     from serving.kernels_gemv import GEMV_MAX_ROWS, check_gemv
     from serving.kernels_lora import check_gathered
-    from serving.runners import GlmRunner, RowInput
+    from serving.runners import ChatGLM1Runner, GlmRunner, RowInput
 
     cpu, f32 = torch.device("cpu"), torch.float32
     found = {
@@ -40,22 +41,43 @@ CHECKS = textwrap.dedent("""
                                       "down": (64, 96, False, True)}),
     }
 
-    # One runner, two ways: the reference (TorchOps, every projection through F.linear), then every kernel (the
-    # small ops and the GEMV for every projection); the same prompts, then decode steps of 1 to 4 rows.
-    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=f32).eval()
+    # The runner's logits with `reference` ops and every projection through F.linear, then with `kernels` and
+    # every projection through the GEMV: the same prompts, then decode steps of 1 to 4 rows.
+    def both_ways(runner, prompts, reference: dict, kernels: dict) -> str | None:
+        steps = []
+        for ops, fast in ((reference, set()), (kernels, set(runner.proj.weights))):
+            for name, value in ops.items():
+                setattr(runner, name, value)
+            runner.proj.fast = fast
+            logits = [runner.forward(prompts)]
+            for rows in range(1, GEMV_MAX_ROWS + 1):
+                runner.last_token[:rows] = torch.arange(rows) + 40
+                logits.append(runner.forward([RowInput(s, None, r.size + s) for s, r in enumerate(prompts[:rows])]))
+            steps.append(logits)
+        worst = max((a - b).abs().max().item() / b.abs().max().item() for a, b in zip(*steps))
+        return None if worst < 1e-4 else f"logits differ by {worst:.3g} (relative)"
+
+    def random_biases(model):  # a fresh model's biases are zeros: a kernel that dropped them would pass
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(0, 0.5)
+        return model
+
+    model = random_biases(AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=f32).eval())
     runner = GlmRunner(model, 5, 64, cuda_graphs=False)
     prompts = [RowInput(s, [5 + s, 9, 12, 7 + s, 30, 2, 11][: 3 + s], 0) for s in range(4)]
-    steps = []
-    for ops, fast in ((TorchOps, set()), (TritonOps, set(runner.proj.weights))):
-        runner.ops, runner.proj.fast = ops, fast
-        logits = [runner.forward(prompts)]
-        for rows in range(1, GEMV_MAX_ROWS + 1):
-            runner.last_token[:rows] = torch.arange(rows) + 40
-            logits.append(runner.forward([RowInput(s, None, 3 + s) for s in range(rows)]))
-        steps.append(logits)
-    worst = max((a - b).abs().max().item() / b.abs().max().item() for a, b in zip(*steps))
-    found["runner step"] = None if worst < 1e-4 else f"logits differ by {worst:.3g} (relative)"
-    found["projections"] = sorted(runner.proj.weights)
+    found["glm step"] = both_ways(runner, prompts, {"ops": TorchOps}, {"ops": TritonOps})
+    found["glm projections"] = sorted(runner.proj.weights)
+
+    torch.manual_seed(0)
+    glm1 = random_biases(ChatGLM1ForCausalLM(ChatGLM1Config(hidden_size=64, num_layers=2, num_attention_heads=4,
+                                                            inner_hidden_size=128, vocab_size=130528)).eval())
+    runner = ChatGLM1Runner(glm1, 5, 64, cuda_graphs=False)
+    prompts = [RowInput(s, [5 + s, 9, 12, 7 + s, 30][: 2 + s] + [130001, 130004], 0) for s in range(4)]
+    found["chatglm1 step"] = both_ways(runner, prompts, {"ops": TorchOps1, "attend": TorchOps},
+                                       {"ops": TritonOps1, "attend": TritonOps})
+    found["chatglm1 projections"] = sorted(runner.proj.weights)
     print("CHECKS " + json.dumps(found))
 """)
 
@@ -75,7 +97,9 @@ def test_each_triton_kernel_agrees_with_its_reference(checks, kernels):
 
 
 def test_a_step_through_every_kernel_gives_the_reference_logits_at_one_to_four_rows(checks):
-    """Prompts (F.linear: more than four rows) and decode steps of 1-4 rows (every projection through the GEMV,
-    SwiGLU inside the down projection) through the runner: the logits are the reference path's."""
-    assert checks["projections"] == ["down", "gate_up", "head", "o", "qkv"]
-    assert checks["runner step"] is None, checks["runner step"]
+    """Prompts and decode steps of 1-4 rows through each runner, every kernel on (all projections through the GEMV at
+    up to four rows; GLM's SwiGLU inside its down projection): the logits are the reference path's."""
+    assert checks["glm projections"] == ["down", "gate_up", "head", "o", "qkv"]
+    assert checks["glm step"] is None, checks["glm step"]
+    assert checks["chatglm1 projections"] == ["4h_to_h", "dense", "h_to_4h", "head", "qkv"]
+    assert checks["chatglm1 step"] is None, checks["chatglm1 step"]
