@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import subprocess
 
 import pytest
 from conftest import run_job
 
 from common.data import check_record, content_hash, load_dataset, split
-from common.errors import DataError
+from common.errors import DataError, run_cli
 
 GOOD = {"instruction": "你好", "input": "", "output": "你好！"}
 
 
-def dry_run(tmp_path, content: bytes | str, name: str = "data.json", *extra: str):
+def finetune_in_process(*args: str) -> subprocess.CompletedProcess:
+    """jobs/finetune.py's entry point run here, as `run_cli` runs it in the script: its exit code and what it
+    printed. A new interpreter would spend ~4 s importing torch and transformers per case; the script as its
+    own process is what tests/test_finetune.py's and test_config.py's user-error tests run."""
+    from jobs.finetune import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_cli(main, list(args))
+        except SystemExit as end:
+            code = end.code or 0
+    return subprocess.CompletedProcess(["jobs/finetune.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def dry_run(tmp_path, content: bytes | str, name: str = "data.json", *extra: str, run=finetune_in_process):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
-    return path, run_job("jobs/finetune.py", "--dry_run", "--data_path", str(path), *extra)
+    return path, run("--dry_run", "--data_path", str(path), *extra)
 
 
 def assert_user_error(proc, *fragments: str) -> None:
@@ -71,7 +89,7 @@ def test_several_bad_records_show_the_first_few_and_the_count(tmp_path):
 def test_skip_invalid_records_drops_them_and_says_why(tmp_path, tiny_model):
     records = [GOOD, {"instruction": "", "output": "x"}, {"instruction": "q"}, 7, GOOD]
     _, proc = dry_run(tmp_path, json.dumps(records), "data.json", "--skip_invalid_records",
-                      "--base_model", str(tiny_model))
+                      "--base_model", str(tiny_model), run=lambda *args: run_job("jobs/finetune.py", *args))
     assert proc.returncode == 0, proc.stderr
     assert "2 valid, 3 skipped" in proc.stdout
     assert "instruction: expected a non-empty string: 1" in proc.stdout
