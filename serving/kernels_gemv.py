@@ -20,6 +20,7 @@ kernel is faster use it. The reference for correctness is `F.linear` (and `Torch
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -98,9 +99,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-              swiglu: bool = False) -> torch.Tensor:
-    """What `gemv` computes, in PyTorch (the silu_mul op, then cuBLAS)."""
-    return F.linear(TorchOps.silu_mul(x) if swiglu else x, weight, bias)
+              swiglu: bool = False, silu_mul=TorchOps.silu_mul) -> torch.Tensor:
+    """What `gemv` computes, the other way: `silu_mul` (PyTorch's by default), then cuBLAS."""
+    return F.linear(silu_mul(x) if swiglu else x, weight, bias)
 
 
 def check_gemv(device, dtype: torch.dtype, shapes: dict[str, tuple[int, int, bool, bool]]) -> str | None:
@@ -129,7 +130,7 @@ class Projections:
 
     def __call__(self, name: str, i: int, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weights[name][i]
-        if name in self.fast and x.shape[0] <= GEMV_MAX_ROWS:
+        if name in self.fast and x.shape[0] <= GEMV_MAX_ROWS and x.stride(-1) == 1:
             return gemv(x, weight, bias)
         return F.linear(x, weight, bias)
 
@@ -146,29 +147,45 @@ def _time_ms(fn, reps: int = 20) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=reps, return_mode="median")
 
 
-def pick_gemv(projections: Projections, device: torch.device, mode: str = "auto") -> Projections:
+def pick_gemv(projections: Projections, device: torch.device, mode: str = "auto",
+              silu_mul=TorchOps.silu_mul) -> Projections:
     """Decide which projections use `gemv` at few rows: none when `mode` is "off", not on a GPU or without
     Triton; else each name whose kernel agrees with the reference and is faster than cuBLAS over all its
-    layers at one row (each name timed as its whole stack, weight after weight, as a decode step meets them).
-    Sets `projections.fast` and a one-line `note` of what was measured; returns `projections`."""
+    layers at one row (each name timed as its whole stack, weight after weight, as a decode step meets them;
+    the SwiGLU projection against the step's own `silu_mul` kernel, then cuBLAS). Sets `projections.fast` and a
+    one-line `note` of what was measured; returns `projections`."""
     if device.type != "cuda":
         return projections
     if mode == "off" or triton is None:
         projections.note = f"decode GEMV: cuBLAS ({'decode_gemv=off' if mode == 'off' else 'no Triton'})"
         return projections
+    try:  # never let the choice stop the server: any failure means cuBLAS, said in the note
+        problem, timings = _measure(projections, device, silu_mul)
+    except Exception as err:  # noqa: BLE001
+        problem, timings = f"{type(err).__name__}: {err}", []
+    if problem:
+        projections.fast.clear()
+        projections.note = f"decode GEMV: cuBLAS (the Triton kernel failed its check: {problem})"
+        log.warning(projections.note)
+        return projections
+    chosen = ", ".join(sorted(projections.fast)) or "none"
+    projections.note = (f"decode GEMV (<= {GEMV_MAX_ROWS} rows): Triton for {chosen}; ms per step at 1 row, "
+                        f"Triton vs cuBLAS: {'; '.join(timings)}")
+    return projections
+
+
+def _measure(projections: Projections, device: torch.device, silu_mul) -> tuple[str | None, list[str]]:
+    """Check `gemv` at the model's shapes, then time each projection's stack both ways and add the faster-with-
+    Triton names to `projections.fast`: (what disagreed or None, one timing line per name)."""
     first = {name: layers[0] for name, layers in projections.weights.items()}
     dtype = next(iter(first.values()))[0].dtype
     shapes = {name: (w.shape[0], w.shape[1], b is not None, name == projections.swiglu)
               for name, (w, b) in first.items()}
-    try:
-        problem = check_gemv(device, dtype, shapes)
-    except Exception as err:  # noqa: BLE001 - any failure means: cuBLAS
-        problem = f"{type(err).__name__}: {err}"
+    problem = check_gemv(device, dtype, shapes)
     if problem:
-        projections.note = f"decode GEMV: cuBLAS (the Triton kernel disagrees with it: {problem})"
-        log.warning(projections.note)
-        return projections
+        return problem, []
     timings = []
+    theirs = functools.partial(reference, silu_mul=silu_mul)
     for name, layers in projections.weights.items():
         swiglu = name == projections.swiglu
         k = layers[0][0].shape[1]
@@ -177,11 +194,9 @@ def pick_gemv(projections: Projections, device: torch.device, mode: str = "auto"
         def stack(fn, layers=layers, x=x, swiglu=swiglu):
             return lambda: [fn(x, w, b, swiglu=swiglu) for w, b in layers]
 
-        ours, theirs = _time_ms(stack(gemv)), _time_ms(stack(reference))
-        if ours < theirs:
+        ms_ours, ms_theirs = _time_ms(stack(gemv)), _time_ms(stack(theirs))
+        if ms_ours < ms_theirs:
             projections.fast.add(name)
-        timings.append(f"{name} {ours:.3f} vs {theirs:.3f}")
-    chosen = ", ".join(sorted(projections.fast)) or "none"
-    projections.note = (f"decode GEMV (<= {GEMV_MAX_ROWS} rows): Triton for {chosen}; ms per step at 1 row, "
-                        f"Triton vs cuBLAS: {'; '.join(timings)}")
-    return projections
+        timings.append(f"{name} {ms_ours:.3f} vs {ms_theirs:.3f}")
+    return None, timings
+

@@ -158,7 +158,8 @@ class FlatRunner(Runner):
         if not all(type(m) is torch.nn.Linear for ms in modules.values() for m in ms):
             return None
         weights = (fused or {}) | {name: [(m.weight, m.bias) for m in ms] for name, ms in modules.items()}
-        return pick_gemv(Projections(weights, swiglu), self.device, self.decode_gemv)
+        timed_against = {"silu_mul": self.ops.silu_mul} if swiglu else {}  # the step's own SwiGLU kernel
+        return pick_gemv(Projections(weights, swiglu), self.device, self.decode_gemv, **timed_against)
 
     def _lora(self, loras: torch.Tensor | None):
         """The step's LoRA deltas: `lora(layer, site, h, y)` adds them to a linear's output (nothing without)."""

@@ -77,3 +77,16 @@ def test_the_few_row_gemv_agrees_with_cublas_at_chatglm2_shapes(dtype):
               "gate_up": (27392, 4096, False, False), "down": (4096, 13696, False, True),
               "head": (65024, 4096, False, False)}
     assert check_gemv(torch.device("cuda"), dtype, shapes) is None
+
+
+@pytest.mark.skipif(triton is None, reason="Triton is not installed")
+def test_a_gemv_that_fails_at_start_up_leaves_every_projection_on_cublas_and_says_why():
+    """The start-up choice never stops a server: here the check cannot even allocate on the device (no GPU on
+    this machine; on a GPU, the weights left on the CPU fail the timing), so every projection stays on cuBLAS."""
+    from serving.kernels_gemv import Projections, pick_gemv
+
+    proj = Projections({"o": [(torch.randn(64, 64), None)] * 2, "head": [(torch.randn(96, 64), None)]})
+    proj.fast = {"o", "head"}
+    assert pick_gemv(proj, torch.device("cuda")) is proj
+    assert proj.fast == set()
+    assert proj.note.startswith("decode GEMV: cuBLAS (the Triton kernel failed its check: ")
