@@ -336,9 +336,9 @@ def _engine_steps(model, mode: str, batches, mixed, bucket_tokens: int, steps: i
             sampler(runner.forward(rows), greedy).tolist()
         ms = (time.perf_counter() - t0) / steps * 1000
         print(f"engine alone, decode_gemv={mode}: {label}: {ms:.2f} ms/step", flush=True)
-        return {"decode_gemv": mode, **extra, "ms_per_step": round(ms, 2)}
+        return {**extra, "ms_per_step": round(ms, 2)}
 
-    out = [{"decode_gemv": mode, "ops": note}]
+    out = [{"ops": note}]
     for b in batches:  # decode rows only: the graph path
         row = timed([RowInput(i, None, bucket_tokens) for i in range(b)], f"batch {b}", {"batch": b})
         out.append({**row, "tok_s": round(b * 1000 / row["ms_per_step"], 1)})
@@ -355,9 +355,7 @@ def _engine_steps(model, mode: str, batches, mixed, bucket_tokens: int, steps: i
         if mixed:
             out.append(kernel_profile(lambda: runner.forward(rows), sync,
                                       f"{b} decode rows + {p}-token prompt, ms per step by kernel"))
-    for row in out:
-        row.setdefault("decode_gemv", mode)
-    return out  # the runner and its cache go with this frame; the caller empties the allocator's cache
+    return [{"decode_gemv": mode, **row} for row in out]  # the runner and its cache go with this frame; the caller empties the allocator's cache
 
 
 def kernel_profile(step, sync, label: str, repeats: int = 5) -> dict:

@@ -131,6 +131,7 @@ class FlatRunner(Runner):
                  decode_gemv: str = "auto"):
         super().__init__(model, num_slots, max_len, adapters)
         self.decode_gemv = decode_gemv  # "auto": few-row projections through Triton where measured faster; "off"
+        self.proj = None  # the step's projections as plain weights (`projections`), set by each runner
         self.graphs: dict[tuple[int, int, bool], tuple] = {}
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self._pool = None  # one memory pool for all graphs: only one replays at a time
@@ -160,6 +161,11 @@ class FlatRunner(Runner):
         weights = (fused or {}) | {name: [(m.weight, m.bias) for m in ms] for name, ms in modules.items()}
         timed_against = {"silu_mul": self.ops.silu_mul} if swiglu else {}  # the step's own SwiGLU kernel
         return pick_gemv(Projections(weights, swiglu), self.device, self.decode_gemv, **timed_against)
+
+    def _linear(self, name: str, i: int, h: torch.Tensor, module) -> torch.Tensor:
+        """Layer i's projection `name` of h: through `proj` (the few-row GEMV where chosen), or the module itself
+        where there is none (quantized layers)."""
+        return self.proj(name, i, h) if self.proj is not None else module(h)
 
     def _lora(self, loras: torch.Tensor | None):
         """The step's LoRA deltas: `lora(layer, site, h, y)` adds them to a linear's output (nothing without)."""
@@ -344,7 +350,7 @@ class GlmRunner(FlatRunner):
 
     @torch.no_grad()
     def _tokens(self, tokens, slots, positions, bucket, last=None, loras=None):
-        ops, proj = self.ops, self.proj
+        ops, proj, linear = self.ops, self.proj, self._linear
         lora = self._lora(loras)
         no_adapter = self.adapters is None or loras is None  # then nothing needs the down projection's input
         x = self.embed(self.last_token[slots] if tokens is None else tokens)
@@ -358,7 +364,7 @@ class GlmRunner(FlatRunner):
             q = ops.rope_write(lora(i, "qkv", h, qkv), cos, sin, self.k_cache[i], self.v_cache[i],
                                slots, positions, self.heads, self.kv_heads)
             out = ops.decode_attention(q, self.k_cache[i], self.v_cache[i], slots, positions, attn.scaling, bucket)
-            o = proj("o", i, out) if proj else attn.o_proj(out)
+            o = linear("o", i, out, attn.o_proj)
             x, h = ops.add_rms_norm(x, lora(i, "o", out, o), layer.post_attention_layernorm.weight, self.eps,
                                     post_attn)
             h_norm = post_mlp
@@ -378,7 +384,7 @@ class GlmRunner(FlatRunner):
         if last is not None:  # only the rows whose logits are wanted go through the final norm and the head
             x, h = x[last], h[last]
         _, h = ops.add_rms_norm(x, h, self.norm.weight, self.eps, h_norm)
-        return (proj("head", 0, h) if proj else self.model.lm_head(h)).float()
+        return linear("head", 0, h, self.model.lm_head).float()
 
 def _fuse_qkv(attn) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """q/k/v weights as one matrix, the modules' own weights becoming views into it (no extra memory).
@@ -489,9 +495,6 @@ class ChatGLM1Runner(FlatRunner):
             idx = to_device([slots, sops, masks], self.device)
             self.sop[idx[0]] = idx[1]
             self.mask_at[idx[0]] = idx[2]
-
-    def _linear(self, name: str, i: int, h: torch.Tensor, module) -> torch.Tensor:
-        return self.proj(name, i, h) if self.proj is not None else module(h)
 
     @torch.no_grad()
     def _tokens(self, tokens, slots, positions, bucket, last=None, loras=None):
