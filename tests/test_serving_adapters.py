@@ -7,6 +7,7 @@ import asyncio
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -58,7 +59,9 @@ def env(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("adapters")
     server = MlflowServer(root).start()
     env = {"root": root, "server": server, "model": tiny_model}
-    env["runs"] = {data: finetune(env, data) for data in DATA}
+    # The two jobs side by side (each its own local Ray): on 2 cores mostly waiting on start-up, ~25 s saved.
+    with ThreadPoolExecutor(len(DATA)) as pool:
+        env["runs"] = dict(zip(DATA, pool.map(lambda data: finetune(env, data), DATA)))
     register_adapters(env, {"tiny-sums": env["runs"]["sums"], "tiny-words": env["runs"]["words"]})
     # The engine in its own process, as on a GPU: adapters cross the pipe, the pool lives in the child.
     app = ServeApp(root, env={"MLFLOW_TRACKING_URI": server.uri}, model=str(tiny_model), engine_process="true",
