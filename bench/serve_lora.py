@@ -45,7 +45,7 @@ def random_adapters(model_dir: str, names: list[str], rank: int, out: Path) -> d
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    import common  # noqa: F401 - registers ChatGLM-6B with the Auto classes
+    import common.models  # noqa: F401 - registers ChatGLM-6B with the Auto classes
     from serving.runners import runner_class
 
     with torch.device("meta"):

@@ -298,7 +298,7 @@ def engine_steps(model_dir: str, batches: list[int], mixed: list[tuple[int, int]
     import torch
     from transformers import AutoModelForCausalLM
 
-    import common  # noqa: F401 - registers ChatGLM-6B's model with the Auto classes
+    import common.models  # noqa: F401 - registers ChatGLM-6B's model with the Auto classes
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map=device).eval()
     out = []

@@ -54,6 +54,7 @@ def pretrain_copy(folder: str, steps: int, batch: int = 16, lr: float = 2e-3, se
     import torch.nn.functional as F
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import common.models  # noqa: F401 - registers our tokenizers with AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     if init_std:  # the tiny model's wide init (0.25, for LoRA on a random head) makes attention one-hot: restart

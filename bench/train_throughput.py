@@ -186,6 +186,7 @@ def param_count(folder: Path) -> int:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    import common.models  # noqa: F401 - registers ChatGLM-6B with the Auto classes
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     return sum(p.numel() for p in model.parameters())
@@ -211,6 +212,8 @@ def seed_model(folder: Path, device, family: str):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import common.models  # noqa: F401 - registers ChatGLM-6B with the Auto classes
 
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)

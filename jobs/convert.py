@@ -3,7 +3,7 @@
     python jobs/convert.py --base_model THUDM/chatglm2-6b --output_dir models/chatglm2-6b-native
 
 ChatGLM2/3 become transformers' own GlmForCausalLM; ChatGLM-6B becomes our ChatGLM1ForCausalLM
-(load it after `import common`). No remote code runs at any point.
+(load it after `import common.models`). No remote code runs at any point.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else None
     convert_to_native(info, out, dtype=dtype)
     print(f"wrote {out} ({info.family}, template {info.template}); load it with AutoModelForCausalLM"
-          + (" after `import common`" if info.family == "chatglm" else ""))
+          + (" after `import common.models`" if info.family == "chatglm" else ""))
     return 0
 
 

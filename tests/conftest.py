@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import common.models  # noqa: F401 - our tokenizers and ChatGLM-6B with the Auto classes, as users load folders
+
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = Path(os.environ.get("GLMOPS_REFERENCE", ROOT.parent / "shared" / "reference"))
 

@@ -22,10 +22,10 @@ def test_converted_folder_loads_with_auto_classes_and_generates_the_same(version
     assert proc.returncode == 0, proc.stderr
     assert list(out.glob("*.safetensors")) and not list(out.glob("*.bin")) and not list(out.glob("*.py"))
     single = reference_cases(version)["model_forward"]["singles"][0]
-    # A fresh interpreter: plain transformers for ChatGLM2 (native GLM), `import common` for ChatGLM-6B.
+    # A fresh interpreter: plain transformers for ChatGLM2 (native GLM), `import common.models` for ChatGLM-6B.
     code = f"""
 import json, torch, sys
-{'import common' if version == 'chatglm1' else ''}
+{'import common.models' if version == 'chatglm1' else ''}
 from transformers import AutoModelForCausalLM, AutoTokenizer
 m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32)
 ids = torch.tensor([{single['input_ids']}])

@@ -1,4 +1,4 @@
-"""Register our ChatGLM classes with transformers' Auto classes (done by `import common`)."""
+"""Register our ChatGLM classes with transformers' Auto classes (done by `import common.models`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """THUDM ChatGLM folders → native checkpoints that plain transformers (and other engines) load.
 
   ChatGLM2/3, glm-4-9b-chat → `GlmForCausalLM` (transformers' own class; no glmops code needed to load it)
-  ChatGLM-6B → our `ChatGLM1ForCausalLM` (`model_type: chatglm1`; load after `import common`)
+  ChatGLM-6B → our `ChatGLM1ForCausalLM` (`model_type: chatglm1`; load after `import common.models`)
 Weights go to safetensors shards; tokenizer files, generation config and glmops.json come along.
 """
 
@@ -62,8 +62,8 @@ def _route_autotokenizer_to_ours(out: Path, cls: str) -> None:
     """Make AutoTokenizer pick our exact tokenizer (ChatGLMTokenizer, ChatGLM4Tokenizer) for a native GLM folder.
 
     For `model_type: glm` transformers would otherwise build an approximate fast tokenizer from
-    tokenizer.model. With an auto_map entry, AutoTokenizer uses the class registered by `import common`;
-    without `import common` it stops with an error instead of silently tokenizing differently. The
+    tokenizer.model. With an auto_map entry, AutoTokenizer uses the class registered by `import common.models`;
+    without that import it stops with an error instead of silently tokenizing differently. The
     entry names no file: nothing is ever downloaded or executed from the folder."""
     path = out / "tokenizer_config.json"
     cfg = json.loads(path.read_text(encoding="utf-8"))
