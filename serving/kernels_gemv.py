@@ -14,8 +14,8 @@ weight that would fit in it is timed as the decode step meets it: cold). With `s
 and the activation in one kernel, and no activation written to memory.
 
 Whether a projection runs here or through cuBLAS is measured, not assumed (`pick_gemv`): at start-up each
-projection of the model is timed both ways at one row over all layers' weights, and only those where the
-kernel is faster use it. The reference for correctness is `F.linear` (and `TorchOps.silu_mul` before it).
+projection of the model is timed both ways at one row over all layers' weights, replayed from a CUDA graph as
+the decode step runs, and only those where the kernel is faster use it. The reference for correctness is `F.linear` (and `TorchOps.silu_mul` before it).
 """
 
 from __future__ import annotations
@@ -143,8 +143,11 @@ class Projections:
 
 
 def _time_ms(fn, reps: int = 20) -> float:
-    """Median time of `fn` in ms, the L2 cache flushed before each run (triton.testing.do_bench)."""
-    return triton.testing.do_bench(fn, warmup=5, rep=reps, return_mode="median")
+    """Median time of `fn` in ms, replayed from a CUDA graph as the decode step runs (triton.testing's
+    do_bench_cudagraph). Launched from Python, a stack of 28 small kernels would time the launches (a Triton
+    launch costs several times cuBLAS's on the host) rather than the GPU's work, and bias the choice against
+    the kernel. No L2 flush is needed: every stack timed reads far more weight than the L2 holds."""
+    return triton.testing.do_bench_cudagraph(fn, rep=reps, return_mode="median")
 
 
 def pick_gemv(projections: Projections, device: torch.device, mode: str = "auto",
