@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import common.models  # noqa: E402,F401 - registers ChatGLM1 with the Auto classes
 from common.models.loader import detect, load_model  # noqa: E402
 from common.models.metadata import write_model_metadata  # noqa: E402
 

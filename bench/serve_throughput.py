@@ -355,7 +355,8 @@ def _engine_steps(model, mode: str, batches, mixed, bucket_tokens: int, steps: i
         if mixed:
             out.append(kernel_profile(lambda: runner.forward(rows), sync,
                                       f"{b} decode rows + {p}-token prompt, ms per step by kernel"))
-    return [{"decode_gemv": mode, **row} for row in out]  # the runner and its cache go with this frame; the caller empties the allocator's cache
+    # the runner and its cache go with this frame; the caller empties the allocator's cache
+    return [{"decode_gemv": mode, **row} for row in out]
 
 
 def kernel_profile(step, sync, label: str, repeats: int = 5) -> dict:

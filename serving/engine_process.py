@@ -56,7 +56,6 @@ class EngineSpec:
 def load(spec: EngineSpec):
     import torch
 
-    import common.models  # noqa: F401 - registers ChatGLM-6B with the Auto classes
     from common.models.loader import detect, load_model
 
     if spec.device == "cpu":

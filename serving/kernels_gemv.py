@@ -15,7 +15,8 @@ and the activation in one kernel, and no activation written to memory.
 
 Whether a projection runs here or through cuBLAS is measured, not assumed (`pick_gemv`): at start-up each
 projection of the model is timed both ways at one row over all layers' weights, replayed from a CUDA graph as
-the decode step runs, and only those where the kernel is faster use it. The reference for correctness is `F.linear` (and `TorchOps.silu_mul` before it).
+the decode step runs, and only those where the kernel is faster use it. The reference for correctness is
+`F.linear` (and `TorchOps.silu_mul` before it).
 """
 
 from __future__ import annotations

@@ -157,7 +157,6 @@ def _wide_tiny_chatglm1():
 
 
 def test_chatglm1_greedy_replies_equal_generate_on_the_reference_model():
-    import common.models  # noqa: F401
     from common.data import Conversation
     from common.models.loader import load_model, load_tokenizer, open_model_folder
     from common.templates import get_template
