@@ -38,13 +38,15 @@ CHECKS = textwrap.dedent("""
         "gathered lora": check_gathered(cpu, f32, hidden=64, rank=8, slots=2, widths=(64, 32, 32)),
         # widths and depths that are no multiple of the kernel's blocks, with and without bias and SwiGLU
         "gemv": check_gemv(cpu, f32, {"qkv": (48, 64, True, False), "o": (40, 100, False, False),
-                                      "down": (64, 96, False, True)}),
+                                      "down": (64, 96, False, True)}, splits=(1, 3)),
     }
 
     # The runner's logits with `reference` ops and every projection through F.linear, then with `kernels` and
     # every projection through the GEMV: the same prompts, then decode steps of 1 to 4 rows.
-    def both_ways(runner, prompts, reference: dict, kernels: dict) -> str | None:
+    # `split`: the parts of K every GEMV runs in; `fuse`: SwiGLU inside the down GEMV or before it.
+    def both_ways(runner, prompts, reference: dict, kernels: dict, split: int = 1, fuse: bool = True) -> str | None:
         steps = []
+        runner.proj.split, runner.proj.fuse = dict.fromkeys(runner.proj.weights, split), fuse
         for ops, fast in ((reference, set()), (kernels, set(runner.proj.weights))):
             for name, value in ops.items():
                 setattr(runner, name, value)
@@ -68,6 +70,8 @@ CHECKS = textwrap.dedent("""
     runner = GlmRunner(model, 5, 64, cuda_graphs=False)
     prompts = [RowInput(s, [5 + s, 9, 12, 7 + s, 30, 2, 11][: 3 + s], 0) for s in range(4)]
     found["glm step"] = both_ways(runner, prompts, {"ops": TorchOps}, {"ops": TritonOps})
+    found["glm step, K in 2 parts, SwiGLU apart"] = both_ways(runner, prompts, {"ops": TorchOps}, {"ops": TritonOps},
+                                                              split=2, fuse=False)
     found["glm projections"] = sorted(runner.proj.weights)
 
     torch.manual_seed(0)
@@ -101,5 +105,7 @@ def test_a_step_through_every_kernel_gives_the_reference_logits_at_one_to_four_r
     up to four rows; GLM's SwiGLU inside its down projection): the logits are the reference path's."""
     assert checks["glm projections"] == ["down", "gate_up", "head", "o", "qkv"]
     assert checks["glm step"] is None, checks["glm step"]
+    # the other ways the start-up timing may choose: K in parts (summed by a second kernel), SwiGLU before the GEMV
+    assert checks["glm step, K in 2 parts, SwiGLU apart"] is None, checks["glm step, K in 2 parts, SwiGLU apart"]
     assert checks["chatglm1 projections"] == ["4h_to_h", "dense", "h_to_4h", "head", "qkv"]
     assert checks["chatglm1 step"] is None, checks["chatglm1 step"]
