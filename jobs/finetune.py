@@ -24,6 +24,7 @@ import numpy as np
 if __package__ in (None, ""):  # `python jobs/finetune.py` from the project root (as `ray job submit` runs it)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import cluster
 from common.config import (
     MIN_STEPS_PER_EPOCH,
     ROOMY_TOKENS_PER_BATCH,
@@ -243,15 +244,15 @@ def _gpu_total_memory() -> int:
 
 
 def init_ray(cfg: FinetuneConfig) -> int:
-    """Connect once: the cluster in RAY_ADDRESS (as `ray job submit` sets it), else a local one on
-    loopback. Returns the cluster's CPUs (the data pipeline's parallelism)."""
+    """Connect once: the cluster in RAY_ADDRESS (as `ray job submit` sets it; common/cluster.py), else a
+    local one on loopback. Returns the cluster's CPUs (the data pipeline's parallelism)."""
     import ray
 
     if not ray.is_initialized():
         os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep a local Ray on 127.0.0.1
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+            cluster.join(os.environ["RAY_ADDRESS"])
         else:
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=True)
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
