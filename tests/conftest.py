@@ -33,6 +33,18 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ray_head():
+    """One `ray start --head` on loopback (2 CPUs, as a job's own local Ray here) that the fine-tune tests' jobs
+    join through RAY_ADDRESS, as jobs join a cluster: starting and stopping a local Ray costs each job ~5 s on
+    2 cores. Tests of Ray's own behaviour (memory monitor, nodes, ...) start their own."""
+    from ray_cluster import RayHead
+
+    head = RayHead(num_cpus=2).start()
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_glm4(tmp_path_factory) -> Path:
     """GLM-4-0414's layout (transformers' Glm4ForCausalLM) with GLM-4's tokens and template."""
     from common.models.tiny_model import build_tiny_model

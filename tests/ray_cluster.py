@@ -40,6 +40,12 @@ class RayHead:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    @property
+    def join_env(self) -> dict[str, str]:
+        """A driver's environment to join this cluster: its address, and Ray's settings as the head has them
+        (a driver expecting token authentication waits minutes on a cluster started without it)."""
+        return {**RAY_ENV, "RAY_ADDRESS": f"127.0.0.1:{self.port}"}
+
     def start(self) -> RayHead:
         ray = str(Path(sys.executable).with_name("ray"))
         subprocess.run([ray, "start", "--head", "--num-cpus", str(self.num_cpus), "--node-ip-address", "127.0.0.1",

@@ -1,6 +1,7 @@
-"""jobs/finetune.py end to end on CPU: a real local Ray, 2 workers, a real MLflow server, 4-bit NF4.
+"""jobs/finetune.py end to end on CPU: a real Ray cluster (`ray start --head`, shared by the session's jobs,
+which join it through RAY_ADDRESS), 2 workers, a real MLflow server, 4-bit NF4.
 
-Marked slow: each run starts Ray and trains for real (about 30-60 s on 2 cores).
+Marked slow: each run trains for real (about 25-60 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ def _records() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_model):
+def env(tmp_path_factory, tiny_model, ray_head):
     root = tmp_path_factory.mktemp("ft")
     (root / "data.json").write_text(json.dumps(_records(), ensure_ascii=False))
     server = MlflowServer(root).start()
-    yield {"root": root, "server": server, "model": tiny_model}
+    yield {"root": root, "server": server, "model": tiny_model, "ray": ray_head}
     server.stop()
 
 
@@ -54,8 +55,9 @@ def finetune(env, run_name: str, *extra: str, hooks: dict | None = None, experim
             "--system_metrics_interval", "1", "--eval_generate_samples", "6", "--eval_max_new_tokens", "16",
             "--output_dir", str(env["root"] / "runs"), "--run_name", run_name,
             "--mlflow_tracking_uri", env["server"].uri, "--experiment_name", experiment, *extra]
-    # Chunks of 12 records: the 40-record set goes through the Ray Data pipeline, as large data does.
-    return run_job(*args, env={"RAY_ADDRESS": "", "GLMOPS_DATA_CHUNK_RECORDS": "12", **(hooks or {})}, timeout=600)
+    # Chunks of 12 records: the 40-record set goes through the Ray Data pipeline, as large data does. The job
+    # joins the session's cluster, its settings (these, the test hooks) forwarded to its workers.
+    return run_job(*args, env={**env["ray"].join_env, "GLMOPS_DATA_CHUNK_RECORDS": "12", **(hooks or {})}, timeout=600)
 
 
 def run_id_of(proc) -> str:
@@ -260,7 +262,7 @@ def test_a_small_file_trains_with_default_flags_and_its_loss_falls(env):
     proc = run_job("jobs/finetune.py", "--base_model", str(env["model"]), "--data_path", str(small),
                    "--output_dir", str(env["root"] / "runs"), "--run_name", "defaults",
                    "--mlflow_tracking_uri", env["server"].uri, "--experiment_name", "defaults",
-                   env={"RAY_ADDRESS": ""}, timeout=600)
+                   env=env["ray"].join_env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("auto settings for this data:"))
     assert "--gradient_accumulation_steps 1" in line and "fewer than 10 optimizer steps per epoch" in line
@@ -339,42 +341,37 @@ def test_setup_errors_are_one_line_with_the_fix(env, args, message):
             "--mlflow_tracking_uri", env["server"].uri, "--output_dir", str(env["root"] / "runs"),
             "--gradient_accumulation_steps", "1", "--max_tokens_per_batch", "128", "--max_source_length", "64",
             "--max_target_length", "64"]
-    proc = run_job(*base, *args, env={"RAY_ADDRESS": ""})
+    proc = run_job(*base, *args, env=env["ray"].join_env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_ray_job_submit_runs_the_job_and_streams_its_log(env):
-    from ray_cluster import RayHead
+    import subprocess
+    import sys
+    import time
 
-    head = RayHead(num_cpus=2).start()
-    try:
-        import subprocess
-        import sys
-        import time
-
-        ray = str(Path(sys.executable).with_name("ray"))
-        runtime_env = {"env_vars": {"PATH": head.env["PATH"], "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-                                    "HF_HUB_OFFLINE": "1", "GLMOPS_CACHE": os.environ["GLMOPS_CACHE"]}}
-        cmd = [ray, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
-             "--runtime-env-json", json.dumps(runtime_env), "--",
-             "python", "jobs/finetune.py", "--base_model", str(env["model"]), "--data_path",
-             str(env["root"] / "data.json"), "--eval_ratio", "0.25", "--max_steps", "4", "--eval_steps", "2",
-             "--logging_steps", "1", "--max_tokens_per_batch", "128", "--gradient_accumulation_steps", "1",
-             "--eval_generate_samples", "4", "--eval_max_new_tokens", "8", "--num_workers", "2", "--cpus_per_worker", "1",
-             "--max_source_length", "64", "--max_target_length", "64", "--lora_r", "4", "--gradient_checkpointing",
-             "false", "--output_dir", str(env["root"] / "job-runs"), "--mlflow_tracking_uri", env["server"].uri,
-             "--experiment_name", "job-submit"]
-        for _ in range(30):  # the job agent comes up a few seconds after `ray start` returns
-            proc = subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600)
-            out = proc.stdout + proc.stderr
-            if "No available agent to submit job" not in out:
-                break
-            time.sleep(2)
-        assert proc.returncode == 0, out[-4000:]
-        assert "step 4/4" in out and "fine-tune finished" in out and "succeeded" in out
-    finally:
-        head.stop()
+    head = env["ray"]
+    ray = str(Path(sys.executable).with_name("ray"))
+    runtime_env = {"env_vars": {"PATH": head.env["PATH"], "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                                "HF_HUB_OFFLINE": "1", "GLMOPS_CACHE": os.environ["GLMOPS_CACHE"]}}
+    cmd = [ray, "job", "submit", "--address", head.dashboard, "--working-dir", ".",
+           "--runtime-env-json", json.dumps(runtime_env), "--",
+           "python", "jobs/finetune.py", "--base_model", str(env["model"]), "--data_path",
+           str(env["root"] / "data.json"), "--eval_ratio", "0.25", "--max_steps", "4", "--eval_steps", "2",
+           "--logging_steps", "1", "--max_tokens_per_batch", "128", "--gradient_accumulation_steps", "1",
+           "--eval_generate_samples", "4", "--eval_max_new_tokens", "8", "--num_workers", "2", "--cpus_per_worker",
+           "1", "--max_source_length", "64", "--max_target_length", "64", "--lora_r", "4", "--gradient_checkpointing",
+           "false", "--output_dir", str(env["root"] / "job-runs"), "--mlflow_tracking_uri", env["server"].uri,
+           "--experiment_name", "job-submit"]
+    for _ in range(30):  # the job agent comes up a few seconds after `ray start` returns
+        proc = subprocess.run(cmd, cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=600)
+        out = proc.stdout + proc.stderr
+        if "No available agent to submit job" not in out:
+            break
+        time.sleep(2)
+    assert proc.returncode == 0, out[-4000:]
+    assert "step 4/4" in out and "fine-tune finished" in out and "succeeded" in out
 
 
 def test_batching_follows_the_card_and_a_resumed_run_keeps_the_checkpoints(tiny_model, tmp_path, capsys):

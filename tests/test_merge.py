@@ -18,11 +18,11 @@ NAME = "tiny-merge-tests"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model):
+def trained(tmp_path_factory, tiny_model, ray_head):
     root = tmp_path_factory.mktemp("merge")
     (root / "data.json").write_text(json.dumps(_records(), ensure_ascii=False))
     server = MlflowServer(root).start()
-    env = {"root": root, "server": server, "model": tiny_model}
+    env = {"root": root, "server": server, "model": tiny_model, "ray": ray_head}
     proc = finetune(env, "to-merge", experiment="merge-tests")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     env["run_id"] = run_id_of(proc)

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pg_server(tmp_path_factory, tiny_model):
+def pg_server(tmp_path_factory, tiny_model, ray_head):
     if not Postgres.available():
         pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql)")
     root = tmp_path_factory.mktemp("pg")
@@ -23,7 +23,7 @@ def pg_server(tmp_path_factory, tiny_model):
         server = MlflowServer(root, backend_uri=pg.uri).start()
         try:
             (root / "data.json").write_text(json.dumps(_records(), ensure_ascii=False))
-            yield {"root": root, "server": server, "model": tiny_model, "pg": pg}
+            yield {"root": root, "server": server, "model": tiny_model, "pg": pg, "ray": ray_head}
         finally:
             server.stop()
     finally:
