@@ -41,7 +41,7 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         if address.strip().startswith(("http://", "https://")):
             raise UserError(f"RAY_ADDRESS={address} is a job-submission (dashboard) address; a job run directly "
                             "needs the cluster's GCS address, e.g. 127.0.0.1:6379 (`ray status` prints it), or "
-                            "submit it with `ray job submit --address {address} -- python jobs/...`.")
+                            f"submit it with `ray job submit --address {address} -- python jobs/...`.")
         return
     host, port = match["v6"] or match["host"], int(match["port"])
     try:

@@ -257,7 +257,7 @@ def _measure(projections: Projections, device: torch.device, silu_mul) -> tuple[
             projections.split[name] = split
             if swiglu:
                 projections.fuse = fused
-        timings.append(f"{name} {ms[best]:.3f}" + (f" ({_way_name(best)})" if triton_way else "")
+        timings.append(f"{name} {ms[best]:.3f}" + (f" ({_way_name(best, swiglu)})" if triton_way else "")
                        + f" vs {ms[(False, 1, False)]:.3f}")
     return None, timings
 
@@ -266,6 +266,6 @@ def _gemv_way(x, w, b, *, split: int, swiglu: bool = False, silu_mul=None):
     return gemv(silu_mul(x) if silu_mul else x, w, b, swiglu=swiglu, split=split)
 
 
-def _way_name(way: tuple[bool, int, bool]) -> str:
+def _way_name(way: tuple[bool, int, bool], swiglu: bool) -> str:
     _, split, fused = way
-    return ", ".join([f"split {split}"] + (["SwiGLU fused"] if fused else []))
+    return ", ".join([f"split {split}"] + ([f"SwiGLU {'fused' if fused else 'before it'}"] if swiglu else []))
